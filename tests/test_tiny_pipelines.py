@@ -2,6 +2,7 @@
 
 import torch
 from diffusers import DiffusionPipeline
+
 from tiny_pipelines import WORDS, make_tokenizer
 
 
@@ -17,6 +18,10 @@ def test_saved_pipeline_reloads_and_generates(tiny_pipeline_dir, family):
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir(family))
     pipe.set_progress_bar_config(disable=True)
     assert any(name.endswith("attn2") for name, _ in pipe.unet.named_modules())
-    out = pipe("a photo of a star", num_inference_steps=2, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        "a photo of a star",
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (1, 16, 16, 3)

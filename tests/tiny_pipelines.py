@@ -215,7 +215,7 @@ def _sdxl(seed: int) -> StableDiffusionXLPipeline:
     time_dim, pooled_dim = 8, 32
     unet = UNet2DConditionModel(
         **_UNET_COMMON,
-        cross_attention_dim=64,  # 32 (encoder 1) + 32 (encoder 2), concatenated
+        cross_attention_dim=96,  # 32 (encoder 1) + 64 (encoder 2), concatenated
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -226,7 +226,8 @@ def _sdxl(seed: int) -> StableDiffusionXLPipeline:
     vae = _vae()
     text_encoder = CLIPTextModel(_text_config(tokenizer, 32, hidden_act="quick_gelu"))
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(tokenizer_2, 32, hidden_act="gelu", projection_dim=pooled_dim)
+        # A width unlike encoder 1's, as in real SDXL (single-file loading tells them apart by it).
+        _text_config(tokenizer_2, 64, hidden_act="gelu", projection_dim=pooled_dim)
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,

@@ -1,0 +1,78 @@
+"""`fmn`: wires the command groups together and turns user errors into one-line messages."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from forget_me_not import __version__
+from forget_me_not.errors import FmnError
+
+# Each module exposes register(app). A group not present in this install is skipped, so a new
+# command is added by creating its module and naming it here.
+COMMAND_MODULES = ("generate", "forget", "invert", "evaluate", "bench", "patch", "world")
+
+EXIT_USER_ERROR = 2
+
+
+class FmnGroup(TyperGroup):
+    """Runs every subcommand under one handler: FmnError -> `error: <msg>` on stderr, exit 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FmnError as err:
+            if os.environ.get("FMN_DEBUG") == "1":
+                raise
+            message = " ".join(str(err).split())  # always one line
+            click.echo(f"error: {message}", err=True)
+            raise click.exceptions.Exit(EXIT_USER_ERROR) from None
+
+
+app = typer.Typer(
+    cls=FmnGroup,
+    name="fmn",
+    help="Forget-Me-Not: make text-to-image models forget concepts, and measure it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fmn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Forget-Me-Not: make text-to-image models forget concepts, and measure it."""
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        full = f"forget_me_not.cli.{name}"
+        try:
+            module = importlib.import_module(full)
+        except ModuleNotFoundError as err:
+            if err.name == full:
+                continue  # that command group is not part of this install yet
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="fmn")
