@@ -1,0 +1,65 @@
+"""The public entry points: `forget` (re-steering -> Patch) and `invert` (textual inversion)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from forget_me_not.concepts import Concept
+from forget_me_not.errors import FmnError
+from forget_me_not.inversion import Embedding, train_inversion
+from forget_me_not.patch import Patch
+from forget_me_not.resteer import ResteerConfig, resteer
+
+
+def forget(
+    pipe: Any,
+    concepts: Concept | str | Sequence[Concept | str],
+    config: ResteerConfig | None = None,
+    *,
+    images: str | Path | Iterable[str | Path] | None = None,
+    progress: bool = True,
+) -> Patch:
+    """Make `pipe` forget `concepts`; return the patch (the pipeline itself is left unchanged).
+
+    `concepts` are `Concept`s or plain names (taken as objects). `images` gives reference
+    images for every concept that has none of its own. Apply the result with
+    `patch.apply(pipe)`, save it with `patch.save(path)`.
+    """
+    if isinstance(concepts, (Concept, str)):
+        concepts = [concepts]
+    items = [c if isinstance(c, Concept) else Concept(c) for c in concepts]
+    if not items:
+        raise FmnError("no concept to forget: pass at least one concept")
+    if images is not None:
+        files = (Path(images),) if isinstance(images, (str, Path)) else tuple(map(Path, images))
+        if len(files) == 1 and files[0].is_dir():
+            from forget_me_not.data import image_files
+
+            files = tuple(image_files(files[0]))
+        items = [c if c.images else dataclasses.replace(c, images=files) for c in items]
+    return resteer(pipe, items, config, progress=progress)
+
+
+def invert(
+    pipe: Any,
+    images: str | Path | Iterable[str | Path],
+    *,
+    num_tokens: int = 4,
+    init_words: str | None = None,
+    steps: int = 500,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> Embedding:
+    """Learn `num_tokens` placeholder tokens for the concept shown in `images`.
+
+    The tokens stay loaded in `pipe`; forget them with `Concept(name, token_words=emb.phrase)`.
+    Extra options (templates, batch_size, norm_target, mixed_precision) go to
+    `inversion.train_inversion`.
+    """
+    return train_inversion(pipe, images, num_tokens=num_tokens, init_words=init_words,
+                           steps=steps, lr=lr, seed=seed, progress=progress, **options)
