@@ -30,7 +30,7 @@ class FmnGroup(TyperGroup):
                 raise
             message = " ".join(str(err).split())  # always one line
             click.echo(f"error: {message}", err=True)
-            raise click.exceptions.Exit(EXIT_USER_ERROR) from None
+            raise typer.Exit(EXIT_USER_ERROR) from None
 
 
 app = typer.Typer(
@@ -56,6 +56,18 @@ def _root(
     ),
 ) -> None:
     """Forget-Me-Not: make text-to-image models forget concepts, and measure it."""
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    # Loading bars and library chatter would bury our own progress bar and one-line errors.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
 
 def _register_all() -> None:
@@ -76,3 +88,7 @@ _register_all()
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="fmn")
+
+
+if __name__ == "__main__":
+    main()
