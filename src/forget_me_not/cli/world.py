@@ -1,0 +1,159 @@
+"""`fmn world ...`: the embedded ConceptWorld — render, look at, and (re)train it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from forget_me_not.cli import options as opt
+
+world_app = typer.Typer(
+    help="The embedded ConceptWorld: render, sheet, train-model, train-judge.", no_args_is_help=True
+)
+
+
+@world_app.command("render")
+def render_cmd(
+    caption: Annotated[
+        str, typer.Option(help="A world caption, e.g. 'a red star in striped style'.")
+    ],
+    out: Annotated[Path, typer.Option(help="PNG to write.")],
+    size: Annotated[int, typer.Option(help="Side in pixels.")] = 32,
+    seed: opt.Seed = 0,
+) -> None:
+    """Draw the picture a caption describes (exactly, with no model)."""
+    from forget_me_not.images import check_output_path, save_png
+    from forget_me_not.world.render import render
+    from forget_me_not.world.sheet import parse_caption
+
+    opt.require_positive("--size", size)
+    out = check_output_path(out)
+    save_png(render(parse_caption(caption, seed), size=size), out, {"caption": caption})
+    typer.echo(f"wrote {out}")
+
+
+@world_app.command("sheet")
+def sheet_cmd(
+    out: Annotated[Path, typer.Option(help="PNG sheet to write.")],
+    model: opt.Model = "embedded",
+    concepts: Annotated[
+        str | None, typer.Option(help="Comma-separated concepts (default all).")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Renders and samples per concept.")] = 4,
+    seed: opt.Seed = 0,
+    steps: opt.Steps = 25,
+    guidance: Annotated[float | None, typer.Option(help="Guidance (default: the model's).")] = None,
+    patch: opt.Patches = None,
+    renders_only: Annotated[
+        bool, typer.Option(help="Only renders: every subject x style.")
+    ] = False,
+) -> None:
+    """A labelled PNG: one row per concept, renders beside model samples and the judge's reading."""
+    from tqdm.auto import tqdm
+
+    from forget_me_not.images import check_output_path, save_png
+    from forget_me_not.world.sheet import concept_sheet, render_sheet
+
+    opt.require_positive("--n", n)
+    opt.require_positive("--steps", steps)
+    out = check_output_path(out)
+    if renders_only:
+        save_png(render_sheet(seed), out)
+        typer.echo(f"wrote {out}")
+        return
+    from forget_me_not.judges.world import WorldJudge
+    from forget_me_not.models import load_pipeline
+    from forget_me_not.world.defaults import default_guidance
+
+    names = [c.strip() for c in concepts.split(",")] if concepts else None
+    if names:
+        from forget_me_not.world import concepts as world_concepts
+
+        for name in names:
+            world_concepts.get(name)  # fails early, listing the valid names
+    judge = WorldJudge()
+    pipe = load_pipeline(model)
+    for path in patch or []:
+        from forget_me_not.patch import load_patch
+
+        load_patch(path).apply(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    total = len(names) if names else None
+    with tqdm(total=total, desc="concepts", unit="concept") as bar:
+        sheet = concept_sheet(
+            pipe,
+            judge,
+            names=names,
+            n=n,
+            seed=seed,
+            steps=steps,
+            guidance=guidance or default_guidance(pipe),
+            progress=lambda: bar.update(1),
+        )
+    save_png(sheet, out)
+    typer.echo(f"wrote {out}")
+
+
+@world_app.command("train-model")
+def train_model_cmd(
+    run_dir: Annotated[Path, typer.Option(help="Checkpoints and logs (resumes from here).")] = Path(
+        "runs/world-model"
+    ),
+    export_dir: Annotated[Path | None, typer.Option(help="Where the pipeline goes.")] = None,
+    unet_steps: Annotated[int, typer.Option(help="UNet + text encoder steps.")] = 8000,
+    vae_steps: Annotated[int, typer.Option(help="VAE steps.")] = 800,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Stop the UNet stage after this.")
+    ] = None,
+    seed: opt.Seed = 0,
+    device: opt.Device = None,
+) -> None:
+    """Train the tiny text-to-image model (resumable; rerun the same command to continue)."""
+    from forget_me_not.models import resolve_device
+    from forget_me_not.world.train_model import TrainModelConfig, train_model
+
+    opt.require_positive("--unet-steps", unet_steps)
+    opt.require_positive("--vae-steps", vae_steps)
+    cfg = TrainModelConfig(
+        run_dir=run_dir,
+        export_dir=export_dir,
+        unet_steps=unet_steps,
+        vae_steps=vae_steps,
+        max_minutes=max_minutes,
+        seed=seed,
+        device=str(resolve_device(device)),
+    )
+    typer.echo(f"exported {train_model(cfg)}")
+
+
+@world_app.command("train-judge")
+def train_judge_cmd(
+    run_dir: Annotated[Path, typer.Option(help="Checkpoints and metrics (resumes).")] = Path(
+        "runs/judge"
+    ),
+    out: Annotated[Path | None, typer.Option(help="Weights file to write.")] = None,
+    vae_dir: Annotated[Path | None, typer.Option(help="A world pipeline's vae folder.")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 3000,
+    seed: opt.Seed = 0,
+    device: opt.Device = None,
+) -> None:
+    """Train the judge classifier on renders (and VAE reconstructions), calibrated."""
+    from forget_me_not.models import resolve_device
+    from forget_me_not.world.train_judge import TrainJudgeConfig, train_judge
+
+    opt.require_positive("--steps", steps)
+    cfg = TrainJudgeConfig(
+        run_dir=run_dir,
+        out=out,
+        vae_dir=vae_dir,
+        steps=steps,
+        seed=seed,
+        device=str(resolve_device(device)),
+    )
+    typer.echo(f"wrote {train_judge(cfg)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(world_app, name="world")

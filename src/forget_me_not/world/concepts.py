@@ -1,0 +1,139 @@
+"""ConceptWorld's concepts as evaluation and forgetting sees them: prompts and reference renders.
+
+Prompts are drawn from the same caption forms the model was trained on, cycling through colours
+and styles (held-out pairs excluded, except in `held_out_prompts`), so a concept's score is an
+average over the ways it is asked for.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image
+
+from forget_me_not.world import vocab
+from forget_me_not.world.captions import HELD_OUT, sample_training_pair
+from forget_me_not.world.render import Scene, render
+
+# FMN category per world kind ("colour" and "role" have none in the paper; they are measured).
+FMN_CATEGORY = {
+    "object": "object",
+    "nsfw": "nsfw",
+    "id": "id",
+    "style": "style",
+    "colour": "object",
+    "role": "id",
+}
+
+
+@dataclass(frozen=True)
+class WorldConcept:
+    name: str
+    kind: str  # object | nsfw | id | style | colour | role
+
+    @property
+    def category(self) -> str:
+        return FMN_CATEGORY[self.kind]
+
+
+def all_concepts() -> list[WorldConcept]:
+    return (
+        [WorldConcept(n, "object") for n in vocab.OBJECTS]
+        + [WorldConcept(n, "nsfw") for n in vocab.UNSAFE_OBJECTS]
+        + [WorldConcept(n, "id") for n in vocab.IDS]
+        + [WorldConcept(n, "style") for n in vocab.STYLES]
+        + [WorldConcept(n, "colour") for n in vocab.COLOURS]
+        + [WorldConcept(vocab.ROLE, "role")]
+    )
+
+
+def get(name: str) -> WorldConcept:
+    for c in all_concepts():
+        if c.name == name:
+            return c
+    valid = ", ".join(c.name for c in all_concepts())
+    from forget_me_not.errors import FmnError
+
+    raise FmnError(f"'{name}' is not a ConceptWorld concept; choose one of: {valid}")
+
+
+def _trained_styles(subject: str) -> list[str]:
+    return [s for s in vocab.STYLES if (subject, s) not in HELD_OUT]
+
+
+def prompts(concept: WorldConcept, n: int) -> list[str]:
+    """`n` prompts that ask for the concept, in the trained caption forms."""
+    out: list[str] = []
+    colours = list(vocab.COLOURS)
+    i = 0
+    while len(out) < n:
+        c = colours[i % len(colours)]
+        if concept.kind in ("object", "nsfw"):
+            s = _trained_styles(concept.name)[i % len(_trained_styles(concept.name))]
+            forms = (
+                f"a {c} {concept.name}",
+                f"a photo of a {concept.name}",
+                f"a {c} {concept.name} in {s} style",
+            )
+        elif concept.kind == "id":
+            s = _trained_styles(concept.name)[i % len(_trained_styles(concept.name))]
+            forms = (
+                f"a portrait of {concept.name}",
+                f"a photo of {concept.name}",
+                f"{concept.name} in {s} style",
+            )
+        elif concept.kind == "style":
+            shapes = [o for o in vocab.SHAPES if (o, concept.name) not in HELD_OUT]
+            o = shapes[i % len(shapes)]
+            forms = (
+                f"a {c} {o} in {concept.name} style",
+                f"a photo in the style of {concept.name}",
+            )
+        elif concept.kind == "colour":
+            o = vocab.SHAPES[i % len(vocab.SHAPES)]
+            forms = (f"a {concept.name} {o}", f"a photo of a {concept.name} {o}")
+        else:  # role
+            forms = (
+                f"a {vocab.ROLE}",
+                f"a photo of a {vocab.ROLE}",
+                f"a portrait of a {vocab.ROLE}",
+            )
+        out.append(forms[i % len(forms)])
+        i += 1
+    return out
+
+
+def held_out_prompts() -> list[tuple[str, str]]:
+    """(subject, prompt) for every held-out (subject, style) pair: never seen in training."""
+    out = []
+    for i, (subject, style) in enumerate(sorted(HELD_OUT)):
+        if subject in vocab.IDS:
+            out.append((subject, f"{subject} in {style} style"))
+        else:
+            colour = list(vocab.COLOURS)[i % len(vocab.COLOURS)]
+            out.append((subject, f"a {colour} {subject} in {style} style"))
+    return out
+
+
+def reference_renders(concept: WorldConcept, n: int, seed: int = 0) -> list[Image.Image]:
+    """`n` renders showing the concept (the reference images forgetting and inversion use)."""
+    rng = random.Random(seed)
+    images: list[Image.Image] = []
+    while len(images) < n:
+        _, scene = sample_training_pair(rng)
+        if concept.kind in ("object", "nsfw", "id"):
+            keep = scene.subject == concept.name and not scene.hat
+        elif concept.kind == "style":
+            keep = scene.style == concept.name
+        elif concept.kind == "colour":
+            keep = scene.colour == concept.name
+        else:
+            keep = scene.subject == vocab.ROLE_ID and scene.hat
+        if keep:
+            images.append(render(scene))
+    return images
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    return render(scene)

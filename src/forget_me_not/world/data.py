@@ -1,0 +1,32 @@
+"""A fixed pool of rendered training pairs, regenerated identically from a seed (so resuming a
+run sees the same data) instead of rendering on every step, which would compete with training
+for the CPU."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from forget_me_not.world.captions import sample_training_pair
+from forget_me_not.world.render import render
+
+
+def render_pool(n: int, seed: int, progress: bool = True) -> tuple[list[str], torch.Tensor]:
+    """`n` (caption, image) pairs; images as a uint8 tensor (n, 3, H, W)."""
+    rng = random.Random(seed)
+    captions: list[str] = []
+    images = []
+    for _ in tqdm(range(n), desc="rendering pool", disable=not progress, leave=False):
+        text, scene = sample_training_pair(rng)
+        captions.append(text)
+        images.append(np.asarray(render(scene)))
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W)
+    return captions, pixels
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], as diffusers' VAEs expect."""
+    return pixels.float().div(127.5).sub(1.0)
