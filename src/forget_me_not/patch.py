@@ -189,7 +189,10 @@ class Patch:
         from peft import LoraConfig, set_peft_model_state_dict
 
         before = _active_adapters(unet)
-        unet.add_adapter(LoraConfig(**self.lora_config), adapter_name=self.name)
+        with warnings.catch_warnings():
+            # peft warns whenever a second adapter is added: stacking is the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.add_adapter(LoraConfig(**self.lora_config), adapter_name=self.name)
         state = {k.removeprefix("unet."): v for k, v in self.tensors.items()}
         result = set_peft_model_state_dict(unet, state, adapter_name=self.name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]

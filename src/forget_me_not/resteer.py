@@ -11,6 +11,8 @@ pipeline is left as it was.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -199,8 +201,10 @@ def resteer(
         "losses": losses,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    name = "fmn_" + "_".join("".join(ch if ch.isalnum() else "_" for ch in c.words)
-                             for c in concepts)[:60]
+    # Adapter name: readable, and unique per run so patches stack under their own names.
+    words = "_".join("".join(ch if ch.isalnum() else "_" for ch in c.words) for c in concepts)
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True, default=str).encode())
+    name = f"fmn_{words[:48]}_{digest.hexdigest()[:8]}"
     return Patch(kind=kind, tensors=tensors, metadata=metadata, lora_config=lora_config,
                  name=name)
 

@@ -1,0 +1,118 @@
+"""`fmn forget`: re-steer a model away from a concept and write the patch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from forget_me_not.cli import options as opt
+from forget_me_not.errors import FmnError
+
+DEFAULT_SELF_IMAGES = 4  # references drawn by the model itself when no source is chosen
+
+
+def forget(
+    concept: Annotated[
+        list[str], typer.Option(help="Words that call up the concept, e.g. 'star' (repeatable).")
+    ],
+    out: Annotated[Path, typer.Option(help="Patch file to write (.safetensors).")],
+    model: opt.Model = "embedded",
+    category: Annotated[str, typer.Option(help="id, object, style or nsfw.")] = "object",
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of reference images of the concept.")
+    ] = None,
+    self_generate: Annotated[
+        int | None,
+        typer.Option(help="Let the model draw N reference images itself (the default: 4)."),
+    ] = None,
+    no_real_image: Annotated[
+        bool, typer.Option("--no-real-image", help="Reference = pure noise (zero latent).")
+    ] = False,
+    embedding: Annotated[
+        Path | None,
+        typer.Option(help="Forget the tokens learnt by `fmn invert` instead of the words."),
+    ] = None,
+    train: Annotated[str, typer.Option(help="lora (patch), xattn or unet.")] = "lora",
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 35,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate (default: 2e-6 full weights, LoRA tuned).")
+    ] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Prompts per step.")] = 1,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Clip the gradient norm to this (off by default).")
+    ] = None,
+    include_eot: Annotated[
+        bool, typer.Option("--include-eot", help="Also suppress the end-of-text token.")
+    ] = False,
+    extra_templates: Annotated[
+        bool, typer.Option("--extra-templates", help="Add paraphrase prompt templates.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for every random draw.")] = 0,
+    device: opt.Device = None,
+    dtype: opt.Dtype = None,
+    allow_pickle: opt.AllowPickle = False,
+    config: opt.Config = None,
+) -> None:
+    """Make --model forget --concept; write the patch to --out."""
+    from forget_me_not.api import forget as run_forget
+    from forget_me_not.concepts import CATEGORIES, Concept
+    from forget_me_not.data import load_images
+    from forget_me_not.images import check_output_path
+    from forget_me_not.models import load_pipeline, resolve_device, resolve_dtype
+    from forget_me_not.resteer import ResteerConfig
+
+    # Everything the user typed is checked before the (slow) model load.
+    if category not in CATEGORIES:
+        raise FmnError(f"unknown --category {category!r}: use one of {', '.join(CATEGORIES)}")
+    for name in concept:
+        Concept(name, category)  # validates the words
+    sources = [images is not None, self_generate is not None, no_real_image]
+    if sum(sources) > 1:
+        raise FmnError("choose one of --images, --self-generate and --no-real-image")
+    if self_generate is not None:
+        opt.require_positive("--self-generate", self_generate)
+    reference = "images" if images is not None else "noise" if no_real_image else "self"
+    out = check_output_path(out, suffix=".safetensors")
+    if train != "lora" and dtype is None:
+        dtype = "float32"  # full-weight training keeps float32 weights
+    resolve_dtype(dtype, resolve_device(device))
+    cfg = ResteerConfig(
+        steps=steps, lr=lr, train=train, lora_rank=rank, batch_size=batch_size,
+        max_grad_norm=max_grad_norm, reference=reference,
+        n_self_images=self_generate or DEFAULT_SELF_IMAGES, include_eot=include_eot, seed=seed,
+    )
+    files: tuple[Path, ...] = ()
+    if images is not None:
+        from forget_me_not.data import image_files
+
+        files = tuple(image_files(images))
+        load_images(files)  # unreadable files are reported now, sizes after loading
+    emb = None
+    if embedding is not None:
+        from forget_me_not.inversion import load_embedding
+
+        emb = load_embedding(embedding)
+
+    pipe = load_pipeline(model, device, dtype, allow_pickle=allow_pickle, config=config)
+    token_words = emb.load_into(pipe) if emb is not None else None
+    concepts = []
+    for name in concept:
+        c = Concept(name, category, images=files, token_words=token_words)
+        concepts.append(c.with_extra_templates() if extra_templates else c)
+    try:
+        patch = run_forget(pipe, concepts, cfg)
+    except KeyboardInterrupt:
+        raise FmnError("interrupted: nothing was written; run the command again") from None
+    patch.save(out)
+    losses = patch.metadata["losses"]
+    typer.echo(
+        f"wrote {out} ({patch.kind}, {len(patch.tensors)} tensors; loss {losses[0]:.4f} -> "
+        f"{losses[-1]:.4f} in {patch.metadata['seconds']:.1f} s)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("forget")(forget)

@@ -1,0 +1,169 @@
+"""Re-steering end to end on tiny models: what trains, what is saved, determinism, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from forget_me_not.attention import ProbeSet
+from forget_me_not.concepts import Concept
+from forget_me_not.errors import FmnError
+from forget_me_not.resteer import FULL_LR, LORA_LR, ResteerConfig, resteer
+from tiny_pipelines import make_tiny_pipeline
+
+
+def _unet_out(pipe):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ehs = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    kw = {}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=g),
+                                   "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([300]), encoder_hidden_states=ehs, **kw).sample
+
+
+def _cfg(**kw):
+    base = dict(steps=2, reference="noise")
+    return ResteerConfig(**{**base, **kw})
+
+
+def test_config_defaults_and_validation():
+    cfg = ResteerConfig()
+    assert (cfg.steps, cfg.train, cfg.batch_size, cfg.weight_decay) == (35, "lora", 1, 0.01)
+    assert cfg.learning_rate == LORA_LR
+    assert ResteerConfig(train="xattn").learning_rate == FULL_LR == 2e-6
+    assert ResteerConfig(train="unet", lr=1e-5).learning_rate == 1e-5
+    for bad in (dict(train="all"), dict(steps=0), dict(lr=-1.0), dict(reference="x"),
+                dict(max_grad_norm=0.0), dict(lora_targets=("to_x",)),
+                dict(mixed_precision="fp8")):
+        with pytest.raises(FmnError):
+            ResteerConfig(**bad)
+
+
+@pytest.mark.parametrize("train", ["lora", "xattn", "unet"])
+def test_two_steps_train_only_the_intended_tensors(train):
+    pipe = make_tiny_pipeline("sd1")
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    out_before = _unet_out(pipe)
+    patch = resteer(pipe, [Concept("star")], _cfg(train=train), progress=False)
+
+    # The pipeline is handed back unchanged.
+    after = dict(pipe.unet.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(out_before, _unet_out(pipe))
+
+    keys = list(patch.tensors)
+    assert all(k.startswith("unet.") for k in keys)
+    if train == "lora":
+        assert patch.kind == "lora"
+        assert all(".attn2." in k and (".lora_A." in k or ".lora_B." in k) for k in keys)
+        targets = {k.split(".attn2.")[1].rsplit(".lora_", 1)[0] for k in keys}
+        assert targets == {"to_q", "to_k", "to_v", "to_out.0"}
+        # lora_B starts at zero: training moved it.
+        assert any(v.abs().sum() > 0 for k, v in patch.tensors.items() if "lora_B" in k)
+        assert patch.lora_config["r"] == 4
+    else:
+        assert patch.kind == "delta"
+        names = {k.removeprefix("unet.") for k in keys}
+        assert names <= set(before)
+        if train == "xattn":
+            assert names and all(".attn2." in n for n in names)
+        else:
+            assert any(".attn2." not in n for n in names)
+    meta = patch.metadata
+    assert meta["family"] == "sd1" and meta["train"] == train and meta["steps"] == 2
+    assert len(meta["losses"]) == 2 and meta["concepts"][0]["name"] == "star"
+    assert {"torch", "diffusers", "peft", "transformers"} <= set(meta["versions"])
+
+
+def test_deterministic_with_a_seed():
+    runs = []
+    for _ in range(2):
+        pipe = make_tiny_pipeline("sd1")
+        runs.append(resteer(pipe, [Concept("star")], _cfg(seed=3), progress=False))
+    a, b = runs
+    assert a.metadata["losses"] == b.metadata["losses"]
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    other = resteer(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(seed=4), progress=False)
+    assert other.metadata["losses"] != a.metadata["losses"]
+
+
+def test_several_concepts_batched_and_sdxl():
+    pipe = make_tiny_pipeline("sdxl")
+    concepts = [Concept("star"), Concept("van gogh", "style")]
+    patch = resteer(pipe, concepts, _cfg(batch_size=2), progress=False)
+    assert patch.metadata["family"] == "sdxl"
+    assert [c["name"] for c in patch.metadata["concepts"]] == ["star", "van gogh"]
+    assert all(np.isfinite(patch.metadata["losses"]))
+
+
+def test_reference_images_and_self_generated(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png")
+    pipe = make_tiny_pipeline("sd1")
+    c = Concept("star", images=(tmp_path / "0.png", tmp_path / "1.png"))
+    patch = resteer(pipe, [c], _cfg(reference="images"), progress=False)
+    assert len(patch.metadata["losses"]) == 2
+    patch = resteer(pipe, [Concept("star")],
+                    _cfg(reference="self", n_self_images=1, self_steps=2), progress=False)
+    assert len(patch.metadata["losses"]) == 2
+    with pytest.raises(FmnError, match="no reference images"):
+        resteer(pipe, [Concept("star")], _cfg(reference="images"), progress=False)
+    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    small = Concept("star", images=(tmp_path / "small.png",))
+    with pytest.raises(FmnError, match="smaller than the model's 16 px"):
+        resteer(pipe, [small], _cfg(reference="images"), progress=False)
+
+
+def test_clipping_really_clips():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+
+    def hook(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        resteer(make_tiny_pipeline("sd1"), [Concept("star")],
+                _cfg(train="xattn", max_grad_norm=1e-4), progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and max(seen) <= 1e-4 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("failure", ["nan", "interrupt"])
+def test_failures_leave_the_pipeline_clean(monkeypatch, failure):
+    pipe = make_tiny_pipeline("sd1")
+    out_before = _unet_out(pipe)
+    real_loss = ProbeSet.loss
+
+    def broken(self):
+        loss = real_loss(self)
+        if failure == "interrupt":
+            raise KeyboardInterrupt
+        return loss * float("nan")
+
+    monkeypatch.setattr(ProbeSet, "loss", broken)
+    expected = FmnError if failure == "nan" else KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        resteer(pipe, [Concept("star")], _cfg(), progress=False)
+    if failure == "nan":
+        assert "nothing was written" in str(info.value)
+    assert not getattr(pipe.unet, "peft_config", None)
+    assert all(type(p).__name__ != "CrossAttentionProbe"
+               for p in pipe.unet.attn_processors.values())
+    assert torch.equal(out_before, _unet_out(pipe))
+
+
+def test_unknown_concept_words_suggest_inversion():
+    with pytest.raises(FmnError, match="fmn invert"):
+        resteer(make_tiny_pipeline("sd1"), [Concept("qwxz")], _cfg(), progress=False)
