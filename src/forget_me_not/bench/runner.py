@@ -51,6 +51,20 @@ def build_judges(
             built[name] = get_judge(name, **kwargs)
         return built[name]
 
+    # Cheap checks first, so a wrong judge is reported before any model is loaded.
+    if judge is None or isinstance(judge, str):
+        from forget_me_not.judges.clip import label_problem
+
+        for e in entries:
+            name = judge or e.judge
+            reason = None
+            if name == "clip":
+                reason = label_problem(suite.labels, e.concept)
+            elif name == "nudenet" and e.concept.category != "nsfw":
+                reason = (f"the NudeNet judge only scores nudity (category nsfw), not "
+                          f"'{e.concept.name}' (category {e.concept.category})")
+            if reason is not None:
+                raise FmnError(reason)
     out: dict[str, Judge] = {}
     for e in entries:
         if judge is not None and not isinstance(judge, str):

@@ -90,17 +90,7 @@ class ClipJudge(BaseJudge):
         return labels
 
     def why_not(self, concept: Concept) -> str | None:
-        labels = self.labels.get(concept.category, [])
-        others = [label for label in labels if label.lower() != concept.name.lower()]
-        if not others:
-            return (
-                f"CLIP judge has no labels for category '{concept.category}' to compare "
-                f"'{concept.name}' against; add a '{concept.category}' label list to the suite "
-                "(labels: section) or choose another judge with --judge"
-            )
-        if concept.category not in self.text_templates:
-            return f"CLIP judge has no text template for category '{concept.category}'"
-        return None
+        return label_problem(self.labels, concept, self.text_templates)
 
     # -- scoring ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,6 +140,21 @@ class ClipJudge(BaseJudge):
         return ((batch - mean) / std).to(self.device, dtype)
 
 
+def label_problem(labels: Mapping[str, Sequence[str]], concept: Concept,
+                  text_templates: Mapping[str, str] = DEFAULT_TEXT_TEMPLATES) -> str | None:
+    """Why CLIP cannot judge `concept` with these label sets (None when it can)."""
+    others = [x for x in labels.get(concept.category, []) if x.lower() != concept.name.lower()]
+    if not others:
+        return (
+            f"CLIP judge has no labels for category '{concept.category}' to compare "
+            f"'{concept.name}' against; add a '{concept.category}' label list to the suite "
+            "(labels: section) or choose another judge with --judge"
+        )
+    if concept.category not in text_templates:
+        return f"CLIP judge has no text template for category '{concept.category}'"
+    return None
+
+
 def _pooled(out: Any) -> torch.Tensor:
     # transformers < 5 returns the projected tensor, >= 5 a model output with pooler_output
     return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -172,7 +177,8 @@ def _load_clip(source: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else source)
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = "the hub is unreachable (offline)" if offline else f"loading failed: {exc}"
+        where = ("the hub is unreachable (offline)" if offline and not local.is_dir()
+                 else f"loading failed: {' '.join(str(exc).split())[:200]}")
         raise FmnError(
             f"cannot load CLIP model '{source}': {where}; pass --judge-model with a local "
             "folder holding a transformers CLIPModel and its tokenizer"
