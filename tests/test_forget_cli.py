@@ -1,0 +1,144 @@
+"""`fmn forget` and `fmn invert` through the CLI: the happy path and every bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from forget_me_not.attention import ProbeSet
+from forget_me_not.cli.main import app
+from forget_me_not.patch import load_patch
+
+runner = CliRunner()
+
+
+def _images(folder, n=2, size=20):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_pipeline_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("forget_inputs")
+    good = _images(root / "good")
+    (root / "empty").mkdir()
+    broken = _images(root / "broken")
+    (broken / "notes.txt").write_text("not an image")
+    (broken / "half.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    small = _images(root / "small", size=8)
+    return {"root": root, "sd1": tiny_pipeline_dir("sd1"), "sdxl": tiny_pipeline_dir("sdxl"),
+            "good": good, "empty": root / "empty", "broken": broken, "small": small}
+
+
+def _forget(inputs, out, *extra):
+    args = ["forget", "--model", str(inputs["sd1"]), "--concept", "star", "--steps", "2",
+            "--device", "cpu", "--out", str(out), *extra]
+    return runner.invoke(app, args)
+
+
+def _assert_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    # The progress bar may have drawn on stderr before; the error is one line, and the last.
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("source", [[], ["--no-real-image"], ["--images", "{good}"]])
+def test_forget_writes_a_patch(inputs, tmp_path, source):
+    out = tmp_path / "p.safetensors"
+    extra = [s.format(**{k: str(v) for k, v in inputs.items()}) for s in source]
+    if not extra:
+        extra = ["--self-generate", "1"]
+    result = _forget(inputs, out, *extra)
+    assert result.exit_code == 0, result.output
+    patch = load_patch(out)
+    assert patch.kind == "lora" and patch.metadata["steps"] == 2
+    assert patch.metadata["concepts"][0]["name"] == "star"
+    assert list(tmp_path.iterdir()) == [out]
+
+
+CASES = [
+    ("absent word", ["--concept", "qwxz"], "fmn invert"),
+    ("bad category", ["--category", "animal"], "--category"),
+    ("two sources", ["--no-real-image", "--self-generate", "2"], "choose one of"),
+    ("empty folder", ["--images", "{empty}"], "is empty"),
+    ("missing folder", ["--images", "{root}/nope"], "does not exist"),
+    ("unreadable files", ["--images", "{broken}"], "notes.txt"),
+    ("small images", ["--images", "{small}"], "smaller than the model's 16 px"),
+    ("bad train", ["--train", "everything"], "train mode"),
+    ("zero steps", ["--steps", "0"], "steps must be at least 1"),
+    ("bad lr", ["--lr", "-1"], "learning rate"),
+    ("bad out suffix", ["--out", "{root}/p.bin"], ".safetensors"),
+    ("missing out dir", ["--out", "{root}/none/p.safetensors"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_forget_bad_input(inputs, tmp_path, args, fragment):
+    out = tmp_path / "p.safetensors"
+    extra = [a.format(**{k: str(v) for k, v in inputs.items()}) for a in args]
+    result = _forget(inputs, out, *extra)
+    _assert_error(result, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failure,fragment", [("nan", "loss became nan"),
+                                              ("interrupt", "interrupted")])
+def test_forget_failures_write_nothing(inputs, tmp_path, monkeypatch, failure, fragment):
+    real = ProbeSet.loss
+
+    def broken(self):
+        if failure == "interrupt":
+            raise KeyboardInterrupt
+        return real(self) * float("nan")
+
+    monkeypatch.setattr(ProbeSet, "loss", broken)
+    out = tmp_path / "p.safetensors"
+    _assert_error(_forget(inputs, out, "--no-real-image"), fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_patch_on_another_family_is_refused(inputs, tmp_path):
+    patch = tmp_path / "p.safetensors"
+    assert _forget(inputs, patch, "--no-real-image").exit_code == 0
+    grid = tmp_path / "grid.png"
+    result = runner.invoke(app, ["generate", "--model", str(inputs["sdxl"]), "--prompt", "a star",
+                                 "--steps", "1", "--n", "1", "--device", "cpu",
+                                 "--patch", str(patch), "--out", str(grid)])
+    _assert_error(result, "made for a sd1 model but the pipeline is sdxl")
+    assert not grid.exists()
+
+
+def test_invert_then_forget_the_tokens(inputs, tmp_path):
+    emb = tmp_path / "emb.safetensors"
+    result = runner.invoke(app, ["invert", "--model", str(inputs["sd1"]), "--images",
+                                 str(inputs["good"]), "--tokens", "2", "--init", "star",
+                                 "--steps", "2", "--device", "cpu", "--out", str(emb)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "p.safetensors"
+    result = _forget(inputs, out, "--no-real-image", "--embedding", str(emb), "--concept",
+                     "my thing")
+    assert result.exit_code == 0, result.output
+    assert load_patch(out).metadata["concepts"][-1]["token_words"] == "<c0> <c1>"
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--images", "{empty}"], "is empty"),
+    (["--images", "{broken}"], "half.png"),
+    (["--images", "{good}", "--tokens", "0"], "--tokens"),
+    (["--images", "{good}", "--out", "{root}/e.pt"], ".safetensors"),
+])
+def test_invert_bad_input(inputs, tmp_path, args, fragment):
+    extra = [a.format(**{k: str(v) for k, v in inputs.items()}) for a in args]
+    cmd = ["invert", "--model", str(inputs["sd1"]), "--steps", "1", "--device", "cpu",
+           "--out", str(tmp_path / "e.safetensors"), *extra]
+    _assert_error(runner.invoke(app, cmd), fragment)
+    assert list(tmp_path.iterdir()) == []
