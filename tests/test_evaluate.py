@@ -188,3 +188,17 @@ def test_evaluate_suite_without_patches_and_errors(pipe):
         ev.evaluate_suite(pipe, [], [Concept("star"), Concept("star")], judge, **FAST)
     with pytest.raises(FmnError, match="no concepts"):
         ev.evaluate_suite(pipe, [], [], judge, **FAST)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_real_inversion_leaves_the_pipeline_unchanged(family):
+    """The real textual inversion (2 steps) on tiny pipelines, one and two text encoders."""
+    pipe = make_tiny_pipeline(family)
+    sizes = [len(pipe.tokenizer)] + ([len(pipe.tokenizer_2)] if family == "sdxl" else [])
+    m = ev.m_score(pipe, Concept("star"), BrightnessJudge(), n=1, steps=1, batch_size=1,
+                   budget=2)
+    assert m.i is not None and m.i.phrase and m.i.phrase in m.i.prompts[0]
+    assert m.i.n_anchors == 1
+    after = [len(pipe.tokenizer)] + ([len(pipe.tokenizer_2)] if family == "sdxl" else [])
+    assert after == sizes
+    assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == sizes[0]

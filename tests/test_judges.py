@@ -27,8 +27,8 @@ def _images(n: int, size=(40, 24)) -> list[Image.Image]:
             for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def make_tiny_clip(folder):
+    """Save a tiny random-weight CLIPModel and its tokenizer into `folder` (no downloads)."""
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -38,10 +38,14 @@ def clip_dir(tmp_path_factory):
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, image_size=32, patch_size=8)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 def test_registry_names_and_unknown():

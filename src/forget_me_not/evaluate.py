@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -424,7 +425,13 @@ def _invert(pipe: Any, anchors: Sequence[Image.Image], settings: InversionSettin
     }
     if settings.lr is not None:
         kwargs["lr"] = settings.lr
-    return invert(pipe, list(anchors), **kwargs)
+    # invert() reads reference images from files, so the anchors go through a temp folder.
+    with tempfile.TemporaryDirectory(prefix="fmn-anchors-") as tmp:
+        paths = []
+        for i, image in enumerate(anchors):
+            paths.append(Path(tmp) / f"anchor_{i:03d}.png")
+            image.save(paths[-1])
+        return invert(pipe, paths, **kwargs)
 
 
 def load_anchor_images(paths: Sequence[str | Path]) -> list[Image.Image]:
