@@ -73,6 +73,14 @@ def test_save_load_into_fresh_pipeline_and_resteer(tmp_path, image_dir):
         loaded.load_into(make_tiny_pipeline("sdxl"))
 
 
+def test_in_memory_images(image_dir):
+    images = [Image.open(p) for p in sorted(image_dir.iterdir())]
+    emb = invert(make_tiny_pipeline("sd1"), images, num_tokens=1, steps=1, progress=False)
+    assert emb.tokens == ["<c0>"]
+    with pytest.raises(FmnError, match="smaller than"):
+        invert(make_tiny_pipeline("sd1"), [Image.new("RGB", (8, 8))], steps=1, progress=False)
+
+
 def test_bad_inputs(tmp_path, image_dir):
     pipe = make_tiny_pipeline("sd1")
     empty = tmp_path / "empty"

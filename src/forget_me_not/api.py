@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.inversion import Embedding, train_inversion
@@ -45,7 +47,7 @@ def forget(
 
 def invert(
     pipe: Any,
-    images: str | Path | Iterable[str | Path],
+    images: str | Path | Iterable[str | Path] | Iterable[Image.Image],
     *,
     num_tokens: int = 4,
     init_words: str | None = None,
@@ -57,6 +59,7 @@ def invert(
 ) -> Embedding:
     """Learn `num_tokens` placeholder tokens for the concept shown in `images`.
 
+    `images` is a folder, a list of files, or a list of PIL images.
     The tokens stay loaded in `pipe`; forget them with `Concept(name, token_words=emb.phrase)`.
     Extra options (templates, batch_size, norm_target, mixed_precision) go to
     `inversion.train_inversion`.

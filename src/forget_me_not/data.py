@@ -42,18 +42,25 @@ def image_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def load_images(
-    source: str | Path | Iterable[str | Path], min_size: int | None = None
+    source: str | Path | Iterable[str | Path] | Iterable[Image.Image],
+    min_size: int | None = None,
 ) -> list[Image.Image]:
-    """Read and check reference images (RGB).
+    """Read and check reference images (RGB): a folder, files, or PIL images.
 
     Refuses, listing the offenders: files that are not readable images, and (with
     `min_size`) images whose shorter side is below the model's resolution, since upscaling
     them would teach the model blur rather than the concept.
     """
+    if not isinstance(source, (str, Path)):
+        source = list(source)
+        if source and all(isinstance(s, Image.Image) for s in source):
+            # Images already in memory (e.g. generated anchors): only the size check applies.
+            return _check_sizes([im.convert("RGB") for im in source],
+                                [f"image {i}" for i in range(len(source))], min_size)
     files = image_files(source)
     bad: list[Path] = []
-    small: list[str] = []
     images: list[Image.Image] = []
+    names: list[str] = []
     for path in files:
         try:
             with Image.open(path) as im:
@@ -62,14 +69,19 @@ def load_images(
         except (UnidentifiedImageError, OSError, ValueError):
             bad.append(path)
             continue
-        if min_size is not None and min(image.size) < min_size:
-            small.append(f"{path.name} ({image.size[0]}x{image.size[1]})")
-            continue
         images.append(image)
+        names.append(path.name)
     if bad:
         raise FmnError(
             f"{len(bad)} file(s) are not readable images: {_listing(bad)}: remove or replace them"
         )
+    return _check_sizes(images, names, min_size)
+
+
+def _check_sizes(images: list[Image.Image], names: list[str],
+                 min_size: int | None) -> list[Image.Image]:
+    small = [f"{name} ({im.size[0]}x{im.size[1]})" for im, name in zip(images, names, strict=True)
+             if min_size is not None and min(im.size) < min_size]
     if small:
         shown = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
         raise FmnError(

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from PIL import Image
 from tqdm.auto import tqdm
 
 from forget_me_not.concepts import pipeline_tokenizers
@@ -166,7 +167,7 @@ def _init_ids(tokenizer: Any, init_words: str | None) -> list[int]:
 
 def train_inversion(
     pipe: Any,
-    images: str | Path | Iterable[str | Path],
+    images: str | Path | Iterable[str | Path] | Iterable[Image.Image],
     *,
     num_tokens: int = 4,
     init_words: str | None = None,
