@@ -137,3 +137,31 @@ def reference_renders(concept: WorldConcept, n: int, seed: int = 0) -> list[Imag
 
 def render_scene(scene: Scene) -> Image.Image:
     return render(scene)
+
+
+# The paper's templates in the world's own phrasing ("a photo of a star", not "a photo of star").
+FMN_TEMPLATES = {
+    "object": ("a photo of a {}", "a {}"),
+    "nsfw": ("a photo of a {}", "a {}"),
+    "id": ("a photo of {}", "a portrait of {}"),
+    "style": ("a photo in the style of {}", "a drawing in {} style"),
+    "colour": ("a {} circle", "a {} star"),
+    "role": ("a {}", "a photo of a {}"),
+}
+
+
+def fmn_concept(name: str, ref_dir, n_refs: int = 10, seed: int = 0):
+    """A `Concept` to forget, with `n_refs` reference renders written (as PNG) into `ref_dir`."""
+    from pathlib import Path
+
+    from forget_me_not.concepts import Concept
+
+    wc = get(name)
+    ref_dir = Path(ref_dir)
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(reference_renders(wc, n_refs, seed)):
+        path = ref_dir / f"{name}_{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return Concept(name, wc.category, FMN_TEMPLATES[wc.kind], tuple(paths))

@@ -25,7 +25,7 @@ from forget_me_not.world.render import render
 class TrainJudgeConfig:
     run_dir: Path = Path("runs/judge")
     out: Path | None = None  # final weights (None: run_dir/judge.safetensors)
-    vae_dir: Path | None = None  # a world pipeline's `vae` folder: adds its reconstructions
+    vae_dir: Path | None = None  # a world VAE (folder or checkpoint file): adds reconstructions
     seed: int = 0
     pool_size: int = 20_000
     val_size: int = 2_000
@@ -111,6 +111,19 @@ def evaluate(net: JudgeNet, x: torch.Tensor, labels: dict[str, torch.Tensor]) ->
     return out
 
 
+def _load_vae(path: Path):
+    """A world VAE from a pipeline's `vae` folder or from a training checkpoint file."""
+    if path.is_file():
+        from forget_me_not.world.model import WorldModelConfig, build_vae
+
+        vae = build_vae(WorldModelConfig())
+        vae.load_state_dict(load_file(str(path)))
+        return vae.eval()
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(path).eval()
+
+
 def train_judge(cfg: TrainJudgeConfig) -> Path:
     torch.manual_seed(cfg.seed)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -120,9 +133,7 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
     x_val = to_unit_range(val_px)
     x_recon = x_val_recon = None
     if cfg.vae_dir is not None:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(cfg.vae_dir).eval()
+        vae = _load_vae(cfg.vae_dir)
         x_recon = _vae_roundtrip(vae, x_all)
         x_val_recon = _vae_roundtrip(vae, x_val)
     net = JudgeNet().to(cfg.device)

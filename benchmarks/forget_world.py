@@ -1,0 +1,81 @@
+"""Forget ConceptWorld concepts one at a time and measure target and retention with the judge.
+
+For each target: re-steer with the given settings (default: the library defaults), apply the
+patch, score every world concept with the same seeds as the base model, remove the patch.
+Writes JSON and prints a Markdown table (target before -> after, every other concept's
+after/before ratio).
+
+    python benchmarks/forget_world.py --targets star,tavi,dotted --n 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from forget_me_not.api import forget
+from forget_me_not.judges.world import WorldJudge
+from forget_me_not.models import load_pipeline
+from forget_me_not.resteer import ResteerConfig
+from forget_me_not.world import concepts as wc
+from forget_me_not.world.defaults import default_guidance
+from forget_me_not.world.scoring import score_concepts
+
+
+def rates(scores: dict) -> dict[str, float]:
+    return {k: v["rate"] for k, v in scores.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--targets", default="star,tavi,dotted")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=None, help="re-steering steps (default: library)")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--train", default="lora")
+    ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path("runs/forget_world.json"))
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    pipe = load_pipeline("embedded", "cpu")
+    judge = WorldJudge()
+    guidance = default_guidance(pipe)
+    t0 = time.perf_counter()
+    base = rates(score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance))
+    result = {"date": str(date.today()), "threads": torch.get_num_threads(), "n": a.n,
+              "base": base, "base_seconds": time.perf_counter() - t0, "runs": {}}
+    overrides = {k: v for k, v in {"steps": a.steps, "lr": a.lr, "train": a.train,
+                                   "lora_rank": a.rank}.items() if v is not None}
+    for target in a.targets.split(","):
+        with tempfile.TemporaryDirectory() as refs:
+            concept = wc.fmn_concept(target, refs)
+            t1 = time.perf_counter()
+            patch = forget(pipe, concept, ResteerConfig(**overrides), progress=False)
+            seconds = time.perf_counter() - t1
+        patch.apply(pipe)
+        after = rates(score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance))
+        patch.remove(pipe)
+        others = {k: (after[k] / base[k] if base[k] > 0 else None) for k in base if k != target}
+        kept = [v for v in others.values() if v is not None]
+        result["runs"][target] = {
+            "seconds": seconds, "before": base[target], "after": after[target],
+            "after_all": after, "retention": others,
+            "retention_min": min(kept), "retention_mean": sum(kept) / len(kept),
+            "below_90": {k: v for k, v in others.items() if v is not None and v < 0.9},
+            "settings": patch.metadata["settings"]}
+        print(f"| {target} | {base[target]:.2f} -> {after[target]:.2f} | "
+              f"min {min(kept):.2f} / mean {sum(kept) / len(kept):.2f} | {seconds:.1f} s |",
+              flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
