@@ -68,10 +68,10 @@ def bench(shape: str, train: str, steps: int, tiny: bool, device: torch.device,
     config = (TINY if tiny else FULL)[shape]
     unet = UNet2DConditionModel(**config).to(device)
     unet.requires_grad_(False)
-    cfg = ResteerConfig(train=train, steps=steps, mixed_precision=dtype)
+    cfg = ResteerConfig(train=train, steps=steps, mixed_precision=dtype).resolved(None)
     trainer = _Trainable(unet, cfg)
     params = trainer.setup()
-    optim = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     probes = install_probes(unet)
 
     side = config["sample_size"]

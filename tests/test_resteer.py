@@ -35,6 +35,7 @@ def test_config_defaults_and_validation():
     cfg = ResteerConfig()
     assert (cfg.steps, cfg.train, cfg.batch_size, cfg.weight_decay) == (35, "lora", 1, 0.01)
     assert cfg.learning_rate == LORA_LR
+    assert cfg.resolved("sd1").lora_rank == 4 and cfg.resolved("sd1").lr == LORA_LR
     assert ResteerConfig(train="xattn").learning_rate == FULL_LR == 2e-6
     assert ResteerConfig(train="unet", lr=1e-5).learning_rate == 1e-5
     for bad in (dict(train="all"), dict(steps=0), dict(lr=-1.0), dict(reference="x"),

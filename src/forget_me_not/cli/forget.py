@@ -39,7 +39,7 @@ def forget(
     lr: Annotated[
         float | None, typer.Option(help="Learning rate (default: 2e-6 full weights, LoRA tuned).")
     ] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank (default: 4, model-tuned).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per step.")] = 1,
     max_grad_norm: Annotated[
         float | None, typer.Option(help="Clip the gradient norm to this (off by default).")
