@@ -168,3 +168,18 @@ def test_failures_leave_the_pipeline_clean(monkeypatch, failure):
 def test_unknown_concept_words_suggest_inversion():
     with pytest.raises(FmnError, match="fmn invert"):
         resteer(make_tiny_pipeline("sd1"), [Concept("qwxz")], _cfg(), progress=False)
+
+
+def test_sdxl_added_conditioning_matches_the_pipeline():
+    from forget_me_not.resteer import _added_cond, _encode_rows
+
+    pipe = make_tiny_pipeline("sdxl")
+    rows = _encode_rows(pipe, [Concept("star")], ResteerConfig())
+    added = _added_cond(pipe, rows, 16, torch.device("cpu"))
+    expected = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), dtype=torch.float32,
+                                      text_encoder_projection_dim=32)
+    assert torch.equal(added["time_ids"], expected)
+    _, _, pooled, _ = pipe.encode_prompt("a photo of star", device="cpu",
+                                         do_classifier_free_guidance=False)
+    assert torch.equal(added["text_embeds"], pooled)
+    assert rows[0].positions == [4]
