@@ -180,12 +180,14 @@ class _Processes:
     """This process's place among `accelerate launch` processes (one process when not launched)."""
 
     def __init__(self) -> None:
-        self.rank, self.world = 0, 1
+        self.rank, self.world, self.device = 0, 1, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            state = PartialState()
+            # Without CUDA, accelerate only forms a process group when told to use the CPU.
+            state = PartialState(cpu=not torch.cuda.is_available())
             self.rank, self.world = state.process_index, state.num_processes
+            self.device = "cpu" if state.device.type == "cpu" else str(state.device)
 
     @property
     def is_main(self) -> bool:

@@ -140,9 +140,7 @@ def run_bench(
             raise FmnError(f"patch file {p} does not exist; pass a .safetensors patch from "
                            "`fmn forget`")
     if device is None and procs.world > 1:
-        from accelerate import PartialState
-
-        device = str(PartialState().device)
+        device = procs.device  # each process on its own accelerator
     judges = build_judges(suite, entries, judge=judge, judge_model=judge_model, device=device)
 
     if isinstance(model, (str, Path)):
