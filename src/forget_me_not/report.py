@@ -146,8 +146,19 @@ def _bar_plot(path: Path, labels: list[str], series: Mapping[str, list[float]], 
 
 
 # -- text reports ---------------------------------------------------------------------------------
-def _markdown(result: SuiteResult, meta: Mapping[str, Any], files: Mapping[str, Any]) -> str:
+def _summary_lines(result: SuiteResult) -> list[str]:
     s = result.summary()
+    if not any(c.after is not None for c in result.concepts):
+        low = min(result.concepts, key=lambda c: c.before.m)
+        return [f"mean M-Score {_fmt(s['mean_m_before'])} over {s['n_concepts']} concepts; "
+                f"lowest: {low.key} ({_fmt(low.before.m)})"]
+    return [f"target M-Score: {_fmt(s['target_m_before'])} before -> "
+            f"{_fmt(s['target_m_after'])} after",
+            f"retention of the other concepts: mean {_fmt(s['mean_retention'])}, "
+            f"min {_fmt(s['min_retention'])}"]
+
+
+def _markdown(result: SuiteResult, meta: Mapping[str, Any], files: Mapping[str, Any]) -> str:
     has_after = any(c.after is not None for c in result.concepts)
     lines = [f"# {meta.get('title', 'Forget-Me-Not evaluation')}", ""]
     for k in ("model", "suite", "patches", "judge_model"):
@@ -166,10 +177,7 @@ def _markdown(result: SuiteResult, meta: Mapping[str, Any], files: Mapping[str, 
         "",
         "## Summary",
         "",
-        f"- target M-Score: {_fmt(s['target_m_before'])} before -> {_fmt(s['target_m_after'])}"
-        " after",
-        f"- retention of the other concepts: mean {_fmt(s['mean_retention'])}, "
-        f"min {_fmt(s['min_retention'])}",
+        *[f"- {line}" for line in _summary_lines(result)],
         "",
     ]
     for name, rel in files.get("plots", {}).items():
@@ -204,7 +212,6 @@ img{image-rendering:pixelated;max-width:100%}.plots img{max-width:48%}"""
 
 def _html(result: SuiteResult, meta: Mapping[str, Any], files: Mapping[str, Any]) -> str:
     e = html.escape
-    s = result.summary()
     has_after = any(c.after is not None for c in result.concepts)
     gen = result.settings.get("generation", {})
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(meta.get('title', ''))}"
@@ -220,11 +227,9 @@ def _html(result: SuiteResult, meta: Mapping[str, Any], files: Mapping[str, Any]
                f"{result.settings.get('processes', 1)} process(es)</li></ul>")
     out.append("<p>M = max(G, I): G = generation score, I = inversion score (– = not run, then "
                "M = G); retention = G after / G before of every non-target concept.</p>")
-    out.append("<h2>Summary</h2><ul>"
-               f"<li>target M-Score: {_fmt(s['target_m_before'])} before → "
-               f"{_fmt(s['target_m_after'])} after</li>"
-               f"<li>retention of the other concepts: mean {_fmt(s['mean_retention'])}, min "
-               f"{_fmt(s['min_retention'])}</li></ul><div class='plots'>")
+    out.append("<h2>Summary</h2><ul>" + "".join(f"<li>{e(line)}</li>"
+                                                 for line in _summary_lines(result))
+               + "</ul><div class='plots'>")
     for name, rel in files.get("plots", {}).items():
         out.append(f"<img src='{e(rel)}' alt='{e(name)}'>")
     out.append("</div><h2>Per concept</h2><table><tr>")
