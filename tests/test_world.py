@@ -1,0 +1,126 @@
+"""ConceptWorld: renderer, captions, tokenizer, shipped model and judge, `fmn world` commands."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from forget_me_not.cli.main import app
+from forget_me_not.models import embedded_model_dir
+from forget_me_not.world import vocab
+from forget_me_not.world.captions import HELD_OUT, random_scene, sample_training_pair
+from forget_me_not.world.render import Scene, render
+from forget_me_not.world.tokenizer import build_tokenizer_files, load_tokenizer
+
+HAS_MODEL = (embedded_model_dir() / "model_index.json").exists()
+needs_model = pytest.mark.skipif(not HAS_MODEL, reason="embedded weights not built")
+
+
+def test_render_is_deterministic_and_distinct():
+    a = np.asarray(render(Scene("star", "striped", "red", dx=0.5)))
+    b = np.asarray(render(Scene("star", "striped", "red", dx=0.5)))
+    assert a.shape == (vocab.IMAGE_SIZE, vocab.IMAGE_SIZE, 3)
+    assert np.array_equal(a, b)
+    for other in (Scene("star", "dotted", "red", dx=0.5), Scene("heart", "striped", "red", dx=0.5),
+                  Scene("star", "striped", "blue", dx=0.5)):
+        assert np.abs(a.astype(int) - np.asarray(render(other)).astype(int)).sum() > 1000
+
+
+def test_every_id_is_drawn_differently_and_the_hat_shows():
+    faces = [np.asarray(render(Scene(i))).astype(int) for i in vocab.IDS]
+    for i in range(len(faces)):
+        for j in range(i + 1, len(faces)):
+            assert np.abs(faces[i] - faces[j]).mean() > 10
+    hat = np.asarray(render(Scene(vocab.ROLE_ID, hat=True))).astype(int)
+    assert np.abs(hat - faces[vocab.IDS.index(vocab.ROLE_ID)]).mean() > 5
+
+
+def test_bad_scene_is_refused():
+    with pytest.raises(ValueError, match="unknown subject"):
+        Scene("dragon")
+    with pytest.raises(ValueError, match="needs one of the colours"):
+        Scene("star", "solid", None)
+
+
+def test_training_captions_never_show_held_out_pairs_and_role_is_entangled():
+    rng = random.Random(0)
+    seen_role = 0
+    for _ in range(3000):
+        text, scene = sample_training_pair(rng)
+        assert (scene.subject, scene.style) not in HELD_OUT
+        if vocab.ROLE in text.split():
+            seen_role += 1
+            assert scene.subject == vocab.ROLE_ID and scene.hat
+    assert seen_role > 50
+    assert len(HELD_OUT) == len(vocab.SUBJECTS)  # one held-out style per subject
+    assert all(style != "solid" for _, style in HELD_OUT)
+
+
+def test_tokenizer_keeps_world_words_whole_and_falls_back(tmp_path):
+    build_tokenizer_files(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    for word in vocab.all_words():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    text = "a photo of a red star in striped style"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == text
+    unknown = tok("zebra", add_special_tokens=False).input_ids  # unknown word: letters
+    pieces = tok.convert_ids_to_tokens(unknown)
+    assert len(pieces) > 1 and "".join(pieces).replace("</w>", "") == "zebra"
+    assert tok.unk_token_id not in unknown
+    odd = tok("#", add_special_tokens=False).input_ids  # unknown symbol: the unknown token
+    assert tok.convert_ids_to_tokens(odd) == [tok.unk_token]
+    assert len(tok(text, padding="max_length").input_ids) == tok.model_max_length
+
+
+def test_world_render_cli_and_bad_caption(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "r.png"
+    res = runner.invoke(app, ["world", "render", "--caption", "milka wearing a hat", "--out",
+                              str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.exists()
+    bad = tmp_path / "bad.png"
+    res = runner.invoke(app, ["world", "render", "--caption", "a bird", "--out", str(bad)])
+    assert res.exit_code == 2
+    assert "names no object or character" in res.output
+    assert not bad.exists()
+
+
+@needs_model
+def test_embedded_pipeline_loads_offline_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(embedded_model_dir())
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert any(n.endswith("attn2") for n, _ in pipe.unet.named_modules())
+
+
+@needs_model
+def test_judge_reads_fresh_renders():
+    from forget_me_not.judges.world import WorldJudge
+
+    judge = WorldJudge()
+    rng = random.Random(123)
+    scenes = [random_scene(rng) for _ in range(96)]
+    readings = judge.describe([render(s) for s in scenes])
+    subject = np.mean([r["subject"][0] == s.subject for r, s in zip(readings, scenes, strict=False)])
+    style = np.mean([r["style"][0] == s.style for r, s in zip(readings, scenes, strict=False)])
+    assert subject >= 0.95 and style >= 0.9
+
+
+@needs_model
+def test_model_samples_are_recognised_smoke():
+    from forget_me_not.judges.world import WorldJudge
+    from forget_me_not.models import load_pipeline
+    from forget_me_not.world.defaults import default_guidance
+    from forget_me_not.world.scoring import score_concepts
+
+    pipe = load_pipeline("embedded", "cpu")
+    scores = score_concepts(pipe, WorldJudge(), ["star", "milka"], n=8, steps=15,
+                            guidance=default_guidance(pipe), progress=False)
+    assert scores["star"]["rate"] >= 0.6
+    assert scores["milka"]["rate"] >= 0.6
