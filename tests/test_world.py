@@ -24,8 +24,11 @@ def test_render_is_deterministic_and_distinct():
     b = np.asarray(render(Scene("star", "striped", "red", dx=0.5)))
     assert a.shape == (vocab.IMAGE_SIZE, vocab.IMAGE_SIZE, 3)
     assert np.array_equal(a, b)
-    for other in (Scene("star", "dotted", "red", dx=0.5), Scene("heart", "striped", "red", dx=0.5),
-                  Scene("star", "striped", "blue", dx=0.5)):
+    for other in (
+        Scene("star", "dotted", "red", dx=0.5),
+        Scene("heart", "striped", "red", dx=0.5),
+        Scene("star", "striped", "blue", dx=0.5),
+    ):
         assert np.abs(a.astype(int) - np.asarray(render(other)).astype(int)).sum() > 1000
 
 
@@ -79,8 +82,9 @@ def test_tokenizer_keeps_world_words_whole_and_falls_back(tmp_path):
 def test_world_render_cli_and_bad_caption(tmp_path):
     runner = CliRunner()
     out = tmp_path / "r.png"
-    res = runner.invoke(app, ["world", "render", "--caption", "milka wearing a hat", "--out",
-                              str(out)])
+    res = runner.invoke(
+        app, ["world", "render", "--caption", "milka wearing a hat", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     assert out.exists()
     bad = tmp_path / "bad.png"
@@ -107,8 +111,8 @@ def test_judge_reads_fresh_renders():
     rng = random.Random(123)
     scenes = [random_scene(rng) for _ in range(96)]
     readings = judge.describe([render(s) for s in scenes])
-    subject = np.mean([r["subject"][0] == s.subject for r, s in zip(readings, scenes, strict=False)])
-    style = np.mean([r["style"][0] == s.style for r, s in zip(readings, scenes, strict=False)])
+    subject = np.mean([r["subject"][0] == s.subject for r, s in zip(readings, scenes, strict=True)])
+    style = np.mean([r["style"][0] == s.style for r, s in zip(readings, scenes, strict=True)])
     assert subject >= 0.95 and style >= 0.9
 
 
@@ -120,7 +124,14 @@ def test_model_samples_are_recognised_smoke():
     from forget_me_not.world.scoring import score_concepts
 
     pipe = load_pipeline("embedded", "cpu")
-    scores = score_concepts(pipe, WorldJudge(), ["star", "milka"], n=8, steps=15,
-                            guidance=default_guidance(pipe), progress=False)
+    scores = score_concepts(
+        pipe,
+        WorldJudge(),
+        ["star", "milka"],
+        n=8,
+        steps=15,
+        guidance=default_guidance(pipe),
+        progress=False,
+    )
     assert scores["star"]["rate"] >= 0.6
     assert scores["milka"]["rate"] >= 0.6
