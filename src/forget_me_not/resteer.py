@@ -325,13 +325,12 @@ def _references(pipe: Any, concepts: Sequence[Concept], config: ResteerConfig,
 def _self_generate(pipe: Any, concept: Concept, config: ResteerConfig) -> torch.Tensor:
     """Latents (N, C, h, w) the model itself draws from the concept's prompts (no images)."""
     prompts = concept.prompts()
-    out = []
-    for i in range(config.n_self_images):
-        g = torch.Generator("cpu").manual_seed(config.seed * 10_007 + i)
-        result = pipe(prompts[i % len(prompts)], num_inference_steps=config.self_steps,
-                      generator=g, output_type="latent")
-        out.append(result.images.detach().to("cpu", torch.float32))
-    return torch.cat(out)  # already in the scaled latent space
+    n = config.n_self_images
+    # One batched call; a generator per image keeps each image's noise its own.
+    gens = [torch.Generator("cpu").manual_seed(config.seed * 10_007 + i) for i in range(n)]
+    result = pipe([prompts[i % len(prompts)] for i in range(n)],
+                  num_inference_steps=config.self_steps, generator=gens, output_type="latent")
+    return result.images.detach().to("cpu", torch.float32)  # already scaled latents
 
 
 # -- what trains ---------------------------------------------------------------------------------
