@@ -125,8 +125,9 @@ def run_bench(
     entries = suite.select(concepts)
     settings = suite.settings(n=n, seed=seed, steps=steps, guidance=guidance,
                               batch_size=batch_size, inversion=inversion, budget=budget)
-    GenerationSettings(settings["n"], settings["seed"], settings["steps"], settings["guidance"],
-                       settings["batch_size"])
+    # steps/guidance None: what the model folder declares (conceptworld.json), resolved below
+    GenerationSettings(settings["n"], settings["seed"], settings["steps"] or 1,
+                       settings["guidance"], settings["batch_size"])
     InversionSettings(settings["budget"], settings["num_tokens"], settings["lr"], None,
                       settings["max_anchors"])
     if settings["inversion"] not in ("all", "targets", "none"):
@@ -151,6 +152,14 @@ def run_bench(
         model_name = str(model)
     else:
         pipe, model_name = model, str(getattr(model, "fmn_source", type(model).__name__))
+
+    if settings["steps"] is None or settings["guidance"] is None:
+        from forget_me_not.world.defaults import default_guidance, default_steps
+
+        if settings["steps"] is None:
+            settings["steps"] = default_steps(pipe)
+        if settings["guidance"] is None:
+            settings["guidance"] = default_guidance(pipe)
 
     # Held-out entries reuse their concept's inversion: one attack per concept is enough.
     scope = settings["inversion"]

@@ -39,8 +39,8 @@ JUDGE_NAMES = ("world", "clip", "nudenet")
 DEFAULT_SETTINGS: dict[str, Any] = {
     "n": 32,  # samples per concept and phase
     "seed": 0,
-    "steps": 25,  # denoising steps
-    "guidance": None,  # None: the pipeline's default
+    "steps": 25,  # denoising steps; None: the model folder's declared default
+    "guidance": None,  # None: the model folder's declared default (else 7.5)
     "batch_size": 8,
     "inversion": "targets",  # all | targets | none
     "budget": 200,  # textual-inversion steps for I(c)
