@@ -195,3 +195,34 @@ def test_run_bench_bad_input_writes_nothing(tmp_path):
         run_bench("embedded", "world", ["milka"], [], out, judge="clip",
                   judge_model=str(tmp_path))
     assert not out.exists()
+
+
+class BrightnessJudge(BaseJudge):
+    name = "bright"
+
+    def probabilities(self, images, concept):
+        return np.array([np.asarray(i, dtype=np.float64).mean() / 255 for i in images])
+
+
+def test_run_bench_with_a_real_patch_file(tmp_path):
+    """A patch from the real re-steering (2 steps) goes through load_patch/apply/remove."""
+    from forget_me_not.api import forget
+    from forget_me_not.concepts import Concept
+    from forget_me_not.resteer import ResteerConfig
+
+    pipe = make_tiny_pipeline("sd1")
+    config = ResteerConfig(steps=2, reference="noise", lr=1e-1)
+    patch_path = tmp_path / "star.safetensors"
+    forget(pipe, [Concept("star")], config, progress=False).save(patch_path)
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    result = run_bench(pipe, "world", ["star", "moon"], [patch_path], tmp_path / "out",
+                       judge=BrightnessJudge(), n=2, steps=2, batch_size=2, budget=2,
+                       progress=False)
+    assert result.targets == ["star"]
+    by = {c.key: c for c in result.concepts}
+    assert by["star"].after.i is not None and by["moon"].after.i is None
+    assert by["star"].retention is None and by["moon"].after is not None
+    for k, v in pipe.unet.state_dict().items():  # the patch was removed again
+        assert k in weights and v.equal(weights[k]), k
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert str(patch_path) in data["meta"]["patches"]
