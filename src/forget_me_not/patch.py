@@ -10,15 +10,24 @@ Two kinds:
 
 Our own metadata (concepts, family, base hash, settings, versions) is JSON in the header under
 "forget_me_not".
+
+Beyond one patch on one model: `scaled` (strength), `stack_patches` (several patches in one
+file, exact), `unstack` (take a stacked part out again), `to_delta` (a LoRA as full-weight
+deltas), `extract_lora` (a delta patch as a LoRA by truncated SVD, error reported),
+`merge_into` (fuse into the weights for a full pipeline folder), `to_kohya` (the key format
+A1111 and ComfyUI read) and `describe` (what `fmn patch info` prints).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,7 @@ METADATA_KEY = "forget_me_not"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers reads the LoraConfig from here
 FORMAT_VERSION = 1
 KINDS = ("lora", "delta")
+MAX_STRENGTH = 4.0  # beyond this a patch's delta dominates the model: almost surely a typo
 _REGISTRY_ATTR = "_fmn_patches"  # on the UNet: name -> applied state, in application order
 
 
@@ -143,6 +153,7 @@ class Patch:
 
     def apply(self, pipe: Any, scale: float = 1.0) -> None:
         """Add the patch to `pipe`'s UNet, scaled. Refuses a patch made for another family."""
+        scale = check_strength(scale)
         self._check_family(pipe)
         unet = pipe.unet
         registry = _registry(unet)
@@ -170,6 +181,79 @@ class Patch:
     def is_applied(self, pipe: Any) -> bool:
         return self.name in _registry(pipe.unet)
 
+    # -- views and transforms --
+
+    @property
+    def rank(self) -> int | None:
+        return int(self.lora_config["r"]) if self.lora_config else None
+
+    @property
+    def lora_scaling(self) -> float:
+        """peft's multiplier on B @ A: lora_alpha / r."""
+        if not self.lora_config:
+            raise FmnError("only a LoRA patch has a LoRA scaling")
+        return float(self.lora_config.get("lora_alpha", self.rank)) / float(self.rank)
+
+    def lora_pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module name -> (A (r, in), B (out, r)) of a LoRA patch."""
+        if self.kind != "lora":
+            raise FmnError(f"patch {self.name!r} is a {self.kind} patch, not a LoRA")
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in self.tensors.items():
+            module, _, leaf = key.removeprefix("unet.").rpartition(".lora_")
+            if leaf not in ("A.weight", "B.weight"):
+                raise FmnError(
+                    f"patch {self.name!r} holds {key}, which is no LoRA weight: the file is "
+                    "damaged or not a forget-me-not LoRA; make it again"
+                )
+            pairs.setdefault(module, {})[leaf[0]] = value
+        out = {}
+        for module, ab in pairs.items():
+            if set(ab) != {"A", "B"}:
+                raise FmnError(
+                    f"patch {self.name!r} is damaged: {module} lacks its lora_"
+                    f"{'B' if 'A' in ab else 'A'} weight; make the patch again"
+                )
+            out[module] = (ab["A"], ab["B"])
+        return out
+
+    def check_integrity(self) -> None:
+        """Refuse a LoRA whose weights disagree with its rank (a damaged or edited file)."""
+        if self.kind != "lora":
+            return
+        for key in ("rank_pattern", "alpha_pattern"):
+            if self.lora_config.get(key):
+                raise FmnError(f"LoRA patches with a {key} are not supported: use one rank")
+        r = self.rank
+        for module, (a, b) in self.lora_pairs().items():
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+                raise FmnError(
+                    f"patch {self.name!r} is damaged: {module} has LoRA shapes "
+                    f"{tuple(a.shape)} / {tuple(b.shape)} for rank {r}; make the patch again"
+                )
+
+    def scaled(self, strength: float) -> Patch:
+        """A copy whose effect is `strength` times this one's (a new file to ship)."""
+        strength = check_strength(strength)
+        if self.kind == "lora":
+            tensors = {k: (v * strength if ".lora_B." in k else v.clone())
+                       for k, v in self.tensors.items()}
+        else:
+            tensors = {k: v * strength for k, v in self.tensors.items()}
+        meta = {**self.metadata, "strength": float(self.metadata.get("strength", 1.0)) * strength}
+        return Patch(self.kind, tensors, meta, dict(self.lora_config or {}) or None,
+                     _adapter_name(f"{self.name}_x{strength:g}"))
+
+    def to_delta(self) -> Patch:
+        """The same change as full-weight deltas ("unet.<module>.weight" = scaling * B @ A)."""
+        if self.kind == "delta":
+            return self
+        scaling = self.lora_scaling
+        tensors = {f"unet.{m}.weight": (b.float() @ a.float()) * scaling  # (out, in)
+                   for m, (a, b) in self.lora_pairs().items()}
+        meta = {**self.metadata, "converted_from": "lora"}
+        return Patch("delta", tensors, meta, None, self.name)
+
     def _check_family(self, pipe: Any) -> None:
         family = family_of(pipe)
         if self.family and family != self.family:
@@ -189,15 +273,29 @@ class Patch:
         from peft import LoraConfig, set_peft_model_state_dict
 
         before = _active_adapters(unet)
-        with warnings.catch_warnings():
-            # peft warns whenever a second adapter is added: stacking is the point here.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            unet.add_adapter(LoraConfig(**self.lora_config), adapter_name=self.name)
+        try:
+            with warnings.catch_warnings():
+                # peft warns whenever a second adapter is added: stacking is the point here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                unet.add_adapter(LoraConfig(**self.lora_config), adapter_name=self.name)
+        except ValueError as e:  # peft: no module matches the targets
+            raise FmnError(
+                f"patch {self.name!r} targets modules this UNet does not have ({e}): apply it "
+                "to the model it was made for"
+            ) from e
         state = {k.removeprefix("unet."): v for k, v in self.tensors.items()}
-        result = set_peft_model_state_dict(unet, state, adapter_name=self.name)
+        try:
+            result = set_peft_model_state_dict(unet, state, adapter_name=self.name)
+        except RuntimeError as e:  # shape mismatch: made for other layer sizes
+            _drop_adapter(unet, self.name, before)
+            first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+            raise FmnError(
+                f"patch {self.name!r} does not fit this UNet ({first[:160]}): apply it to the "
+                "model it was made for"
+            ) from e
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:
-            unet.delete_adapters(self.name)
+            _drop_adapter(unet, self.name, before)
             raise FmnError(
                 f"patch {self.name!r} does not fit this UNet ({len(unexpected)} unknown "
                 f"weights, e.g. {unexpected[0]}): apply it to the model it was made for"
@@ -208,19 +306,18 @@ class Patch:
     def _remove_lora(self, unet: Any) -> None:
         before = [n for n in _active_adapters(unet) if n != self.name]
         _registry(unet).pop(self.name)
-        unet.delete_adapters(self.name)
-        if not getattr(unet, "peft_config", None):
-            # No adapter left: unwrap the peft layers so the UNet is the base model again.
-            from diffusers.utils import recurse_remove_peft_layers
-
-            recurse_remove_peft_layers(unet)
-            unet._hf_peft_config_loaded = None
-        else:
-            _activate(unet, before)
+        _drop_adapter(unet, self.name, before)
 
     def _apply_delta(self, unet: Any, scale: float) -> None:
         stash: dict[str, torch.Tensor] = {}
         params = [(_param(unet, k.removeprefix("unet.")), k) for k in self.tensors]
+        for p, key in params:
+            if tuple(p.shape) != tuple(self.tensors[key].shape):
+                raise FmnError(
+                    f"patch {self.name!r} does not fit this UNet ({key}: patch "
+                    f"{tuple(self.tensors[key].shape)}, model {tuple(p.shape)}): apply it to the "
+                    "model it was made for"
+                )
         with torch.no_grad():
             for p, key in params:
                 stash[key] = p.detach().to("cpu", copy=True)
@@ -257,6 +354,19 @@ def _registry(unet: Any) -> dict[str, dict[str, Any]]:
         registry = {}
         object.__setattr__(unet, _REGISTRY_ATTR, registry)
     return registry
+
+
+def _drop_adapter(unet: Any, name: str, active: list[str]) -> None:
+    """Delete adapter `name`; unwrap the peft layers when none is left, else reactivate."""
+    unet.delete_adapters(name)
+    if not getattr(unet, "peft_config", None):
+        # No adapter left: unwrap the peft layers so the UNet is the base model again.
+        from diffusers.utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(unet)
+        unet._hf_peft_config_loaded = None
+    else:
+        _activate(unet, [n for n in active if n != name])
 
 
 def _active_adapters(unet: Any) -> list[str]:
@@ -307,8 +417,11 @@ def load_patch(path: str | Path) -> Patch:
             f"{path} is not a forget-me-not patch (no '{METADATA_KEY}' metadata): for a plain "
             "diffusers LoRA use pipe.load_lora_weights"
         )
-    meta = json.loads(header[METADATA_KEY])
-    kind = meta.pop("kind")
+    try:
+        meta = json.loads(header[METADATA_KEY])
+        kind = meta.pop("kind")
+    except (ValueError, KeyError, AttributeError) as e:
+        raise FmnError(f"{path} has damaged forget-me-not metadata ({e}): make it again") from e
     name = meta.pop("name", "fmn")
     meta.pop("format_version", None)
     lora_config = None
@@ -316,4 +429,402 @@ def load_patch(path: str | Path) -> Patch:
         packed = json.loads(header[LORA_METADATA_KEY])
         lora_config = {k.removeprefix("unet."): v for k, v in packed.items()
                        if k.startswith("unet.")}
-    return Patch(kind=kind, tensors=tensors, metadata=meta, lora_config=lora_config, name=name)
+    if kind not in KINDS:
+        raise FmnError(f"{path} is damaged: unknown patch kind {kind!r}; make the patch again")
+    patch = Patch(kind=kind, tensors=tensors, metadata=meta, lora_config=lora_config, name=name)
+    patch.check_integrity()
+    return patch
+
+
+# -- strength, names ----------------------------------------------------------------------------
+
+
+def check_strength(strength: float) -> float:
+    """A patch strength: 0 (off) .. 1 (as trained) .. MAX_STRENGTH; anything else is refused."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise FmnError(f"patch strength must be a number, got {strength!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= MAX_STRENGTH):
+        raise FmnError(
+            f"patch strength {strength} is outside 0..{MAX_STRENGTH:g}: pass a value between "
+            "0 (off) and 1 (as trained), or a little above 1 to strengthen it"
+        )
+    return value
+
+
+def _adapter_name(text: str) -> str:
+    """peft adapter names become module keys: no dots, nothing exotic."""
+    return "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in text)[:96]
+
+
+def _same_family(patches: Sequence[Patch]) -> str | None:
+    families = {p.family for p in patches if p.family}
+    if len(families) > 1:
+        named = ", ".join(f"{p.name} ({p.family})" for p in patches)
+        raise FmnError(
+            f"these patches are for different model families: {named}: stack patches made "
+            "for the same model"
+        )
+    hashes = {p.metadata.get("base_model_hash") for p in patches} - {None}
+    if len(hashes) > 1:
+        warnings.warn("stacking patches trained on different base models (hashes differ)",
+                      stacklevel=3)
+    return families.pop() if families else None
+
+
+# -- stacking -----------------------------------------------------------------------------------
+
+
+def stack_patches(patches: Sequence[Patch], strengths: Sequence[float] | None = None,
+                  name: str | None = None) -> Patch:
+    """Several patches as one, with the same effect as applying them all.
+
+    LoRAs are stacked exactly by rank concatenation: for each module, A = [A1; A2; ...] and
+    B = [s1·B1, s2·B2, ...] (s_i = strength_i · alpha_i / r_i, alpha = total rank so peft's
+    scaling is 1), zero blocks where a patch does not touch the module. Ranks may differ.
+    Each part's rank slice is recorded under "parts", so `unstack` can take one out again.
+    When any patch is a delta patch, everything is summed as full-weight deltas.
+    """
+    patches = list(patches)
+    if len(patches) < 2:
+        raise FmnError("stacking needs at least two patches")
+    strengths = [check_strength(s) for s in (strengths or [1.0] * len(patches))]
+    if len(strengths) != len(patches):
+        raise FmnError(f"got {len(strengths)} strengths for {len(patches)} patches")
+    family = _same_family(patches)
+    concepts = [c for p in patches for c in p.metadata.get("concepts", [])]
+    meta = {
+        "method": "forget-me-not/stack",
+        "concepts": concepts,
+        "family": family,
+        "base_model_hash": patches[0].metadata.get("base_model_hash"),
+        "versions": library_versions(),
+    }
+    name = _adapter_name(name or "fmn_stack_" + "_".join(p.name.removeprefix("fmn_")[:24]
+                                                         for p in patches))
+    if any(p.kind == "delta" for p in patches):
+        total: dict[str, torch.Tensor] = {}
+        for p, s in zip(patches, strengths, strict=True):
+            for k, v in p.to_delta().tensors.items():
+                total[k] = total.get(k, 0) + v.float() * s
+        parts = [{**part, "strength": part.get("strength", 1.0) * s}
+                 for p, s in zip(patches, strengths, strict=True)
+                 for part in p.metadata.get("parts") or [_as_part(p)]]
+        for part in parts:
+            part.pop("rank_slice", None)  # summed deltas have no separable parts
+        return Patch("delta", total, {**meta, "parts": parts}, None, name)
+
+    pairs = [p.lora_pairs() for p in patches]
+    ranks = [p.rank for p in patches]
+    modules = sorted(set().union(*pairs))
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        a_blocks, b_blocks = [], []
+        shape = next((pp[m][0].shape[1], pp[m][1].shape[0]) for pp in pairs if m in pp)
+        for pp, p, r, s in zip(pairs, patches, ranks, strengths, strict=True):
+            if m in pp:
+                a, b = pp[m]
+                if (a.shape[1], b.shape[0]) != shape:
+                    raise FmnError(f"patches disagree on the shape of {m}: made for other models")
+                a_blocks.append(a.float())
+                b_blocks.append(b.float() * (s * p.lora_scaling))
+            else:
+                a_blocks.append(torch.zeros(r, shape[0]))
+                b_blocks.append(torch.zeros(shape[1], r))
+        tensors[f"unet.{m}.lora_A.weight"] = torch.cat(a_blocks, dim=0)  # (R, in)
+        tensors[f"unet.{m}.lora_B.weight"] = torch.cat(b_blocks, dim=1)  # (out, R)
+    total_rank = sum(ranks)
+    # Rank slices: each input patch occupies its own block, parts of a stacked input inside it.
+    offset = 0
+    parts = []
+    for p, s in zip(patches, strengths, strict=True):
+        for part in p.metadata.get("parts") or [_as_part(p)]:
+            lo, hi = part["rank_slice"]
+            parts.append({**part, "strength": part.get("strength", 1.0) * s,
+                          "rank_slice": [offset + lo, offset + hi]})
+        offset += p.rank
+    targets = sorted(set().union(*[p.lora_config["target_modules"] for p in patches]))
+    config = {"r": total_rank, "lora_alpha": total_rank, "target_modules": targets,
+              "init_lora_weights": True}
+    return Patch("lora", tensors, {**meta, "parts": parts}, config, name)
+
+
+def _as_part(patch: Patch) -> dict[str, Any]:
+    """How a single patch is recorded inside a stack."""
+    part = {
+        "name": patch.name,
+        "kind": patch.kind,
+        "concepts": [c.get("name") for c in patch.metadata.get("concepts", [])],
+        "strength": float(patch.metadata.get("strength", 1.0)),
+        "settings": patch.metadata.get("settings"),
+    }
+    if patch.kind == "lora":
+        part["rank_slice"] = [0, patch.rank]
+    return part
+
+
+def unstack(patch: Patch, drop: Sequence[str]) -> Patch:
+    """The stacked LoRA `patch` without the parts named in `drop` (part names or concepts).
+
+    Exact: each part owns a slice of the rank, so dropping it removes precisely its term.
+    """
+    parts = patch.metadata.get("parts")
+    if patch.kind != "lora" or not parts or any("rank_slice" not in p for p in parts):
+        raise FmnError(
+            f"patch {patch.name!r} is not a stack of LoRA patches (`fmn patch stack`): a part "
+            "can only be taken out of such a stack; otherwise just stop applying the patch"
+        )
+    wanted = set(drop)
+    gone = [p for p in parts if p["name"] in wanted or wanted & set(p["concepts"])]
+    if not gone:
+        known = ", ".join(f"{p['name']} ({', '.join(p['concepts'])})" for p in parts)
+        raise FmnError(f"no part of this stack matches {sorted(wanted)}: its parts are {known}")
+    kept = [p for p in parts if p not in gone]
+    if not kept:
+        raise FmnError("that would remove every part of the stack: delete the file instead")
+    index = torch.cat([torch.arange(*p["rank_slice"]) for p in kept])  # kept rank rows
+    tensors = {}
+    for key, value in patch.tensors.items():
+        # Stored B already carries strength * alpha / r of each part, so slicing is exact.
+        tensors[key] = value[index] if ".lora_A." in key else value[:, index]
+    offset, new_parts = 0, []
+    for p in kept:
+        lo, hi = p["rank_slice"]
+        new_parts.append({**p, "rank_slice": [offset, offset + hi - lo]})
+        offset += hi - lo
+    scaling = patch.lora_scaling  # keep the stored products exact: alpha/r stays as it was
+    config = {**patch.lora_config, "r": offset, "lora_alpha": scaling * offset}
+    names = {c for p in gone for c in p["concepts"]}
+    concepts = [c for c in patch.metadata.get("concepts", []) if c.get("name") not in names]
+    meta = {**patch.metadata, "parts": new_parts, "concepts": concepts}
+    return Patch("lora", tensors, meta, config, _adapter_name(f"{patch.name}_minus"))
+
+
+# -- low-rank extraction ------------------------------------------------------------------------
+
+
+def extract_lora(patch: Patch, rank: int, targets: Sequence[str] | None = None) -> Patch:
+    """A delta patch turned into a LoRA of `rank` by truncated SVD of each 2-D weight delta.
+
+    Each linear weight delta D (out, in) becomes B @ A with B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T.
+    Tensors a LoRA cannot carry (biases, norms, convolutions) are dropped. The relative Frobenius
+    error ||D - B A|| / ||D|| per layer, and overall (dropped tensors counted in full), is stored
+    under metadata["extraction"].
+    """
+    if patch.kind != "delta":
+        raise FmnError(f"patch {patch.name!r} is already a LoRA: extraction needs a delta patch")
+    if int(rank) < 1:
+        raise FmnError(f"--rank must be a positive integer, got {rank}")
+    rank = int(rank)
+    tensors: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, float] = {}
+    dropped: list[str] = []
+    err_sq = total_sq = 0.0
+    for key, delta in sorted(patch.tensors.items()):
+        d = delta.float()
+        norm_sq = float(d.pow(2).sum())
+        total_sq += norm_sq
+        module = key.removeprefix("unet.").removesuffix(".weight")
+        selected = targets is None or any(module.endswith(t) for t in targets)
+        if d.ndim != 2 or not key.endswith(".weight") or not selected:
+            dropped.append(key.removeprefix("unet."))
+            err_sq += norm_sq
+            continue
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)  # (out, k), (k,), (k, in)
+        k = min(rank, s.numel())
+        root = s[:k].sqrt()
+        b = u[:, :k] * root  # (out, k)
+        a = root[:, None] * vh[:k]  # (k, in)
+        if k < rank:  # a thin layer: pad with zero directions so every module has one rank
+            a = torch.cat([a, torch.zeros(rank - k, a.shape[1])])
+            b = torch.cat([b, torch.zeros(b.shape[0], rank - k)], dim=1)
+        residual = float((d - b @ a).pow(2).sum())
+        err_sq += residual
+        per_layer[module] = math.sqrt(residual / norm_sq) if norm_sq > 0 else 0.0
+        tensors[f"unet.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"unet.{module}.lora_B.weight"] = b.contiguous()
+    if not tensors:
+        raise FmnError(
+            f"patch {patch.name!r} has no 2-D weight a LoRA can carry (only {len(dropped)} "
+            "biases/norms/convolutions): ship it as it is"
+        )
+    overall = math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0
+    extraction = {"rank": rank, "overall_relative_error": overall,
+                  "per_layer_relative_error": per_layer, "dropped": dropped}
+    config = {"r": rank, "lora_alpha": rank,
+              "target_modules": sorted(k.removeprefix("unet.").removesuffix(".lora_A.weight")
+                                       for k in tensors if ".lora_A." in k),
+              "init_lora_weights": True}
+    meta = {**patch.metadata, "extraction": extraction, "extracted_from": "delta"}
+    return Patch("lora", tensors, meta, config, _adapter_name(f"{patch.name}_r{rank}"))
+
+
+# -- merging into the weights -------------------------------------------------------------------
+
+
+def merge_into(pipe: Any, patches: Sequence[Patch],
+               strengths: Sequence[float] | None = None) -> None:
+    """Fuse `patches` into `pipe`'s UNet weights for good (for saving a full pipeline).
+
+    The pipeline must carry no applied patch (fuse the files, not live adapters).
+    """
+    strengths = [check_strength(s) for s in (strengths or [1.0] * len(patches))]
+    if len(strengths) != len(patches):
+        raise FmnError(f"got {len(strengths)} strengths for {len(patches)} patches")
+    unet = pipe.unet
+    if _registry(unet) or getattr(unet, "_hf_peft_config_loaded", False):
+        raise FmnError("this pipeline has patches or adapters applied: merge into a clean model")
+    for patch, s in zip(patches, strengths, strict=True):
+        patch._check_family(pipe)
+        delta = patch.to_delta()
+        params = {k: _param(unet, k.removeprefix("unet.")) for k in delta.tensors}
+        for key, p in params.items():
+            if tuple(p.shape) != tuple(delta.tensors[key].shape):
+                raise FmnError(f"patch {patch.name!r} does not fit this UNet at {key}: apply "
+                               "it to the model it was made for")
+        with torch.no_grad():
+            for key, p in params.items():
+                update = p.detach().float() + delta.tensors[key].to(p.device).float() * s
+                p.copy_(update.to(p.dtype))
+
+
+def save_merged(pipe: Any, patches: Sequence[Patch], out_dir: str | Path,
+                source_dir: str | Path | None = None) -> Path:
+    """save_pretrained the (merged) pipeline into `out_dir`, atomically, with a record."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FmnError(f"{out_dir} already exists: pick a new folder for the merged pipeline")
+    if not out_dir.parent.is_dir():
+        raise FmnError(f"folder {out_dir.parent} does not exist: create it first")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if source_dir is not None:
+            from forget_me_not.models import WORLD_MARKER
+
+            marker = Path(source_dir) / WORLD_MARKER
+            if marker.is_file():  # keeps the merged ConceptWorld model in its family
+                shutil.copy2(marker, tmp / WORLD_MARKER)
+        record = {"merged_patches": [{"name": p.name, "kind": p.kind,
+                                      "concepts": p.metadata.get("concepts", []),
+                                      "family": p.family} for p in patches],
+                  "versions": library_versions()}
+        (tmp / "forget_me_not_merge.json").write_text(json.dumps(record, indent=1, default=str))
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# -- kohya / A1111 / ComfyUI format -------------------------------------------------------------
+
+KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0",
+                      "embedded": "sd_v1"}
+
+
+def kohya_key(module: str) -> str:
+    """diffusers module name -> kohya LoRA name ("lora_unet_" + dots as underscores).
+
+    This is the naming kohya's sd-scripts write for diffusers-layout UNets, which A1111 and
+    ComfyUI map onto their own layers (for SD 1.x/2.x and SDXL alike).
+    """
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def to_kohya(patch: Patch) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header) of the patch in kohya's LoRA format: lora_down / lora_up / alpha."""
+    if patch.kind != "lora":
+        raise FmnError(
+            f"patch {patch.name!r} holds full-weight deltas: turn it into a LoRA first with "
+            "`fmn patch extract --rank R`, then convert that"
+        )
+    alpha = float(patch.lora_config.get("lora_alpha", patch.rank))
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (a, b) in patch.lora_pairs().items():
+        name = kohya_key(module)
+        tensors[f"{name}.lora_down.weight"] = a.float().contiguous()  # (r, in)
+        tensors[f"{name}.lora_up.weight"] = b.float().contiguous()  # (out, r)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    _check_kohya_names(patch, tensors)
+    header = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(patch.rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": KOHYA_BASE_VERSION.get(patch.family or "", ""),
+        METADATA_KEY: json.dumps({**patch.metadata, "kind": "kohya", "name": patch.name},
+                                 sort_keys=True, default=str),
+    }
+    return tensors, header
+
+
+def _check_kohya_names(patch: Patch, tensors: dict[str, torch.Tensor]) -> None:
+    """Kohya names lose the dots: make sure diffusers' own reader maps each one back."""
+    try:
+        from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
+    except ImportError:  # a diffusers without it: nothing to check against
+        return
+    for module in patch.lora_pairs():
+        back = _convert_unet_lora_key(f"{kohya_key(module)}.lora_down.weight")
+        back = back.replace(".processor.", ".").replace("_lora.down.weight", "")
+        back = back.replace(".lora.down.weight", "").replace("to_out", "to_out.0")
+        back = back.replace("to_out.0.0", "to_out.0")
+        if back != module:
+            raise FmnError(
+                f"module {module} has no unambiguous kohya name ({kohya_key(module)} reads back "
+                f"as {back}): this patch cannot be exported to the kohya format"
+            )
+
+
+def save_kohya(patch: Patch, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise FmnError(f"kohya file {path} must end in .safetensors: rename the output")
+    if not path.parent.is_dir():
+        raise FmnError(f"output folder {path.parent} does not exist: create it first")
+    tensors, header = to_kohya(patch)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# -- description --------------------------------------------------------------------------------
+
+
+def describe(patch: Patch, path: str | Path | None = None) -> dict[str, Any]:
+    """What a patch is: concepts, family, base hash, kind, rank, size, settings, versions."""
+    n_params = sum(v.numel() for v in patch.tensors.values())
+    modules = (sorted(patch.lora_pairs()) if patch.kind == "lora" else
+               sorted({k.removeprefix("unet.").rpartition(".")[0] for k in patch.tensors}))
+    info: dict[str, Any] = {
+        "name": patch.name,
+        "kind": patch.kind,
+        "concepts": [c.get("name") for c in patch.metadata.get("concepts", [])],
+        "family": patch.family,
+        "base_model_hash": patch.metadata.get("base_model_hash"),
+        "rank": patch.rank,
+        "lora_alpha": (patch.lora_config or {}).get("lora_alpha"),
+        "modules": len(modules),
+        "tensors": len(patch.tensors),
+        "parameters": n_params,
+        "bytes": Path(path).stat().st_size if path else 4 * n_params,
+        "strength": patch.metadata.get("strength", 1.0),
+        "train": patch.metadata.get("train"),
+        "steps": patch.metadata.get("steps"),
+        "seed": patch.metadata.get("seed"),
+        "settings": patch.metadata.get("settings"),
+        "versions": patch.metadata.get("versions"),
+    }
+    for key in ("parts", "extraction", "correction", "preset"):
+        if key in patch.metadata:
+            info[key] = patch.metadata[key]
+    return info
