@@ -23,7 +23,7 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
     seed: opt.Seed = 0,
     steps: opt.Steps = 25,
-    guidance: opt.Guidance = 7.5,
+    guidance: opt.Guidance = None,
     size: Annotated[int | None, typer.Option(help="Image side in pixels (model default).")] = None,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
@@ -51,6 +51,10 @@ def generate(
     pipe = load_pipeline(model, device, dtype, allow_pickle=allow_pickle, config=config)
     size = size or default_size(pipe)
     check_size(pipe, size)
+    if guidance is None:
+        from forget_me_not.world.defaults import default_guidance
+
+        guidance = default_guidance(pipe)
     for path in patch or []:
         _apply_patch(pipe, path)
 

@@ -39,7 +39,10 @@ Config = Annotated[
 ]
 Seed = Annotated[int, typer.Option(help="Base seed; sample i uses seed + i.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
-Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale.")]
+Guidance = Annotated[
+    float | None,
+    typer.Option(help="Classifier-free guidance scale (default: the model's own, else 7.5)."),
+]
 Patches = Annotated[
     list[Path] | None,
     typer.Option("--patch", help="Forgetting patch to apply before generating (repeatable)."),

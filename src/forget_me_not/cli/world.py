@@ -44,7 +44,7 @@ def sheet_cmd(
     n: Annotated[int, typer.Option("--n", help="Renders and samples per concept.")] = 4,
     seed: opt.Seed = 0,
     steps: opt.Steps = 25,
-    guidance: Annotated[float | None, typer.Option(help="Guidance (default: the model's).")] = None,
+    guidance: opt.Guidance = None,
     patch: opt.Patches = None,
     renders_only: Annotated[
         bool, typer.Option(help="Only renders: every subject x style.")

@@ -313,22 +313,32 @@ def train_model(cfg: TrainModelConfig) -> Path:
     return export_pipeline(cfg, vae, unet, text, ema, tokenizer, scaling, out, extra)
 
 
-def export_from_checkpoints(cfg: TrainModelConfig, out: Path) -> Path:
-    """Export the latest checkpoints of a run (possibly still training) as a pipeline."""
+def export_from_checkpoints(
+    cfg: TrainModelConfig, out: Path, pool_subset: int | None = None
+) -> Path:
+    """Export the latest checkpoints of a run (possibly still training) as a pipeline.
+
+    The latent scaling is recomputed over the whole pool, exactly as training did; a
+    `pool_subset` estimates it from fewer images (a quick look, not a release).
+    """
     tokenizer = world_tokenizer.load_tokenizer(cfg.run_dir / "tokenizer-src")
     vae = world_model.build_vae(cfg.model)
     vae.load_state_dict(load_file(str(cfg.run_dir / "vae.safetensors")))
     vae.eval().requires_grad_(False)
     captions, pixels = _cached_pool(cfg)
-    mean, _ = encode_pool(vae, pixels, cfg.device)  # same pool, same scaling as training
+    mean, _ = encode_pool(vae, pixels[:pool_subset], cfg.device)
     unet = world_model.build_unet(cfg.model)
     text = world_model.build_text_encoder(cfg.model, tokenizer)
     ema = load_file(str(cfg.run_dir / "ema.safetensors"))
     state = _state(cfg.run_dir / "unet_state.json")
-    extra = {"seed": cfg.seed, "unet_steps_done": state.get("step"),
-             "vae_psnr": _state(cfg.run_dir / "vae_state.json").get("psnr")}
-    return export_pipeline(cfg, vae, unet, text, ema, tokenizer, float(1.0 / mean.std()), out,
-                           extra)
+    extra = {
+        "seed": cfg.seed,
+        "unet_steps_done": state.get("step"),
+        "vae_psnr": _state(cfg.run_dir / "vae_state.json").get("psnr"),
+    }
+    return export_pipeline(
+        cfg, vae, unet, text, ema, tokenizer, float(1.0 / mean.std()), out, extra
+    )
 
 
 if __name__ == "__main__":
@@ -343,10 +353,11 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-only", type=Path, default=None, help="export checkpoints here")
+    p.add_argument("--pool-subset", type=int, default=None, help="estimate scaling from fewer")
     a = p.parse_args()
     if a.export_only:
         cfg = TrainModelConfig(run_dir=a.run_dir, seed=a.seed)
-        print(export_from_checkpoints(cfg, a.export_only))
+        print(export_from_checkpoints(cfg, a.export_only, a.pool_subset))
         raise SystemExit(0)
     print(
         train_model(
