@@ -23,8 +23,7 @@ $(STAMP): requirements-lock.txt pyproject.toml
 
 demo: $(STAMP)
 	mkdir -p $(OUT)
-	$(BIN)/fmn generate --model embedded --prompt "a red star" --n 4 --steps 25 \
-		--out $(OUT)/demo_grid.png
+	$(BIN)/fmn world demo --target star --out $(OUT)/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -157,3 +157,22 @@ def train_judge_cmd(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(world_app, name="world")
+
+
+@world_app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for the patch, sheet and summary.")] = Path(
+        "out/demo"
+    ),
+    target: Annotated[str, typer.Option(help="World concept to forget.")] = "star",
+    n: Annotated[int, typer.Option("--n", help="Samples per concept, before and after.")] = 8,
+    seed: opt.Seed = 1000,
+) -> None:
+    """Forget one concept on the embedded model; write a before/after sheet with judge scores."""
+    from forget_me_not.demo import run_demo
+
+    opt.require_positive("--n", n)
+    summary = run_demo(out, target=target, n=n, seed=seed)
+    for name, s in summary["scores"].items():
+        typer.echo(f"{name:>10}: {s['before']:.0%} -> {s['after']:.0%}")
+    typer.echo(f"forgot '{target}' in {summary['forget_seconds']} s; wrote {out}/before_after.png")
