@@ -73,6 +73,11 @@ class ResteerConfig:
     include_eot: bool = False  # also suppress the end-of-text (pooled) token
     seed: int = 0
     mixed_precision: str = "no"  # autocast "fp16"/"bf16"; trained tensors stay float32
+    # Retention regulariser (off in faithful mode): each step also runs the UNet on one of
+    # `preserve_prompts` with and without the trained delta, on the same noisy latent, and adds
+    # preserve_weight * MSE(with, without), so the prompts named here keep their outputs.
+    preserve_weight: float = 0.0
+    preserve_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -94,6 +99,16 @@ class ResteerConfig:
             raise FmnError(f"lora_alpha must be positive or None, got {self.lora_alpha}")
         if self.weight_decay < 0:
             raise FmnError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.preserve_weight) and self.preserve_weight >= 0):
+            raise FmnError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
+        self.preserve_prompts = tuple(self.preserve_prompts)
+        if any(not isinstance(p, str) or not p.strip() for p in self.preserve_prompts):
+            raise FmnError("a preserve prompt is empty: pass prompts like 'a photo of a cat'")
+        if self.preserve_weight > 0 and not self.preserve_prompts:
+            raise FmnError(
+                "preserve_weight > 0 needs prompts to preserve: pass --preserve PROMPT "
+                "(repeatable), or set the weight to 0"
+            )
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if not self.lora_targets or bad:
             raise FmnError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}: {bad}")
@@ -152,6 +167,7 @@ def resteer(
             module.requires_grad_(False)
 
     rows = _encode_rows(pipe, concepts, config)
+    keep = _encode_preserve(pipe, config)
     references = _references(pipe, concepts, config, resolution, gen)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = noise_scheduler.config.num_train_timesteps
@@ -159,6 +175,7 @@ def resteer(
     trainer = _Trainable(unet, config)
     probes: ProbeSet | None = None
     losses: list[float] = []
+    preserve_losses: list[float] = []
     started = time.perf_counter()
     try:
         params = trainer.setup()
@@ -177,6 +194,15 @@ def resteer(
             noisy = noise_scheduler.add_noise(latents, noise, t)
             embeds = torch.cat([row.embeds for row in batch]).to(device)  # (B, T, D)
             mask = TokenMask.from_positions([row.positions for row in batch], embeds.shape[1])
+            if keep:
+                # The base model's prediction first, before the trained forward builds its graph.
+                keep_rows = [keep[step % len(keep)]] * len(batch)
+                keep_embeds = torch.cat([row.embeds for row in keep_rows]).to(device)
+                keep_cond = _added_cond(pipe, keep_rows, resolution, device)
+                with torch.no_grad(), trainer.base_weights(), \
+                        _autocast(device, config.mixed_precision):
+                    base = unet(noisy, t, encoder_hidden_states=keep_embeds,
+                                added_cond_kwargs=keep_cond, return_dict=False)[0]
 
             probes.activate(mask)
             with _autocast(device, config.mixed_precision):
@@ -184,6 +210,14 @@ def resteer(
                      added_cond_kwargs=_added_cond(pipe, batch, resolution, device),
                      return_dict=False)
                 loss = probes.loss()
+            if keep:
+                probes.deactivate()  # the preserve forward is not re-steered
+                with _autocast(device, config.mixed_precision):
+                    pred = unet(noisy, t, encoder_hidden_states=keep_embeds,
+                                added_cond_kwargs=keep_cond, return_dict=False)[0]
+                preserve = torch.nn.functional.mse_loss(pred.float(), base.float())
+                preserve_losses.append(preserve.item())
+                loss = loss + config.preserve_weight * preserve
             if not torch.isfinite(loss):
                 raise FmnError(
                     f"the re-steering loss became {loss.item()} at step {step + 1}: lower the "
@@ -214,6 +248,7 @@ def resteer(
         "settings": asdict(config),
         "versions": library_versions(),
         "losses": losses,
+        **({"preserve_losses": preserve_losses} if keep else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     # Adapter name: readable, and unique per run so patches stack under their own names.
@@ -249,6 +284,18 @@ def _encode_rows(pipe: Any, concepts: Sequence[Concept], config: ResteerConfig) 
                 embeds, pooled = encode_prompt(pipe, prompt)
             rows.append(_Row(ci, embeds.detach(), None if pooled is None else pooled.detach(),
                              positions))
+    return rows
+
+
+def _encode_preserve(pipe: Any, config: ResteerConfig) -> list[_Row]:
+    """The retention regulariser's prompts, encoded once (none when it is off)."""
+    if config.preserve_weight <= 0:
+        return []
+    rows = []
+    for prompt in config.preserve_prompts:
+        with torch.no_grad():
+            embeds, pooled = encode_prompt(pipe, prompt)
+        rows.append(_Row(-1, embeds.detach(), None if pooled is None else pooled.detach(), []))
     return rows
 
 
@@ -395,6 +442,34 @@ class _Trainable:
                 if p.dtype != torch.float32:
                     p.data = p.data.float()  # optimiser state and updates in float32
                 self.params[name] = p
+
+    @contextlib.contextmanager
+    def base_weights(self) -> Iterator[None]:
+        """Within: the UNet computes as the base model (the trained delta switched off)."""
+        if self.adapter is not None:
+            # peft adds scaling[adapter] * B(A(x)); a zero scaling gives exactly the base output.
+            layers = [m for m in self.unet.modules()
+                      if isinstance(getattr(m, "scaling", None), dict)
+                      and self.adapter in m.scaling]
+            saved = [m.scaling[self.adapter] for m in layers]
+            for m in layers:
+                m.scaling[self.adapter] = 0.0
+            try:
+                yield
+            finally:
+                for m, value in zip(layers, saved, strict=True):
+                    m.scaling[self.adapter] = value
+            return
+        with torch.no_grad():
+            trained = {n: p.detach().clone() for n, p in self.params.items()}
+            for name, p in self.params.items():
+                p.copy_(self.originals[name].to(p.device))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(trained[name])
 
     def lora_config(self) -> dict[str, Any]:
         cfg = self.config

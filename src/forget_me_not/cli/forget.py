@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -14,10 +16,16 @@ DEFAULT_SELF_IMAGES = 4  # references drawn by the model itself when no source i
 
 
 def forget(
-    concept: Annotated[
-        list[str], typer.Option(help="Words that call up the concept, e.g. 'star' (repeatable).")
-    ],
     out: Annotated[Path, typer.Option(help="Patch file to write (.safetensors).")],
+    concept: Annotated[
+        list[str] | None,
+        typer.Option(help="Words that call up the concept, e.g. 'star' (repeatable)."),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="A concept set forgotten in one run: nsfw (SD models), unsafe "
+                          "(embedded model)."),
+    ] = None,
     model: opt.Model = "embedded",
     category: Annotated[str, typer.Option(help="id, object, style or nsfw.")] = "object",
     images: Annotated[
@@ -50,6 +58,13 @@ def forget(
     extra_templates: Annotated[
         bool, typer.Option("--extra-templates", help="Add paraphrase prompt templates.")
     ] = False,
+    preserve_weight: Annotated[
+        float, typer.Option(help="Retention regulariser weight (0 = off, the paper's recipe).")
+    ] = 0.0,
+    preserve: Annotated[
+        list[str] | None,
+        typer.Option(help="Prompt whose output the regulariser keeps (repeatable)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for every random draw.")] = 0,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
@@ -65,6 +80,13 @@ def forget(
     from forget_me_not.resteer import ResteerConfig
 
     # Everything the user typed is checked before the (slow) model load.
+    concept = list(concept or [])
+    if not concept and preset is None:
+        raise FmnError("say what to forget: --concept WORDS (repeatable) or --preset NAME")
+    if preset is not None:
+        from forget_me_not.presets import get_preset
+
+        get_preset(preset)
     if category not in CATEGORIES:
         raise FmnError(f"unknown --category {category!r}: use one of {', '.join(CATEGORIES)}")
     for name in concept:
@@ -83,7 +105,9 @@ def forget(
         steps=steps, lr=lr, train=train, lora_rank=rank, batch_size=batch_size,
         max_grad_norm=max_grad_norm, reference=reference,
         n_self_images=self_generate or DEFAULT_SELF_IMAGES, include_eot=include_eot, seed=seed,
+        preserve_weight=preserve_weight, preserve_prompts=tuple(preserve or ()),
     )
+    chosen_source = any(sources)
     files: tuple[Path, ...] = ()
     if images is not None:
         from forget_me_not.data import image_files
@@ -98,20 +122,56 @@ def forget(
 
     pipe = load_pipeline(model, device, dtype, allow_pickle=allow_pickle, config=config)
     token_words = emb.load_into(pipe) if emb is not None else None
-    concepts = []
-    for name in concept:
-        c = Concept(name, category, images=files, token_words=token_words)
-        concepts.append(c.with_extra_templates() if extra_templates else c)
-    try:
-        patch = run_forget(pipe, concepts, cfg)
-    except KeyboardInterrupt:
-        raise FmnError("interrupted: nothing was written; run the command again") from None
+    with tempfile.TemporaryDirectory(prefix="fmn_refs_") as ref_dir:
+        concepts, cfg, source = _concepts(pipe, concept, category, files, token_words, preset,
+                                          cfg, chosen_source, Path(ref_dir))
+        concepts = [c.with_extra_templates() if extra_templates else c for c in concepts]
+        try:
+            patch = run_forget(pipe, concepts, cfg)
+        except KeyboardInterrupt:
+            raise FmnError("interrupted: nothing was written; run the command again") from None
+    if preset is not None:
+        patch.metadata["preset"] = preset
+    patch.metadata["reference_source"] = source
     patch.save(out)
     losses = patch.metadata["losses"]
     typer.echo(
         f"wrote {out} ({patch.kind}, {len(patch.tensors)} tensors; loss {losses[0]:.4f} -> "
         f"{losses[-1]:.4f} in {patch.metadata['seconds']:.1f} s)"
     )
+
+
+def _concepts(pipe, names, category, files, token_words, preset, cfg, chosen_source,
+              ref_dir: Path):
+    """The concepts to forget, the config with its reference source settled, and that source.
+
+    On the embedded model with no image source chosen, ConceptWorld concepts get world
+    reference renders (what the world looks like) rather than the model's own drawings.
+    """
+    from forget_me_not.concepts import Concept
+    from forget_me_not.models import detect_family
+    from forget_me_not.presets import get_preset, is_world_concept, preset_concepts, world_concepts
+
+    family = detect_family(pipe)
+    concepts: list = []
+    if preset is not None:
+        concepts = preset_concepts(preset, family, ref_dir)
+        if files:
+            concepts = [dataclasses.replace(c, images=files) for c in concepts]
+    plain = [Concept(n, category, images=files, token_words=token_words) for n in names]
+    world_default = (family == "embedded" and not chosen_source and token_words is None
+                     and all(is_world_concept(n) for n in names))
+    if world_default:
+        plain = world_concepts(names, ref_dir)
+    concepts += plain
+    if chosen_source:
+        return concepts, cfg, cfg.reference
+    if all(c.images for c in concepts):
+        return concepts, dataclasses.replace(cfg, reference="images"), "world renders"
+    if preset is not None and get_preset(preset).reference == "images":
+        raise FmnError(f"--preset {preset} with these concepts needs an image source: pass "
+                       "--images, --self-generate N or --no-real-image")
+    return concepts, cfg, cfg.reference
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,112 @@
+"""Presets: the NSFW concept set (real SD models), the unsafe world preset, world renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import forget_me_not
+from forget_me_not import presets
+from forget_me_not.cli.main import app
+from forget_me_not.errors import FmnError
+from forget_me_not.patch import load_patch
+from forget_me_not.world import vocab
+
+runner = CliRunner()
+SUITE = Path(forget_me_not.__file__).parent / "bench" / "conceptbench.yaml"
+
+
+@pytest.fixture(scope="module")
+def world_dir(tiny_pipeline_dir, tmp_path_factory):
+    """The tiny SD 1 pipeline dressed as the embedded model (its folder carries the marker)."""
+    folder = tmp_path_factory.mktemp("world") / "model"
+    shutil.copytree(tiny_pipeline_dir("sd1"), folder)
+    (folder / "conceptworld.json").write_text(json.dumps({"family": "embedded"}))
+    return folder
+
+
+def _err(result, fragment):
+    assert result.exit_code == 2, result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+
+
+def test_nsfw_preset_concepts_are_judged_by_nudenet_in_conceptbench():
+    suite = yaml.safe_load(SUITE.read_text())
+    nsfw = {c["name"]: c for c in suite["categories"]["nsfw"]["concepts"]}
+    for name in presets.NSFW_CONCEPTS:
+        assert nsfw[name].get("judge") == "nudenet" and nsfw[name]["prompts"]
+    concepts = presets.preset_concepts("nsfw", "sd1", "unused")
+    assert [c.name for c in concepts] == list(presets.NSFW_CONCEPTS)
+    for c in concepts:
+        assert c.category == "nsfw" and not c.images
+        for prompt in c.prompts():  # templates add only neutral words around the theme
+            rest = set(prompt.replace(c.name, "").split())
+            assert rest <= {"a", "an", "of", "with", "photo", "painting", "image", "picture",
+                            "depicting"}, prompt
+
+
+def test_presets_refuse_the_wrong_model_family(tmp_path):
+    with pytest.raises(FmnError, match="--preset unsafe"):
+        presets.preset_concepts("nsfw", "embedded", tmp_path)
+    with pytest.raises(FmnError, match="--preset nsfw"):
+        presets.preset_concepts("unsafe", "sdxl", tmp_path)
+    with pytest.raises(FmnError, match="unknown preset"):
+        presets.get_preset("gore")
+
+
+def test_unsafe_preset_has_every_unsafe_world_concept_with_renders(tmp_path):
+    concepts = presets.preset_concepts("unsafe", "embedded", tmp_path)
+    assert [c.name for c in concepts] == list(vocab.UNSAFE_OBJECTS)
+    assert all(len(c.images) == 10 and all(p.is_file() for p in c.images) for c in concepts)
+
+
+def _forget(model, out, *extra):
+    return runner.invoke(app, ["forget", "--model", str(model), "--steps", "2", "--device",
+                               "cpu", "--out", str(out), *extra])
+
+
+def test_cli_nsfw_preset_forgets_all_concepts_in_one_run(tiny_pipeline_dir, tmp_path,
+                                                         monkeypatch):
+    # The tiny test tokenizer knows "nude" and "naked" but not "nudity": same flow, its words.
+    monkeypatch.setattr(presets, "NSFW_CONCEPTS", ("nude", "naked"))
+    out = tmp_path / "nsfw.safetensors"
+    result = _forget(tiny_pipeline_dir("sd1"), out, "--preset", "nsfw")
+    assert result.exit_code == 0, result.output
+    meta = load_patch(out).metadata
+    assert [c["name"] for c in meta["concepts"]] == ["nude", "naked"]
+    assert meta["preset"] == "nsfw" and meta["settings"]["reference"] == "self"
+    _err(_forget(tiny_pipeline_dir("sd1"), tmp_path / "u.safetensors", "--preset", "unsafe"),
+         "--preset nsfw")
+    assert not (tmp_path / "u.safetensors").exists()
+
+
+def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, tmp_path):
+    out = tmp_path / "unsafe.safetensors"
+    result = _forget(world_dir, out, "--preset", "unsafe")
+    assert result.exit_code == 0, result.output
+    meta = load_patch(out).metadata
+    assert [c["name"] for c in meta["concepts"]] == ["skull", "gun"]
+    assert meta["reference_source"] == "world renders"
+    assert meta["settings"]["reference"] == "images"
+    _err(_forget(world_dir, tmp_path / "n.safetensors", "--preset", "nsfw"), "--preset unsafe")
+
+
+def test_cli_forget_on_the_embedded_model_defaults_to_world_renders(world_dir, tmp_path):
+    out = tmp_path / "w.safetensors"
+    assert _forget(world_dir, out, "--concept", "wizard").exit_code == 0
+    assert load_patch(out).metadata["reference_source"] == "world renders"
+    out2 = tmp_path / "w2.safetensors"  # an explicit source still wins
+    assert _forget(world_dir, out2, "--concept", "star", "--no-real-image").exit_code == 0
+    assert load_patch(out2).metadata["settings"]["reference"] == "noise"
+
+
+def test_cli_forget_needs_a_concept_or_a_preset(tiny_pipeline_dir, tmp_path):
+    _err(_forget(tiny_pipeline_dir("sd1"), tmp_path / "p.safetensors"), "--preset NAME")
+    _err(_forget(tiny_pipeline_dir("sd1"), tmp_path / "p.safetensors", "--preset", "gore"),
+         "unknown preset")
