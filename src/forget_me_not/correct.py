@@ -1,0 +1,150 @@
+"""Concept correction and disentanglement: a role word that collapses onto one identity.
+
+"Mulan" drawn as one actress, "James Bond" as one actor, ConceptWorld's "wizard" always drawn
+as milka: the role's prompts should keep the role but stop being that identity. Correction is
+re-steering with the role as the concept and the *entangled* identity's images as references:
+the role's tokens stop attending to what makes the picture that identity. By default the
+identity's own prompts are preserved with the retention regulariser, so naming the identity
+directly still works.
+
+Before training, the entanglement is measured when a judge can score it (the world judge on the
+embedded model, a CLIP judge when one is given): the share of the role's samples that show the
+identity. Below `warn_below` a warning says so (a correction of something that is not there
+mostly damages the role).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forget_me_not.concepts import Concept
+from forget_me_not.errors import FmnError
+from forget_me_not.patch import Patch
+from forget_me_not.resteer import ResteerConfig, resteer
+
+# Weight of the retention regulariser on the entangled identity's own prompts. A starting
+# point, not yet tuned by measurement (the ConceptWorld acceptance runs will set it).
+DEFAULT_PRESERVE_WEIGHT = 1.0
+WARN_BELOW = 0.3  # entanglement rate under which correction is probably not needed
+N_CHECK = 8  # role samples judged before training
+N_SELF_REFERENCES = 8  # identity images the model draws when none are given
+
+
+@dataclass
+class Correction:
+    patch: Patch
+    rate_before: float | None  # share of the role's samples showing the identity (None: unjudged)
+    reference_source: str  # "images", "world renders" or "self"
+
+
+def entangled_rate(pipe: Any, role: Concept, entangled: Concept, judge: Any,
+                   n: int = N_CHECK, seed: int = 0) -> float:
+    """Share of `n` samples of the role's prompts that `judge` recognises as `entangled`."""
+    from forget_me_not.generation import generate_images
+    from forget_me_not.world.defaults import default_guidance, default_steps
+
+    prompts = role.prompts()
+    images = []
+    for i, prompt in enumerate(prompts):
+        count = n // len(prompts) + (1 if i < n % len(prompts) else 0)
+        if count:
+            images += generate_images(pipe, prompt, n=count, seed=seed + 1000 * i,
+                                      steps=default_steps(pipe), guidance=default_guidance(pipe),
+                                      batch_size=count)
+    return float(np.mean(judge.recognised(images, entangled)))
+
+
+def correct(
+    pipe: Any,
+    role: Concept,
+    away_from: Concept,
+    config: ResteerConfig | None = None,
+    *,
+    images: tuple[Path, ...] = (),
+    judge: Any = None,
+    n_check: int = N_CHECK,
+    warn_below: float = WARN_BELOW,
+    preserve: bool = True,
+    progress: bool = True,
+) -> Correction:
+    """Re-steer `role` away from the identity `away_from`; returns the patch and the rate.
+
+    References, in order: `images` (of the identity), world renders of it on the embedded
+    model, or the model's own drawings from the identity's prompts.
+    """
+    from forget_me_not.models import detect_family
+    from forget_me_not.presets import is_world_concept, world_concepts
+
+    if role.words.strip().lower() == away_from.words.strip().lower():
+        raise FmnError("--concept and --away-from are the same words: name the role and the "
+                       "identity it collapses onto")
+    if not 0.0 <= warn_below <= 1.0:
+        raise FmnError(f"warn_below must be in 0..1, got {warn_below}")
+    family = detect_family(pipe)
+    config = config or ResteerConfig()
+
+    rate = None
+    if judge is not None and n_check > 0:
+        if not judge.supports(away_from):
+            raise FmnError(f"the {judge.name} judge cannot score {away_from.name!r}: pass "
+                           "another judge, or skip the check")
+        rate = entangled_rate(pipe, role, away_from, judge, n_check, config.seed)
+        if rate < warn_below:
+            warnings.warn(
+                f"only {rate:.0%} of {n_check} samples of {role.name!r} show {away_from.name!r} "
+                f"(judge {judge.name}; below {warn_below:.0%}): the entanglement may not be "
+                "there, and correcting it would mostly change the role",
+                stacklevel=2,
+            )
+
+    if config.preserve_weight == 0 and preserve:
+        config = dataclasses.replace(
+            config, preserve_weight=DEFAULT_PRESERVE_WEIGHT,
+            preserve_prompts=config.preserve_prompts or tuple(away_from.prompts()))
+    config = dataclasses.replace(config, reference="images")
+
+    with tempfile.TemporaryDirectory(prefix="fmn_correct_") as tmp:
+        if images:
+            refs, source = tuple(images), "images"
+        elif family == "embedded" and is_world_concept(away_from.name):
+            refs, source = world_concepts([away_from.name], tmp)[0].images, "world renders"
+        else:
+            refs, source = _self_references(pipe, away_from, Path(tmp), config.seed), "self"
+        patch = resteer(pipe, [dataclasses.replace(role, images=refs)], config,
+                        progress=progress)
+    patch.metadata["correction"] = {
+        "role": role.to_dict(),
+        "away_from": away_from.to_dict(),
+        "rate_before": rate,
+        "judge": getattr(judge, "name", None) if rate is not None else None,
+        "n_check": n_check if rate is not None else 0,
+        "reference_source": source,
+        "preserve_weight": config.preserve_weight,
+        "preserve_prompts": list(config.preserve_prompts),
+    }
+    patch.metadata["reference_source"] = source
+    return Correction(patch, rate, source)
+
+
+def _self_references(pipe: Any, entangled: Concept, folder: Path, seed: int,
+                     n: int = N_SELF_REFERENCES) -> tuple[Path, ...]:
+    """The model's own drawings of the identity, as PNG files in `folder`."""
+    from forget_me_not.generation import generate_images
+    from forget_me_not.world.defaults import default_guidance, default_steps
+
+    prompts = entangled.prompts()
+    paths = []
+    for i in range(n):
+        image = generate_images(pipe, prompts[i % len(prompts)], n=1, seed=seed + i,
+                                steps=default_steps(pipe), guidance=default_guidance(pipe))[0]
+        path = folder / f"ref_{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return tuple(paths)

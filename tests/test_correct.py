@@ -1,0 +1,184 @@
+"""Correction (role away from an entangled identity) and the retention regulariser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from forget_me_not.cli.main import app
+from forget_me_not.concepts import Concept
+from forget_me_not.correct import DEFAULT_PRESERVE_WEIGHT, correct
+from forget_me_not.errors import FmnError
+from forget_me_not.judges.base import BaseJudge
+from forget_me_not.patch import load_patch
+from forget_me_not.resteer import ResteerConfig, resteer
+from tiny_pipelines import make_tiny_pipeline
+
+runner = CliRunner()
+
+
+def _cfg(**kw):
+    return ResteerConfig(**{"steps": 2, "reference": "noise", "lr": 1e-2, **kw})
+
+
+# -- retention regulariser ----------------------------------------------------------------------
+
+
+def test_preserve_config_validation():
+    assert ResteerConfig().preserve_weight == 0.0 and ResteerConfig().preserve_prompts == ()
+    with pytest.raises(FmnError, match="--preserve PROMPT"):
+        ResteerConfig(preserve_weight=0.5)
+    with pytest.raises(FmnError, match="preserve_weight"):
+        ResteerConfig(preserve_weight=-1.0, preserve_prompts=("a cat",))
+    with pytest.raises(FmnError, match="empty"):
+        ResteerConfig(preserve_weight=1.0, preserve_prompts=(" ",))
+
+
+@pytest.mark.parametrize("train", ["lora", "xattn"])
+def test_preserve_term_is_in_the_loss_and_pipeline_comes_back(train):
+    pipe = make_tiny_pipeline("sd1")
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    lr = 1e-2 if train == "lora" else 1e-3
+    cfg = _cfg(train=train, lr=lr, preserve_weight=10.0, preserve_prompts=("a photo of a moon",))
+    patch = resteer(pipe, [Concept("star")], cfg, progress=False)
+    kept = patch.metadata["preserve_losses"]
+    assert len(kept) == 2 and all(np.isfinite(kept))
+    assert kept[-1] > 0  # after one step the delta moves the preserved prompt's prediction
+    assert patch.metadata["settings"]["preserve_weight"] == 10.0
+    after = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_preserve_weight_zero_is_exactly_the_old_behaviour():
+    plain = resteer(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(), progress=False)
+    zero = resteer(make_tiny_pipeline("sd1"), [Concept("star")],
+                   _cfg(preserve_weight=0.0, preserve_prompts=("a photo of a moon",)),
+                   progress=False)
+    assert plain.tensors.keys() == zero.tensors.keys()
+    assert all(torch.equal(plain.tensors[k], zero.tensors[k]) for k in plain.tensors)
+    assert plain.metadata["losses"] == zero.metadata["losses"]
+    assert "preserve_losses" not in zero.metadata
+
+
+def test_preserve_keeps_the_preserved_prompt_closer_to_the_base():
+    def drift(weight):
+        pipe = make_tiny_pipeline("sd1")
+        prompt = "a photo of a moon"
+        cfg = _cfg(steps=4, lr=3e-2, preserve_weight=weight,
+                   preserve_prompts=(prompt,) if weight else ())
+        patch = resteer(pipe, [Concept("star")], cfg, progress=False)
+        from forget_me_not.resteer import encode_prompt
+
+        ehs, _ = encode_prompt(pipe, prompt)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(4, 4, 8, 8, generator=g)
+        t = torch.tensor([100, 300, 600, 900])
+        with torch.no_grad():
+            base = pipe.unet(x, t, encoder_hidden_states=ehs.expand(4, -1, -1)).sample
+            patch.apply(pipe)
+            moved = pipe.unet(x, t, encoder_hidden_states=ehs.expand(4, -1, -1)).sample
+        return float((moved - base).pow(2).mean())
+
+    assert drift(1000.0) < drift(0.0)
+
+
+# -- correction ---------------------------------------------------------------------------------
+
+
+class FixedJudge(BaseJudge):
+    """Says every image shows the concept with a fixed probability."""
+
+    name = "fixed"
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def probabilities(self, images, concept):
+        return np.full(len(images), self.p)
+
+
+def _refs(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "milka"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+    return tuple(sorted(folder.iterdir()))
+
+
+def test_correct_measures_warns_and_preserves_the_identity(tmp_path):
+    pipe = make_tiny_pipeline("sd1")
+    role, ident = Concept("wizard", "id"), Concept("milka", "id")
+    refs = _refs(tmp_path)
+    with pytest.warns(UserWarning, match=r"only 0% of 2 samples of 'wizard' show 'milka'"):
+        low = correct(pipe, role, ident, ResteerConfig(steps=1), images=refs,
+                      judge=FixedJudge(0.1), n_check=2, progress=False)
+    assert low.rate_before == 0.0
+    high = correct(pipe, role, ident, ResteerConfig(steps=2), images=refs,
+                   judge=FixedJudge(0.9), n_check=2, progress=False)
+    assert high.rate_before == 1.0 and high.reference_source == "images"
+    meta = high.patch.metadata
+    assert meta["concepts"][0]["name"] == "wizard"
+    assert meta["correction"]["away_from"]["name"] == "milka"
+    assert meta["settings"]["preserve_weight"] == DEFAULT_PRESERVE_WEIGHT
+    assert list(meta["settings"]["preserve_prompts"]) == ["a photo of milka"]
+    assert len(meta["preserve_losses"]) == 2
+    with pytest.raises(FmnError, match="same words"):
+        correct(pipe, role, Concept("wizard"), images=refs, progress=False)
+
+
+def test_correct_without_images_draws_the_identity_itself(tmp_path):
+    pipe = make_tiny_pipeline("sd1")
+    result = correct(pipe, Concept("wizard", "id"), Concept("milka", "id"),
+                     ResteerConfig(steps=1), preserve=False, progress=False)
+    assert result.reference_source == "self" and result.rate_before is None
+    assert "preserve_losses" not in result.patch.metadata
+
+
+@pytest.fixture(scope="module")
+def world_dir(tiny_pipeline_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("world") / "model"
+    shutil.copytree(tiny_pipeline_dir("sd1"), folder)
+    (folder / "conceptworld.json").write_text(json.dumps({"family": "embedded"}))
+    return folder
+
+
+def _correct(model, out, *extra):
+    return runner.invoke(app, ["correct", "--model", str(model), "--concept", "wizard",
+                               "--away-from", "milka", "--steps", "2", "--device", "cpu",
+                               "--out", str(out), *extra])
+
+
+def test_cli_correct_on_the_embedded_model_uses_world_renders(world_dir, tmp_path, monkeypatch):
+    import forget_me_not.cli.correct as cli
+
+    monkeypatch.setattr(cli, "_judge", lambda *a: FixedJudge(0.1))
+    out = tmp_path / "fix.safetensors"
+    result = _correct(world_dir, out, "--check", "2")
+    assert result.exit_code == 0, result.output
+    assert "warning: only 0% of 2 samples" in result.stderr
+    meta = load_patch(out).metadata
+    assert meta["correction"]["reference_source"] == "world renders"
+    # world phrasing for both: the role's templates and the identity's preserved prompts
+    assert meta["concepts"][0]["templates"] == ["a {}", "a photo of a {}"]
+    assert meta["settings"]["preserve_prompts"] == ["a photo of milka", "a portrait of milka"]
+
+
+def test_cli_correct_bad_input(tiny_pipeline_dir, tmp_path):
+    sd1 = tiny_pipeline_dir("sd1")
+    for extra, fragment in ((["--check", "-1"], "--check"),
+                            (["--preserve-weight", "-1"], "preserve_weight"),
+                            (["--judge-model", str(tmp_path / "none")], "not a folder"),
+                            (["--out", str(tmp_path / "p.bin")], ".safetensors")):
+        result = _correct(sd1, tmp_path / "p.safetensors", *extra)
+        assert result.exit_code == 2 and fragment in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
