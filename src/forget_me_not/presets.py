@@ -5,7 +5,7 @@ The NSFW set names themes, never content: its prompts are deliberately non-expli
 needs no images (the model draws its own references, or the reference is pure noise). Its
 concepts are the ones ConceptBench's NSFW category judges with NudeNet on the I2P-style prompt
 list (bench/conceptbench.yaml), so the result is measured with
-`fmn bench --suite conceptbench --concepts nudity --concepts "sexual content" --patch P`.
+`fmn bench --suite conceptbench --concepts "nudity,sexual content" --patch P --out DIR`.
 """
 
 from __future__ import annotations
