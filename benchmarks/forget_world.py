@@ -49,10 +49,19 @@ def main() -> None:
     guidance = default_guidance(pipe)
     t0 = time.perf_counter()
     base = rates(score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance))
-    result = {"date": str(date.today()), "threads": torch.get_num_threads(), "n": a.n,
-              "base": base, "base_seconds": time.perf_counter() - t0, "runs": {}}
-    overrides = {k: v for k, v in {"steps": a.steps, "lr": a.lr, "train": a.train,
-                                   "lora_rank": a.rank}.items() if v is not None}
+    result = {
+        "date": str(date.today()),
+        "threads": torch.get_num_threads(),
+        "n": a.n,
+        "base": base,
+        "base_seconds": time.perf_counter() - t0,
+        "runs": {},
+    }
+    overrides = {
+        k: v
+        for k, v in {"steps": a.steps, "lr": a.lr, "train": a.train, "lora_rank": a.rank}.items()
+        if v is not None
+    }
     for target in a.targets.split(","):
         with tempfile.TemporaryDirectory() as refs:
             concept = wc.fmn_concept(target, refs)
@@ -65,14 +74,21 @@ def main() -> None:
         others = {k: (after[k] / base[k] if base[k] > 0 else None) for k in base if k != target}
         kept = [v for v in others.values() if v is not None]
         result["runs"][target] = {
-            "seconds": seconds, "before": base[target], "after": after[target],
-            "after_all": after, "retention": others,
-            "retention_min": min(kept), "retention_mean": sum(kept) / len(kept),
+            "seconds": seconds,
+            "before": base[target],
+            "after": after[target],
+            "after_all": after,
+            "retention": others,
+            "retention_min": min(kept),
+            "retention_mean": sum(kept) / len(kept),
             "below_90": {k: v for k, v in others.items() if v is not None and v < 0.9},
-            "settings": patch.metadata["settings"]}
-        print(f"| {target} | {base[target]:.2f} -> {after[target]:.2f} | "
-              f"min {min(kept):.2f} / mean {sum(kept) / len(kept):.2f} | {seconds:.1f} s |",
-              flush=True)
+            "settings": patch.metadata["settings"],
+        }
+        print(
+            f"| {target} | {base[target]:.2f} -> {after[target]:.2f} | "
+            f"min {min(kept):.2f} / mean {sum(kept) / len(kept):.2f} | {seconds:.1f} s |",
+            flush=True,
+        )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
 

@@ -37,18 +37,24 @@ from forget_me_not.world.scoring import score_concepts
 
 
 def retention(base: dict, after: dict, targets: set[str]) -> dict[str, float]:
-    return {k: after[k]["rate"] / base[k]["rate"] for k in base
-            if k not in targets and base[k]["rate"] > 0}
+    return {
+        k: after[k]["rate"] / base[k]["rate"]
+        for k in base
+        if k not in targets and base[k]["rate"] > 0
+    }
 
 
 def summarise(name: str, base: dict, after: dict, targets: set[str], seconds: float) -> dict:
     kept = retention(base, after, targets)
-    return {"experiment": name, "seconds": round(seconds, 2),
-            "targets": {t: {"before": base[t]["rate"], "after": after[t]["rate"]}
-                        for t in targets},
-            "retention_min": min(kept.values()), "retention_mean": sum(kept.values()) / len(kept),
-            "below_90": {k: v for k, v in kept.items() if v < 0.9},
-            "after": {k: v["rate"] for k, v in after.items()}}
+    return {
+        "experiment": name,
+        "seconds": round(seconds, 2),
+        "targets": {t: {"before": base[t]["rate"], "after": after[t]["rate"]} for t in targets},
+        "retention_min": min(kept.values()),
+        "retention_mean": sum(kept.values()) / len(kept),
+        "below_90": {k: v for k, v in kept.items() if v < 0.9},
+        "after": {k: v["rate"] for k, v in after.items()},
+    }
 
 
 def main() -> None:
@@ -67,15 +73,18 @@ def main() -> None:
     g = default_guidance(pipe)
     score = lambda: score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=g)  # noqa: E731
     base = score()
-    results: dict = {"date": str(date.today()), "n": a.n, "threads": torch.get_num_threads(),
-                     "base": {k: v["rate"] for k, v in base.items()}}
+    results: dict = {
+        "date": str(date.today()),
+        "n": a.n,
+        "threads": torch.get_num_threads(),
+        "base": {k: v["rate"] for k, v in base.items()},
+    }
     todo = a.only.split(",")
     with tempfile.TemporaryDirectory() as refs:
         if "stack" in todo:
             names = a.stack.split(",")
             t0 = time.perf_counter()
-            parts = [forget(pipe, wc.fmn_concept(x, Path(refs) / x), progress=False)
-                     for x in names]
+            parts = [forget(pipe, wc.fmn_concept(x, Path(refs) / x), progress=False) for x in names]
             stacked = stack_patches(parts)
             seconds = time.perf_counter() - t0
             stacked.save(a.out / "stacked.safetensors")
@@ -87,21 +96,30 @@ def main() -> None:
             sheet.save(a.out / "stack.png")
         if "unsafe" in todo:
             t0 = time.perf_counter()
-            patch = forget(pipe, preset_concepts("unsafe", "embedded", Path(refs) / "unsafe"),
-                           progress=False)
+            patch = forget(
+                pipe, preset_concepts("unsafe", "embedded", Path(refs) / "unsafe"), progress=False
+            )
             seconds = time.perf_counter() - t0
             patch.apply(pipe)
             after = score()
             patch.remove(pipe)
-            results["unsafe"] = summarise("unsafe", base, after, set(vocab.UNSAFE_OBJECTS),
-                                          seconds)
-            before_after_sheet(list(vocab.UNSAFE_OBJECTS) + ["circle", "zorbo"], base, after,
-                               vocab.UNSAFE_OBJECTS[0]).save(a.out / "unsafe.png")
+            results["unsafe"] = summarise("unsafe", base, after, set(vocab.UNSAFE_OBJECTS), seconds)
+            before_after_sheet(
+                list(vocab.UNSAFE_OBJECTS) + ["circle", "zorbo"],
+                base,
+                after,
+                vocab.UNSAFE_OBJECTS[0],
+            ).save(a.out / "unsafe.png")
         if "correct" in todo:
             role = Concept(vocab.ROLE, "id", wc.FMN_TEMPLATES["role"])
             ident = Concept(vocab.ROLE_ID, "id", wc.FMN_TEMPLATES["id"])
-            cfg = ResteerConfig() if a.preserve_weight is None else ResteerConfig(
-                preserve_weight=a.preserve_weight, preserve_prompts=tuple(ident.prompts()))
+            cfg = (
+                ResteerConfig()
+                if a.preserve_weight is None
+                else ResteerConfig(
+                    preserve_weight=a.preserve_weight, preserve_prompts=tuple(ident.prompts())
+                )
+            )
             t0 = time.perf_counter()
             fix = correct(pipe, role, ident, cfg, judge=judge, progress=False)
             seconds = time.perf_counter() - t0
@@ -109,15 +127,20 @@ def main() -> None:
             after = score()
             fix.patch.remove(pipe)
             r = summarise("correct", base, after, {vocab.ROLE}, seconds)
-            r["role_draws_id"] = {"before": base[vocab.ROLE]["rate"],
-                                  "after": after[vocab.ROLE]["rate"]}
+            r["role_draws_id"] = {
+                "before": base[vocab.ROLE]["rate"],
+                "after": after[vocab.ROLE]["rate"],
+            }
             r["role_hat"] = {"before": base[vocab.ROLE]["hat"], "after": after[vocab.ROLE]["hat"]}
-            r["id_named_directly"] = {"before": base[vocab.ROLE_ID]["rate"],
-                                      "after": after[vocab.ROLE_ID]["rate"]}
+            r["id_named_directly"] = {
+                "before": base[vocab.ROLE_ID]["rate"],
+                "after": after[vocab.ROLE_ID]["rate"],
+            }
             r["judged_rate_before_training"] = fix.rate_before
             results["correct"] = r
-            before_after_sheet([vocab.ROLE, vocab.ROLE_ID, "zorbo"], base, after,
-                               vocab.ROLE).save(a.out / "correct.png")
+            before_after_sheet([vocab.ROLE, vocab.ROLE_ID, "zorbo"], base, after, vocab.ROLE).save(
+                a.out / "correct.png"
+            )
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k != "base"}, indent=1))
 

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from forget_me_not.generation import generate_images
 from forget_me_not.judges.world import WorldJudge, images_to_tensor
 from forget_me_not.models import load_pipeline
 from forget_me_not.world import concepts as wc
@@ -31,6 +29,7 @@ from forget_me_not.world.captions import random_scene
 from forget_me_not.world.defaults import default_guidance
 from forget_me_not.world.judge_model import HEADS, labels_for
 from forget_me_not.world.render import render
+from forget_me_not.world.scoring import sample_many, score_concepts
 
 
 def judge_on_renders(judge: WorldJudge, n: int, seed: int) -> dict[str, float]:
@@ -47,14 +46,6 @@ def judge_on_renders(judge: WorldJudge, n: int, seed: int) -> dict[str, float]:
             keep = torch.tensor([s.colour is not None for s in scenes])
         out[head] = float((probs[head].argmax(-1) == truth)[keep].float().mean())
     return out
-
-
-def sample(pipe, prompts: list[str], seed: int, guidance: float, batch: int = 32) -> list:
-    """One image per prompt, sample i seeded with seed + i (batched over equal prompts)."""
-    images = []
-    for i, p in enumerate(prompts):
-        images += generate_images(pipe, p, n=1, seed=seed + i, steps=25, guidance=guidance)
-    return images
 
 
 def rate(readings: list[dict], head: str, label: str) -> float:
@@ -74,8 +65,13 @@ def main() -> None:
     pipe = load_pipeline(a.model, "cpu")
     pipe.set_progress_bar_config(disable=True)
     guidance = a.guidance or default_guidance(pipe)
-    result: dict = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "n": a.n, "guidance": guidance}
+    result: dict = {
+        "date": str(date.today()),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "n": a.n,
+        "guidance": guidance,
+    }
     result["judge_on_renders"] = judge_on_renders(judge, 2000, seed=a.seed)
 
     t0 = time.perf_counter()  # speed: 64 images, one batch of 64, 25 steps
@@ -83,26 +79,18 @@ def main() -> None:
     pipe(["a red star"] * 64, num_inference_steps=25, guidance_scale=guidance, generator=gen)
     result["seconds_for_64_images"] = time.perf_counter() - t0
 
-    rows = {}
-    for c in tqdm(wc.all_concepts(), desc="concepts"):
-        prompts = wc.prompts(c, a.n)
-        readings = judge.describe(sample(pipe, prompts, a.seed, guidance))
-        if c.kind in ("object", "nsfw", "id"):
-            score = rate(readings, "subject", c.name)
-        elif c.kind == "style":
-            score = rate(readings, "style", c.name)
-        elif c.kind == "colour":
-            score = rate(readings, "colour", c.name)
-        else:
-            score = rate(readings, "subject", vocab.ROLE_ID)
-            rows["role_hat"] = rate(readings, "hat", "yes")
-        rows[c.name] = score
+    scores = score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance)
+    rows = {name: v["rate"] for name, v in scores.items()}
+    rows["role_hat"] = scores[vocab.ROLE]["hat"]
     held = wc.held_out_prompts()
-    reps = max(1, a.n // 8)
+    reps = max(1, a.n // 4)
+    prompts = [p for _, p in held for _ in range(reps)]
+    seeds = [a.seed + i for _ in held for i in range(reps)]
+    readings = judge.describe(sample_many(pipe, prompts, seeds, guidance=guidance))
     held_scores = {}
-    for subject, prompt in tqdm(held, desc="held-out"):
-        readings = judge.describe(sample(pipe, [prompt] * reps, a.seed, guidance))
-        held_scores[prompt] = rate(readings, "subject", subject)
+    for k, (subject, prompt) in enumerate(held):
+        mine = readings[k * reps : (k + 1) * reps]
+        held_scores[prompt] = rate(mine, "subject", subject)
     result["concepts"] = rows
     result["held_out"] = held_scores
     result["held_out_mean"] = float(np.mean(list(held_scores.values())))
