@@ -34,17 +34,18 @@ def rates(scores: dict) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="embedded")
     ap.add_argument("--targets", default="star,tavi,dotted")
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=None, help="re-steering steps (default: library)")
-    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr", default=None, help="learning rate, or several: 1e-4,1e-3")
     ap.add_argument("--train", default="lora")
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/forget_world.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
-    pipe = load_pipeline("embedded", "cpu")
+    pipe = load_pipeline(a.model, "cpu")
     judge = WorldJudge()
     guidance = default_guidance(pipe)
     t0 = time.perf_counter()
@@ -57,12 +58,14 @@ def main() -> None:
         "base_seconds": time.perf_counter() - t0,
         "runs": {},
     }
-    overrides = {
-        k: v
-        for k, v in {"steps": a.steps, "lr": a.lr, "train": a.train, "lora_rank": a.rank}.items()
-        if v is not None
-    }
-    for target in a.targets.split(","):
+    lrs = [float(x) for x in a.lr.split(",")] if a.lr else [None]
+    runs = [(t, lr) for t in a.targets.split(",") for lr in lrs]
+    for target, lr in runs:
+        overrides = {
+            k: v
+            for k, v in {"steps": a.steps, "lr": lr, "train": a.train, "lora_rank": a.rank}.items()
+            if v is not None
+        }
         with tempfile.TemporaryDirectory() as refs:
             concept = wc.fmn_concept(target, refs)
             t1 = time.perf_counter()
@@ -73,7 +76,7 @@ def main() -> None:
         patch.remove(pipe)
         others = {k: (after[k] / base[k] if base[k] > 0 else None) for k in base if k != target}
         kept = [v for v in others.values() if v is not None]
-        result["runs"][target] = {
+        result["runs"][f"{target}@{lr}"] = {
             "seconds": seconds,
             "before": base[target],
             "after": after[target],
@@ -85,7 +88,7 @@ def main() -> None:
             "settings": patch.metadata["settings"],
         }
         print(
-            f"| {target} | {base[target]:.2f} -> {after[target]:.2f} | "
+            f"| {target} lr={lr} | {base[target]:.2f} -> {after[target]:.2f} | "
             f"min {min(kept):.2f} / mean {sum(kept) / len(kept):.2f} | {seconds:.1f} s |",
             flush=True,
         )
