@@ -26,7 +26,7 @@ def target_label(c: wc.WorldConcept) -> str:
 
 @torch.no_grad()
 def sample_many(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 25,
-                guidance: float = 4.0, batch_size: int = 64, progress: bool = True) -> list:
+                guidance: float = 7.5, batch_size: int = 64, progress: bool = True) -> list:
     """One image per (prompt, seed), batched across different prompts."""
     images = []
     pipe.set_progress_bar_config(disable=True)
@@ -40,7 +40,7 @@ def sample_many(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: in
 
 
 def score_concepts(pipe, judge, names: Sequence[str] | None = None, *, n: int = 32,
-                   seed: int = 1000, steps: int = 25, guidance: float = 4.0,
+                   seed: int = 1000, steps: int = 25, guidance: float = 7.5,
                    progress: bool = True) -> dict[str, dict]:
     """{concept: {"rate": share drawn, "hat": share with the hat, "images": [...]}}."""
     chosen = [wc.get(x) for x in names] if names else wc.all_concepts()

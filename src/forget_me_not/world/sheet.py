@@ -44,7 +44,7 @@ def concept_sheet(
     n: int = 4,
     seed: int = 0,
     steps: int = 25,
-    guidance: float = 4.0,
+    guidance: float = 7.5,
     progress=None,
 ) -> Image.Image:
     """One row per concept: `n` reference renders, then `n` samples with the judge's reading."""

@@ -255,7 +255,7 @@ def export_pipeline(
         "world": "conceptworld",
         "image_size": vocab.IMAGE_SIZE,
         "default_steps": 25,
-        "default_guidance": 4.0,
+        "default_guidance": 7.5,
         "model": world_model.config_dict(cfg.model),
     } | extra
     (tmp / "conceptworld.json").write_text(json.dumps(marker, indent=1))
@@ -314,7 +314,7 @@ def train_model(cfg: TrainModelConfig) -> Path:
 
 
 def export_from_checkpoints(
-    cfg: TrainModelConfig, out: Path, pool_subset: int | None = None
+    cfg: TrainModelConfig, out: Path, pool_subset: int | None = None, raw: bool = False
 ) -> Path:
     """Export the latest checkpoints of a run (possibly still training) as a pipeline.
 
@@ -329,7 +329,9 @@ def export_from_checkpoints(
     mean, _ = encode_pool(vae, pixels[:pool_subset], cfg.device)
     unet = world_model.build_unet(cfg.model)
     text = world_model.build_text_encoder(cfg.model, tokenizer)
-    ema = load_file(str(cfg.run_dir / "ema.safetensors"))
+    # raw: the latest trained weights instead of their moving average (better when training
+    # stopped while the model was still improving quickly, as the EMA lags behind it)
+    ema = load_file(str(cfg.run_dir / ("unet.safetensors" if raw else "ema.safetensors")))
     state = _state(cfg.run_dir / "unet_state.json")
     extra = {
         "seed": cfg.seed,
@@ -352,12 +354,14 @@ if __name__ == "__main__":
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--export-only", type=Path, default=None, help="export checkpoints here")
     p.add_argument("--pool-subset", type=int, default=None, help="estimate scaling from fewer")
+    p.add_argument("--raw", action="store_true", help="export the raw weights, not the EMA")
     a = p.parse_args()
     if a.export_only:
         cfg = TrainModelConfig(run_dir=a.run_dir, seed=a.seed)
-        print(export_from_checkpoints(cfg, a.export_only, a.pool_subset))
+        print(export_from_checkpoints(cfg, a.export_only, a.pool_subset, a.raw))
         raise SystemExit(0)
     print(
         train_model(
@@ -367,6 +371,7 @@ if __name__ == "__main__":
                 unet_steps=a.unet_steps,
                 vae_steps=a.vae_steps,
                 max_minutes=a.max_minutes,
+                ema_decay=a.ema_decay,
                 device=a.device,
                 seed=a.seed,
             )
