@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--lr", default=None, help="learning rate, or several: 1e-4,1e-3")
     ap.add_argument("--train", default="lora")
     ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--include-padding", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("runs/forget_world.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -63,7 +64,13 @@ def main() -> None:
     for target, lr in runs:
         overrides = {
             k: v
-            for k, v in {"steps": a.steps, "lr": lr, "train": a.train, "lora_rank": a.rank}.items()
+            for k, v in {
+                "steps": a.steps,
+                "lr": lr,
+                "train": a.train,
+                "lora_rank": a.rank,
+                "include_padding": a.include_padding or None,
+            }.items()
             if v is not None
         }
         with tempfile.TemporaryDirectory() as refs:

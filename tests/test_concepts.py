@@ -60,6 +60,8 @@ def test_multi_token_word_and_eot():
     assert positions == list(range(4, 4 + len(ids)))
     with_eot = locate_tokens(tok, "a photo of star", "star", include_eot=True)
     assert with_eot == [4, 5]  # the first end-of-text right after the prompt
+    with_padding = locate_tokens(tok, "a photo of star", "star", include_padding=True)
+    assert with_padding == [4] + list(range(5, tok.model_max_length))  # every padding slot
 
 
 def test_placeholder_tokens_after_adding_them():

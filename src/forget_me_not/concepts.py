@@ -77,8 +77,9 @@ class Concept:
     def with_extra_templates(self) -> Concept:
         """The same concept with the category's extra paraphrase templates added."""
         extra = tuple(t for t in EXTRA_TEMPLATES[self.category] if t not in self.templates)
-        return Concept(self.name, self.category, self.templates + extra, self.images,
-                       self.token_words)
+        return Concept(
+            self.name, self.category, self.templates + extra, self.images, self.token_words
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,24 +125,30 @@ def _check_known(tokenizer: Any, words: str) -> None:
 
 
 def locate_tokens(
-    tokenizer: Any, prompt: str, words: str, include_eot: bool = False
+    tokenizer: Any,
+    prompt: str,
+    words: str,
+    include_eot: bool = False,
+    include_padding: bool = False,
 ) -> list[int]:
     """Positions of `words`' tokens in `prompt` tokenized and padded to model_max_length.
 
     Every occurrence counts; matching is case-insensitive (the prompt's own spelling is
     tokenized, so tokenizers that keep case work too). With `include_eot`, the end-of-text
-    position (the pooled token) is added. Raises FmnError when the words do not occur.
+    position (the pooled token) is added; with `include_padding`, it and every position after
+    it (a causal text encoder writes the whole prompt, the concept included, into each of
+    them). Raises FmnError when the words do not occur.
     """
     words = _normalise(words)
     prompt_n = _normalise(prompt)
     max_len = tokenizer.model_max_length
     ids = list(
-        tokenizer(prompt_n, padding="max_length", max_length=max_len, truncation=True)[
-            "input_ids"
-        ]
+        tokenizer(prompt_n, padding="max_length", max_length=max_len, truncation=True)["input_ids"]
     )
-    spans = [m.group(0) for m in re.finditer(re.escape(words).replace(r"\ ", r"\s+"),
-                                             prompt_n, flags=re.IGNORECASE)]
+    spans = [
+        m.group(0)
+        for m in re.finditer(re.escape(words).replace(r"\ ", r"\s+"), prompt_n, flags=re.IGNORECASE)
+    ]
     if not spans:
         raise FmnError(
             f"concept words {words!r} do not occur in the prompt {prompt!r}: use a template "
@@ -160,12 +167,12 @@ def locate_tokens(
             f"the tokens of {words!r} are not in the tokenized prompt {prompt!r} (cut off at "
             f"{max_len} tokens?): shorten the prompt, or learn tokens with `fmn invert`"
         )
-    if include_eot:
+    if include_eot or include_padding:
         eos = tokenizer.eos_token_id
         # The first end-of-text token is the pooled one (padding may reuse the same id).
         first = next((i for i, t in enumerate(ids) if t == eos and i > 0), None)
         if first is not None:
-            positions.add(first)
+            positions.update(range(first, len(ids)) if include_padding else (first,))
     return sorted(positions)
 
 
@@ -176,10 +183,17 @@ def pipeline_tokenizers(pipe: Any) -> list[Any]:
 
 
 def locate_in_pipeline(
-    pipe: Any, prompt: str, words: str, include_eot: bool = False
+    pipe: Any,
+    prompt: str,
+    words: str,
+    include_eot: bool = False,
+    include_padding: bool = False,
 ) -> list[list[int]]:
     """`locate_tokens` for each of the pipeline's tokenizers (one list per tokenizer)."""
-    return [locate_tokens(t, prompt, words, include_eot) for t in pipeline_tokenizers(pipe)]
+    return [
+        locate_tokens(t, prompt, words, include_eot, include_padding)
+        for t in pipeline_tokenizers(pipe)
+    ]
 
 
 def merge_positions(per_tokenizer: Sequence[Sequence[int]]) -> list[int]:

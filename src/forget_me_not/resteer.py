@@ -45,7 +45,7 @@ LORA_LR = 1e-4
 LORA_RANK = 4
 # Per-family defaults for settings left at None (lr, lora_rank). The embedded ConceptWorld
 # model's entry is set from its acceptance measurements (see the README / BENCHMARKS.md).
-FAMILY_DEFAULTS: dict[str, dict[str, dict[str, float]]] = {
+FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "embedded": {"lora": {}, "xattn": {}, "unet": {}},
 }
 # All four cross-attention projections, as the paper's "cross-attention only" mode trains them:
@@ -71,6 +71,9 @@ class ResteerConfig:
     n_self_images: int = 4  # per concept, for reference="self"
     self_steps: int = 25  # denoising steps when generating the self references
     include_eot: bool = False  # also suppress the end-of-text (pooled) token
+    # also suppress every end-of-text/padding position: a causal text encoder writes the
+    # concept into all of them, so attention moved there still carries it
+    include_padding: bool | None = None  # None -> the family's default (off for SD)
     seed: int = 0
     mixed_precision: str = "no"  # autocast "fp16"/"bf16"; trained tensors stay float32
     # Retention regulariser (off in faithful mode): each step also runs the UNet on one of
@@ -121,10 +124,15 @@ class ResteerConfig:
 
     def resolved(self, family: str | None) -> ResteerConfig:
         """A copy with every None default filled in for `family` (recorded in the patch)."""
-        base = {"lr": LORA_LR if self.train == "lora" else FULL_LR, "lora_rank": LORA_RANK}
+        base = {
+            "lr": LORA_LR if self.train == "lora" else FULL_LR,
+            "lora_rank": LORA_RANK,
+            "include_padding": False,
+        }
         base.update(FAMILY_DEFAULTS.get(family or "", {}).get(self.train, {}))
-        filled = {k: (getattr(self, k) if getattr(self, k) is not None else v)
-                  for k, v in base.items()}
+        filled = {
+            k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()
+        }
         return replace(self, **filled)
 
 
@@ -179,14 +187,13 @@ def resteer(
     started = time.perf_counter()
     try:
         params = trainer.setup()
-        optimizer = torch.optim.AdamW(
-            params, lr=config.lr, weight_decay=config.weight_decay
-        )
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         probes = install_probes(unet)
         bar = tqdm(range(config.steps), desc="re-steering", disable=not progress)
         for step in bar:
-            batch = [rows[(step * config.batch_size + r) % len(rows)]
-                     for r in range(config.batch_size)]
+            batch = [
+                rows[(step * config.batch_size + r) % len(rows)] for r in range(config.batch_size)
+            ]
             latents = torch.cat([references.sample(row.concept, gen) for row in batch])
             latents = latents.to(device, unet.dtype)  # (B, C, h, w)
             noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
@@ -199,22 +206,39 @@ def resteer(
                 keep_rows = [keep[step % len(keep)]] * len(batch)
                 keep_embeds = torch.cat([row.embeds for row in keep_rows]).to(device)
                 keep_cond = _added_cond(pipe, keep_rows, resolution, device)
-                with torch.no_grad(), trainer.base_weights(), \
-                        _autocast(device, config.mixed_precision):
-                    base = unet(noisy, t, encoder_hidden_states=keep_embeds,
-                                added_cond_kwargs=keep_cond, return_dict=False)[0]
+                with (
+                    torch.no_grad(),
+                    trainer.base_weights(),
+                    _autocast(device, config.mixed_precision),
+                ):
+                    base = unet(
+                        noisy,
+                        t,
+                        encoder_hidden_states=keep_embeds,
+                        added_cond_kwargs=keep_cond,
+                        return_dict=False,
+                    )[0]
 
             probes.activate(mask)
             with _autocast(device, config.mixed_precision):
-                unet(noisy, t, encoder_hidden_states=embeds,
-                     added_cond_kwargs=_added_cond(pipe, batch, resolution, device),
-                     return_dict=False)
+                unet(
+                    noisy,
+                    t,
+                    encoder_hidden_states=embeds,
+                    added_cond_kwargs=_added_cond(pipe, batch, resolution, device),
+                    return_dict=False,
+                )
                 loss = probes.loss()
             if keep:
                 probes.deactivate()  # the preserve forward is not re-steered
                 with _autocast(device, config.mixed_precision):
-                    pred = unet(noisy, t, encoder_hidden_states=keep_embeds,
-                                added_cond_kwargs=keep_cond, return_dict=False)[0]
+                    pred = unet(
+                        noisy,
+                        t,
+                        encoder_hidden_states=keep_embeds,
+                        added_cond_kwargs=keep_cond,
+                        return_dict=False,
+                    )[0]
                 preserve = torch.nn.functional.mse_loss(pred.float(), base.float())
                 preserve_losses.append(preserve.item())
                 loss = loss + config.preserve_weight * preserve
@@ -255,8 +279,7 @@ def resteer(
     words = "_".join("".join(ch if ch.isalnum() else "_" for ch in c.words) for c in concepts)
     digest = hashlib.sha256(json.dumps(metadata, sort_keys=True, default=str).encode())
     name = f"fmn_{words[:48]}_{digest.hexdigest()[:8]}"
-    return Patch(kind=kind, tensors=tensors, metadata=metadata, lora_config=lora_config,
-                 name=name)
+    return Patch(kind=kind, tensors=tensors, metadata=metadata, lora_config=lora_config, name=name)
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -266,8 +289,9 @@ def encode_prompt(pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor | 
     """The pipeline's own prompt encoding, without guidance: (states (1,T,D), pooled or None)."""
     device = pipe.unet.device
     if getattr(pipe, "text_encoder_2", None) is not None:
-        out = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
+        out = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         return out[0], out[2]
     out = pipe.encode_prompt(prompt, device, 1, False)
     return out[0], None
@@ -278,12 +302,15 @@ def _encode_rows(pipe: Any, concepts: Sequence[Concept], config: ResteerConfig) 
     for ci, concept in enumerate(concepts):
         for prompt in concept.prompts():
             positions = merge_positions(
-                locate_in_pipeline(pipe, prompt, concept.words, config.include_eot)
+                locate_in_pipeline(
+                    pipe, prompt, concept.words, config.include_eot, config.include_padding
+                )
             )
             with torch.no_grad():
                 embeds, pooled = encode_prompt(pipe, prompt)
-            rows.append(_Row(ci, embeds.detach(), None if pooled is None else pooled.detach(),
-                             positions))
+            rows.append(
+                _Row(ci, embeds.detach(), None if pooled is None else pooled.detach(), positions)
+            )
     return rows
 
 
@@ -299,8 +326,9 @@ def _encode_preserve(pipe: Any, config: ResteerConfig) -> list[_Row]:
     return rows
 
 
-def _added_cond(pipe: Any, batch: Sequence[_Row], resolution: int,
-                device: torch.device) -> dict[str, torch.Tensor] | None:
+def _added_cond(
+    pipe: Any, batch: Sequence[_Row], resolution: int, device: torch.device
+) -> dict[str, torch.Tensor] | None:
     """SDXL's extra conditioning: pooled text embedding + (size, crop, target size) ids."""
     if batch[0].pooled is None:
         return None
@@ -317,8 +345,13 @@ def _added_cond(pipe: Any, batch: Sequence[_Row], resolution: int,
 class _References:
     """Where each step's clean latent comes from, per concept."""
 
-    def __init__(self, pipe: Any, resolution: int, images: dict[int, list[Any]],
-                 latents: dict[int, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        resolution: int,
+        images: dict[int, list[Any]],
+        latents: dict[int, torch.Tensor],
+    ) -> None:
         self.pipe = pipe
         self.resolution = resolution
         self.images = images  # concept -> PIL images ("images")
@@ -347,8 +380,13 @@ def encode_images(pipe: Any, pixels: torch.Tensor, gen: torch.Generator) -> torc
     return (latents - shift) * vae.config.scaling_factor
 
 
-def _references(pipe: Any, concepts: Sequence[Concept], config: ResteerConfig,
-                resolution: int, gen: torch.Generator) -> _References:
+def _references(
+    pipe: Any,
+    concepts: Sequence[Concept],
+    config: ResteerConfig,
+    resolution: int,
+    gen: torch.Generator,
+) -> _References:
     images: dict[int, list[Any]] = {}
     latents: dict[int, torch.Tensor] = {}
     channels = pipe.unet.config.in_channels
@@ -375,8 +413,12 @@ def _self_generate(pipe: Any, concept: Concept, config: ResteerConfig) -> torch.
     n = config.n_self_images
     # One batched call; a generator per image keeps each image's noise its own.
     gens = [torch.Generator("cpu").manual_seed(config.seed * 10_007 + i) for i in range(n)]
-    result = pipe([prompts[i % len(prompts)] for i in range(n)],
-                  num_inference_steps=config.self_steps, generator=gens, output_type="latent")
+    result = pipe(
+        [prompts[i % len(prompts)] for i in range(n)],
+        num_inference_steps=config.self_steps,
+        generator=gens,
+        output_type="latent",
+    )
     return result.images.detach().to("cpu", torch.float32)  # already scaled latents
 
 
@@ -448,9 +490,11 @@ class _Trainable:
         """Within: the UNet computes as the base model (the trained delta switched off)."""
         if self.adapter is not None:
             # peft adds scaling[adapter] * B(A(x)); a zero scaling gives exactly the base output.
-            layers = [m for m in self.unet.modules()
-                      if isinstance(getattr(m, "scaling", None), dict)
-                      and self.adapter in m.scaling]
+            layers = [
+                m
+                for m in self.unet.modules()
+                if isinstance(getattr(m, "scaling", None), dict) and self.adapter in m.scaling
+            ]
             saved = [m.scaling[self.adapter] for m in layers]
             for m in layers:
                 m.scaling[self.adapter] = 0.0
@@ -485,8 +529,9 @@ class _Trainable:
             from peft import get_peft_model_state_dict
 
             state = get_peft_model_state_dict(self.unet, adapter_name=self.adapter)
-            tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32).clone()
-                       for k, v in state.items()}
+            tensors = {
+                f"unet.{k}": v.detach().to("cpu", torch.float32).clone() for k, v in state.items()
+            }
             return "lora", tensors, self.lora_config()
         tensors = {}
         for name, p in self.params.items():

@@ -23,8 +23,9 @@ def forget(
     ] = None,
     preset: Annotated[
         str | None,
-        typer.Option(help="A concept set forgotten in one run: nsfw (SD models), unsafe "
-                          "(embedded model)."),
+        typer.Option(
+            help="A concept set forgotten in one run: nsfw (SD models), unsafe (embedded model)."
+        ),
     ] = None,
     model: opt.Model = "embedded",
     category: Annotated[str, typer.Option(help="id, object, style or nsfw.")] = "object",
@@ -51,6 +52,14 @@ def forget(
     batch_size: Annotated[int, typer.Option(help="Prompts per step.")] = 1,
     max_grad_norm: Annotated[
         float | None, typer.Option(help="Clip the gradient norm to this (off by default).")
+    ] = None,
+    include_padding: Annotated[
+        bool | None,
+        typer.Option(
+            "--include-padding/--no-include-padding",
+            help="Also suppress every end-of-text/padding position (default: the "
+            "model family's; on for the embedded model).",
+        ),
     ] = None,
     include_eot: Annotated[
         bool, typer.Option("--include-eot", help="Also suppress the end-of-text token.")
@@ -102,10 +111,19 @@ def forget(
         dtype = "float32"  # full-weight training keeps float32 weights
     resolve_dtype(dtype, resolve_device(device))
     cfg = ResteerConfig(
-        steps=steps, lr=lr, train=train, lora_rank=rank, batch_size=batch_size,
-        max_grad_norm=max_grad_norm, reference=reference,
-        n_self_images=self_generate or DEFAULT_SELF_IMAGES, include_eot=include_eot, seed=seed,
-        preserve_weight=preserve_weight, preserve_prompts=tuple(preserve or ()),
+        steps=steps,
+        lr=lr,
+        train=train,
+        lora_rank=rank,
+        batch_size=batch_size,
+        max_grad_norm=max_grad_norm,
+        reference=reference,
+        n_self_images=self_generate or DEFAULT_SELF_IMAGES,
+        include_eot=include_eot,
+        include_padding=include_padding,
+        seed=seed,
+        preserve_weight=preserve_weight,
+        preserve_prompts=tuple(preserve or ()),
     )
     chosen_source = any(sources)
     files: tuple[Path, ...] = ()
@@ -123,8 +141,9 @@ def forget(
     pipe = load_pipeline(model, device, dtype, allow_pickle=allow_pickle, config=config)
     token_words = emb.load_into(pipe) if emb is not None else None
     with tempfile.TemporaryDirectory(prefix="fmn_refs_") as ref_dir:
-        concepts, cfg, source = _concepts(pipe, concept, category, files, token_words, preset,
-                                          cfg, chosen_source, Path(ref_dir))
+        concepts, cfg, source = _concepts(
+            pipe, concept, category, files, token_words, preset, cfg, chosen_source, Path(ref_dir)
+        )
         concepts = [c.with_extra_templates() if extra_templates else c for c in concepts]
         try:
             patch = run_forget(pipe, concepts, cfg)
@@ -141,8 +160,7 @@ def forget(
     )
 
 
-def _concepts(pipe, names, category, files, token_words, preset, cfg, chosen_source,
-              ref_dir: Path):
+def _concepts(pipe, names, category, files, token_words, preset, cfg, chosen_source, ref_dir: Path):
     """The concepts to forget, the config with its reference source settled, and that source.
 
     On the embedded model with no image source chosen, ConceptWorld concepts get world
@@ -159,8 +177,12 @@ def _concepts(pipe, names, category, files, token_words, preset, cfg, chosen_sou
         if files:
             concepts = [dataclasses.replace(c, images=files) for c in concepts]
     plain = [Concept(n, category, images=files, token_words=token_words) for n in names]
-    world_default = (family == "embedded" and not chosen_source and token_words is None
-                     and all(is_world_concept(n) for n in names))
+    world_default = (
+        family == "embedded"
+        and not chosen_source
+        and token_words is None
+        and all(is_world_concept(n) for n in names)
+    )
     if world_default:
         plain = world_concepts(names, ref_dir)
     concepts += plain
@@ -169,8 +191,10 @@ def _concepts(pipe, names, category, files, token_words, preset, cfg, chosen_sou
     if all(c.images for c in concepts):
         return concepts, dataclasses.replace(cfg, reference="images"), "world renders"
     if preset is not None and get_preset(preset).reference == "images":
-        raise FmnError(f"--preset {preset} with these concepts needs an image source: pass "
-                       "--images, --self-generate N or --no-real-image")
+        raise FmnError(
+            f"--preset {preset} with these concepts needs an image source: pass "
+            "--images, --self-generate N or --no-real-image"
+        )
     return concepts, cfg, cfg.reference
 
 
