@@ -30,7 +30,8 @@ def _cfg(**kw):
 
 
 def test_preserve_config_validation():
-    assert ResteerConfig().preserve_weight == 0.0 and ResteerConfig().preserve_prompts == ()
+    assert ResteerConfig().resolved("sd1").preserve_weight == 0.0
+    assert ResteerConfig().preserve_prompts == ()
     with pytest.raises(FmnError, match="--preserve PROMPT"):
         ResteerConfig(preserve_weight=0.5)
     with pytest.raises(FmnError, match="preserve_weight"):

@@ -33,7 +33,11 @@ def _cfg(**kw):
 
 def test_config_defaults_and_validation():
     cfg = ResteerConfig()
-    assert (cfg.steps, cfg.train, cfg.batch_size, cfg.weight_decay) == (35, "lora", 1, 0.01)
+    sd = cfg.resolved("sd1")  # the paper's recipe for Stable Diffusion
+    assert (sd.steps, sd.train, sd.batch_size, sd.weight_decay) == (35, "lora", 1, 0.01)
+    assert (sd.preserve_weight, sd.include_padding) == (0.0, False)
+    world = cfg.resolved("embedded")  # tuned by measurement on ConceptWorld
+    assert (world.steps, world.lr, world.preserve_weight) == (100, 1e-3, 10.0)
     assert cfg.learning_rate == LORA_LR
     assert cfg.resolved("sd1").lora_rank == 4 and cfg.resolved("sd1").lr == LORA_LR
     assert ResteerConfig(train="xattn").learning_rate == FULL_LR == 2e-6

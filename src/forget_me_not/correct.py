@@ -104,7 +104,7 @@ def correct(
                 stacklevel=2,
             )
 
-    if config.preserve_weight == 0 and preserve:
+    if not config.preserve_weight and preserve:
         config = dataclasses.replace(
             config, preserve_weight=DEFAULT_PRESERVE_WEIGHT,
             preserve_prompts=config.preserve_prompts or tuple(away_from.prompts()))

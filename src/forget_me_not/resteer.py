@@ -50,7 +50,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # concept token suppressed, LoRA at 3e-4 / 1e-3 left the target as drawn as before (its
     # words also live in every padding slot); suppressing the padding too at 1e-3 forgot the
     # most for the least damage; 2e-3 and above damaged every concept.
-    "embedded": {"lora": {"lr": 1e-3, "include_padding": True}, "xattn": {}, "unet": {}},
+    "embedded": {"lora": {"lr": 1e-3, "steps": 100, "preserve_weight": 10.0},
+                 "xattn": {}, "unet": {}},
 }
 # All four cross-attention projections, as the paper's "cross-attention only" mode trains them:
 # to_q/to_k set the attention map directly; to_v/to_out carry what later layers attend with.
@@ -62,7 +63,7 @@ TRAIN_ADAPTER = "fmn_training"
 class ResteerConfig:
     """Settings of one re-steering run; defaults follow the paper."""
 
-    steps: int = 35  # optimiser steps
+    steps: int | None = None  # optimiser steps; None -> the family's default (35, the paper)
     lr: float | None = None  # None -> the family's default (FULL_LR, LORA_LR)
     train: str = "lora"  # "lora" (patch), "xattn" (attn2 weights), "unet" (every UNet weight)
     lora_rank: int | None = None  # None -> the family's default (LORA_RANK)
@@ -83,7 +84,7 @@ class ResteerConfig:
     # Retention regulariser (off in faithful mode): each step also runs the UNet on one of
     # `preserve_prompts` with and without the trained delta, on the same noisy latent, and adds
     # preserve_weight * MSE(with, without), so the prompts named here keep their outputs.
-    preserve_weight: float = 0.0
+    preserve_weight: float | None = None  # None -> the family's default (0: off, the paper)
     preserve_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -106,12 +107,14 @@ class ResteerConfig:
             raise FmnError(f"lora_alpha must be positive or None, got {self.lora_alpha}")
         if self.weight_decay < 0:
             raise FmnError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not (math.isfinite(self.preserve_weight) and self.preserve_weight >= 0):
+        if self.preserve_weight is not None and not (
+            math.isfinite(self.preserve_weight) and self.preserve_weight >= 0
+        ):
             raise FmnError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
         self.preserve_prompts = tuple(self.preserve_prompts)
         if any(not isinstance(p, str) or not p.strip() for p in self.preserve_prompts):
             raise FmnError("a preserve prompt is empty: pass prompts like 'a photo of a cat'")
-        if self.preserve_weight > 0 and not self.preserve_prompts:
+        if (self.preserve_weight or 0) > 0 and not self.preserve_prompts:
             raise FmnError(
                 "preserve_weight > 0 needs prompts to preserve: pass --preserve PROMPT "
                 "(repeatable), or set the weight to 0"
@@ -126,17 +129,25 @@ class ResteerConfig:
         """The learning rate, for a model without a family-specific default."""
         return self.resolved(None).lr  # type: ignore[return-value]
 
-    def resolved(self, family: str | None) -> ResteerConfig:
+    def resolved(self, family: str | None, targets: Sequence[str] = ()) -> ResteerConfig:
         """A copy with every None default filled in for `family` (recorded in the patch)."""
         base = {
             "lr": LORA_LR if self.train == "lora" else FULL_LR,
             "lora_rank": LORA_RANK,
             "include_padding": False,
+            "steps": 35,
+            "preserve_weight": 0.0,
         }
         base.update(FAMILY_DEFAULTS.get(family or "", {}).get(self.train, {}))
         filled = {
             k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()
         }
+        if filled["preserve_weight"] > 0 and not self.preserve_prompts and family == "embedded":
+            # The family's regulariser keeps the other world concepts' prompts intact (the
+            # targets' own words left out).
+            from forget_me_not.world.concepts import retention_prompts
+
+            filled["preserve_prompts"] = retention_prompts(list(targets))
         return replace(self, **filled)
 
 
@@ -167,7 +178,7 @@ def resteer(
         raise FmnError("no concept to forget: pass at least one concept")
     unet, device = pipe.unet, pipe.unet.device
     family = family_of(pipe)
-    config = (config or ResteerConfig()).resolved(family)
+    config = (config or ResteerConfig()).resolved(family, [c.words for c in concepts])
     base_hash = model_hash(pipe)
     gen = torch.Generator("cpu").manual_seed(config.seed)
     resolution = model_resolution(pipe)

@@ -44,7 +44,9 @@ def forget(
         typer.Option(help="Forget the tokens learnt by `fmn invert` instead of the words."),
     ] = None,
     train: Annotated[str, typer.Option(help="lora (patch), xattn or unet.")] = "lora",
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 35,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps (default: 35, the paper; model-tuned).")
+    ] = None,
     lr: Annotated[
         float | None, typer.Option(help="Learning rate (default: 2e-6 full weights, LoRA tuned).")
     ] = None,
@@ -68,8 +70,10 @@ def forget(
         bool, typer.Option("--extra-templates", help="Add paraphrase prompt templates.")
     ] = False,
     preserve_weight: Annotated[
-        float, typer.Option(help="Retention regulariser weight (0 = off, the paper's recipe).")
-    ] = 0.0,
+        float | None,
+        typer.Option(help="Retention regulariser weight (default 0 = off, the paper's recipe; "
+                          "model-tuned)."),
+    ] = None,
     preserve: Annotated[
         list[str] | None,
         typer.Option(help="Prompt whose output the regulariser keeps (repeatable)."),

@@ -165,3 +165,16 @@ def fmn_concept(name: str, ref_dir, n_refs: int = 10, seed: int = 0):
         image.save(path)
         paths.append(path)
     return Concept(name, wc.category, FMN_TEMPLATES[wc.kind], tuple(paths))
+
+
+def retention_prompts(targets: list[str], per_kind: int = 2) -> tuple[str, ...]:
+    """World prompts to keep intact while forgetting `targets` (none mentions a target)."""
+    words = {w for t in targets for w in t.lower().split()}
+    out: list[str] = []
+    for c in all_concepts():
+        if c.name in words or c.kind == "colour":
+            continue
+        for p in prompts(c, per_kind):
+            if not words & set(p.split()):
+                out.append(p)
+    return tuple(dict.fromkeys(out))
