@@ -336,6 +336,7 @@ def export_from_checkpoints(
     extra = {
         "seed": cfg.seed,
         "unet_steps_done": state.get("step"),
+        "weights": "raw" if raw else "ema",
         "vae_psnr": _state(cfg.run_dir / "vae_state.json").get("psnr"),
     }
     return export_pipeline(
