@@ -168,3 +168,36 @@ def test_double_install_refused():
     with pytest.raises(FmnError, match="already installed"):
         install_probes(pipe.unet)
     probes.remove()
+
+
+def test_pixel_weights_select_where_the_loss_counts():
+    pipe = make_tiny_pipeline("sd1")
+    x, t, ehs, kw = _inputs(pipe, batch=2)
+    probes = install_probes(pipe.unet)
+    probes.activate(TokenMask.from_positions([[4, 5], [3]], 77))
+    with torch.no_grad():
+        pipe.unet(x, t, encoder_hidden_states=ehs, **kw)
+    plain = probes.loss()
+    size = x.shape[-1] * 2  # pixel grid of any size: it is area-resized to each layer
+    ones = probes.loss(torch.ones(2, 1, size, size))
+    zeros = probes.loss(torch.zeros(2, 1, size, size))
+    top = torch.zeros(2, 1, size, size)
+    top[:, :, : size // 2] = 1.0
+    bottom = 1.0 - top
+    halves = (probes.loss(top) ** 2 + probes.loss(bottom) ** 2).sqrt()
+    first_row_only = torch.stack([torch.ones(1, size, size), torch.zeros(1, size, size)])
+    probes.remove()
+    assert abs(ones.item() - plain.item()) < 1e-6
+    assert zeros.item() == 0.0
+    assert abs(halves.item() - plain.item()) < 1e-5  # the two halves partition the loss
+    assert 0 < probes_loss_rows(pipe, x, t, ehs, kw, first_row_only) < plain.item()
+
+
+def probes_loss_rows(pipe, x, t, ehs, kw, weights) -> float:
+    probes = install_probes(pipe.unet)
+    probes.activate(TokenMask.from_positions([[4, 5], [3]], 77))
+    with torch.no_grad():
+        pipe.unet(x, t, encoder_hidden_states=ehs, **kw)
+    value = probes.loss(weights).item()
+    probes.remove()
+    return value

@@ -33,7 +33,11 @@ def test_preserve_config_validation():
     assert ResteerConfig().resolved("sd1").preserve_weight == 0.0
     assert ResteerConfig().preserve_prompts == ()
     with pytest.raises(FmnError, match="--preserve PROMPT"):
-        ResteerConfig(preserve_weight=0.5)
+        ResteerConfig(preserve_weight=0.5).resolved("sd1")
+    # The embedded model brings its own retention prompts: a weight alone is enough there.
+    embedded = ResteerConfig(preserve_weight=30.0).resolved("embedded", ["star"])
+    assert embedded.preserve_weight == 30.0 and embedded.preserve_prompts
+    assert not any("star" in p.split() for p in embedded.preserve_prompts)
     with pytest.raises(FmnError, match="preserve_weight"):
         ResteerConfig(preserve_weight=-1.0, preserve_prompts=("a cat",))
     with pytest.raises(FmnError, match="empty"):
@@ -168,7 +172,7 @@ def test_cli_correct_on_the_embedded_model_uses_world_renders(world_dir, tmp_pat
     assert result.exit_code == 0, result.output
     assert "warning: only 0% of 2 samples" in result.stderr
     meta = load_patch(out).metadata
-    assert meta["correction"]["reference_source"] == "world renders"
+    assert meta["correction"]["reference_source"] == "world renders, hat kept"
     # world phrasing for both: the role's templates and the identity's preserved prompts
     assert meta["concepts"][0]["templates"] == ["a {}", "a photo of a {}"]
     assert meta["settings"]["preserve_prompts"] == ["a photo of milka", "a portrait of milka"]

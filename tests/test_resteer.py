@@ -151,8 +151,8 @@ def test_failures_leave_the_pipeline_clean(monkeypatch, failure):
     out_before = _unet_out(pipe)
     real_loss = ProbeSet.loss
 
-    def broken(self):
-        loss = real_loss(self)
+    def broken(self, pixel_weights=None):
+        loss = real_loss(self, pixel_weights)
         if failure == "interrupt":
             raise KeyboardInterrupt
         return loss * float("nan")
@@ -187,3 +187,36 @@ def test_sdxl_added_conditioning_matches_the_pipeline():
                                          do_classifier_free_guidance=False)
     assert torch.equal(added["text_embeds"], pooled)
     assert rows[0].positions == [4]
+
+
+def test_transparent_reference_pixels_are_not_resteered(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    clear = np.dstack([rgb, np.zeros((16, 16), np.uint8)])
+    Image.fromarray(clear).save(tmp_path / "clear.png")
+    pipe = make_tiny_pipeline("sd1")
+    plain = resteer(pipe, [Concept("star", images=(tmp_path / "plain.png",))],
+                    _cfg(reference="images"), progress=False)
+    masked = resteer(pipe, [Concept("star", images=(tmp_path / "clear.png",))],
+                     _cfg(reference="images"), progress=False)
+    assert all(v > 0 for v in plain.metadata["losses"])
+    assert masked.metadata["losses"] == [0.0, 0.0]  # every pixel transparent: nothing to push
+
+
+def test_several_preserve_prompts_per_step():
+    pipe = make_tiny_pipeline("sd1")
+    prompts = ("a photo of a moon", "a cat", "a red car")
+    one = resteer(pipe, [Concept("star")],
+                  _cfg(preserve_weight=5.0, preserve_prompts=prompts, lr=1e-2), progress=False)
+    three = resteer(pipe, [Concept("star")],
+                    _cfg(preserve_weight=5.0, preserve_prompts=prompts, preserve_batch=3, lr=1e-2),
+                    progress=False)
+    assert three.metadata["settings"]["preserve_batch"] == 3
+    assert len(three.metadata["preserve_losses"]) == 2
+    assert three.metadata["preserve_losses"][0] == 0.0  # nothing trained yet at step 1
+    # step 2 compares one prompt in the first run, all three in the second
+    assert three.metadata["preserve_losses"][1] > 0
+    assert three.metadata["preserve_losses"][1] != one.metadata["preserve_losses"][1]
+    with pytest.raises(FmnError, match="preserve_batch"):
+        ResteerConfig(preserve_batch=0)

@@ -135,3 +135,28 @@ def test_model_samples_are_recognised_smoke():
     )
     assert scores["star"]["rate"] >= 0.6
     assert scores["milka"]["rate"] >= 0.6
+
+
+def test_role_references_leave_the_hat_transparent():
+    from forget_me_not.world.concepts import role_references
+
+    images = role_references(3, seed=1)
+    for image in images:
+        pixels = np.asarray(image)
+        assert image.mode == "RGBA" and pixels.shape[2] == 4
+        hidden = pixels[..., 3] == 0
+        assert 0.05 < hidden.mean() < 0.4  # the hat, not the picture
+        # the hat lives above the face: transparent pixels sit mostly in the upper half
+        rows = np.nonzero(hidden)[0]
+        assert rows.mean() < pixels.shape[0] / 2
+
+
+def test_training_lr_warms_up_and_cools_down():
+    from forget_me_not.world.train_model import TrainModelConfig, unet_lr_at
+
+    cfg = TrainModelConfig(unet_steps=1000, unet_lr=1e-3, warmup_steps=100, cooldown_steps=200)
+    assert unet_lr_at(cfg, 0) == pytest.approx(1e-5)
+    assert unet_lr_at(cfg, 500) == pytest.approx(1e-3)
+    assert unet_lr_at(cfg, 899) == pytest.approx(1e-3 * 101 / 200)
+    assert unet_lr_at(cfg, 999) == pytest.approx(1e-3 / 200)
+    assert unet_lr_at(TrainModelConfig(unet_steps=1000, cooldown_steps=0), 999) == 5e-4

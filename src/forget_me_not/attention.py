@@ -9,10 +9,12 @@ layer's output from those same probabilities, so gradients flow through what is 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from forget_me_not.concepts import TokenMask
@@ -152,9 +154,29 @@ class ProbeSet:
             )
         return [self.state.kept[n] for n in self.modules]
 
-    def loss(self) -> torch.Tensor:
-        """The re-steering loss: the plain L2 norm of every kept probability, all layers."""
-        return torch.cat([k.flatten() for k in self.kept()]).norm()
+    def loss(self, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The re-steering loss: the plain L2 norm of every kept probability, all layers.
+
+        `pixel_weights` (B, 1, H, W) in [0, 1], optional: each pixel's squared probabilities
+        count with its weight (resized by area to every layer's grid), so a region weighted 0
+        keeps attending to the concept.
+        """
+        kept = self.kept()
+        if pixel_weights is None:
+            return torch.cat([k.flatten() for k in kept]).norm()
+        batch, _, height, width = pixel_weights.shape
+        parts = []
+        for k in kept:  # (B*heads, P, k)
+            pixels = k.shape[1]
+            h = max(1, round(math.sqrt(pixels * height / width)))
+            w = pixels // h
+            if h * w != pixels:
+                raise FmnError(f"cannot lay {pixels} attention pixels on a {height}x{width} grid")
+            grid = F.interpolate(pixel_weights.to(k.dtype), size=(h, w), mode="area")
+            grid = grid.reshape(batch, 1, h * w, 1).to(k.device)
+            heads = k.shape[0] // batch
+            parts.append((k.reshape(batch, heads, pixels, -1) * grid.sqrt()).flatten())
+        return torch.cat(parts).norm()
 
     def _check_installed(self) -> None:
         # Something (e.g. enable_xformers_memory_efficient_attention) may have swapped the

@@ -113,6 +113,8 @@ def correct(
     with tempfile.TemporaryDirectory(prefix="fmn_correct_") as tmp:
         if images:
             refs, source = tuple(images), "images"
+        elif family == "embedded" and _is_world_role(role, away_from):
+            refs, source = _world_role_references(Path(tmp), config.seed), "world renders, hat kept"
         elif family == "embedded" and is_world_concept(away_from.name):
             refs, source = world_concepts([away_from.name], tmp)[0].images, "world renders"
         else:
@@ -131,6 +133,24 @@ def correct(
     }
     patch.metadata["reference_source"] = source
     return Correction(patch, rate, source)
+
+
+def _is_world_role(role: Concept, away_from: Concept) -> bool:
+    from forget_me_not.world import vocab
+
+    return role.name == vocab.ROLE and away_from.name == vocab.ROLE_ID
+
+
+def _world_role_references(folder: Path, seed: int, n: int = 10) -> tuple[Path, ...]:
+    """The role as ConceptWorld draws it, with the hat transparent (so it is not re-steered)."""
+    from forget_me_not.world.concepts import role_references
+
+    paths = []
+    for i, image in enumerate(role_references(n, seed)):
+        path = folder / f"role_{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return tuple(paths)
 
 
 def _self_references(pipe: Any, entangled: Concept, folder: Path, seed: int,

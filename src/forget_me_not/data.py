@@ -41,21 +41,32 @@ def image_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def has_alpha(image: Image.Image) -> bool:
+    """Whether the image carries transparency (an alpha channel or a transparent colour)."""
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
+def _convert(image: Image.Image, keep_alpha: bool) -> Image.Image:
+    return image.convert("RGBA" if keep_alpha and has_alpha(image) else "RGB")
+
+
 def load_images(
     source: str | Path | Iterable[str | Path] | Iterable[Image.Image],
     min_size: int | None = None,
+    keep_alpha: bool = False,
 ) -> list[Image.Image]:
     """Read and check reference images (RGB): a folder, files, or PIL images.
 
-    Refuses, listing the offenders: files that are not readable images, and (with
-    `min_size`) images whose shorter side is below the model's resolution, since upscaling
-    them would teach the model blur rather than the concept.
+    With `keep_alpha`, images that carry transparency come back as RGBA (re-steering reads
+    the alpha as where its loss applies). Refuses, listing the offenders: files that are not
+    readable images, and (with `min_size`) images whose shorter side is below the model's
+    resolution, since upscaling them would teach the model blur rather than the concept.
     """
     if not isinstance(source, (str, Path)):
         source = list(source)
         if source and all(isinstance(s, Image.Image) for s in source):
             # Images already in memory (e.g. generated anchors): only the size check applies.
-            return _check_sizes([im.convert("RGB") for im in source],
+            return _check_sizes([_convert(im, keep_alpha) for im in source],
                                 [f"image {i}" for i in range(len(source))], min_size)
     files = image_files(source)
     bad: list[Path] = []
@@ -65,7 +76,7 @@ def load_images(
         try:
             with Image.open(path) as im:
                 im.load()
-                image = im.convert("RGB")
+                image = _convert(im, keep_alpha)
         except (UnidentifiedImageError, OSError, ValueError):
             bad.append(path)
             continue
@@ -94,7 +105,10 @@ def _check_sizes(images: list[Image.Image], names: list[str],
 def resize_random_crop(
     image: Image.Image, size: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Resize the shorter side to `size`, crop a random square: (3, size, size) in [-1, 1]."""
+    """Resize the shorter side to `size`, crop a random square: (C, size, size) in [-1, 1].
+
+    C is 3 for RGB images and 4 for RGBA (the alpha channel is cropped along, also in [-1, 1]).
+    """
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -103,8 +117,8 @@ def resize_random_crop(
     top = int(torch.randint(0, nh - size + 1, (1,), generator=generator))
     left = int(torch.randint(0, nw - size + 1, (1,), generator=generator))
     crop = image.crop((left, top, left + size, top + size))
-    array = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0  # (size, size, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, size, size)
+    array = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0  # (size, size, C)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (C, size, size)
 
 
 def model_resolution(pipe: object) -> int:

@@ -50,8 +50,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # model every setting strong enough to erase the target also erased unrelated concepts,
     # unless the retention regulariser kept the other world concepts' prompts; with it (weight
     # 10, 100 steps, lr 1e-3) the target fell while the others held.
-    "embedded": {"lora": {"lr": 1e-3, "steps": 100, "preserve_weight": 10.0},
-                 "xattn": {}, "unet": {}},
+    "embedded": {
+        "lora": {"lr": 1e-3, "steps": 100, "preserve_weight": 10.0},
+        "xattn": {},
+        "unet": {},
+    },
 }
 # All four cross-attention projections, as the paper's "cross-attention only" mode trains them:
 # to_q/to_k set the attention map directly; to_v/to_out carry what later layers attend with.
@@ -86,6 +89,7 @@ class ResteerConfig:
     # preserve_weight * MSE(with, without), so the prompts named here keep their outputs.
     preserve_weight: float | None = None  # None -> the family's default (0: off, the paper)
     preserve_prompts: tuple[str, ...] = ()
+    preserve_batch: int | None = None  # preserve prompts per step; None -> family default (1)
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -96,7 +100,14 @@ class ResteerConfig:
             raise FmnError(
                 f"unknown mixed precision {self.mixed_precision!r}: use one of {PRECISIONS}"
             )
-        for name in ("steps", "batch_size", "lora_rank", "n_self_images", "self_steps"):
+        for name in (
+            "steps",
+            "batch_size",
+            "lora_rank",
+            "n_self_images",
+            "self_steps",
+            "preserve_batch",
+        ):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise FmnError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -114,11 +125,6 @@ class ResteerConfig:
         self.preserve_prompts = tuple(self.preserve_prompts)
         if any(not isinstance(p, str) or not p.strip() for p in self.preserve_prompts):
             raise FmnError("a preserve prompt is empty: pass prompts like 'a photo of a cat'")
-        if (self.preserve_weight or 0) > 0 and not self.preserve_prompts:
-            raise FmnError(
-                "preserve_weight > 0 needs prompts to preserve: pass --preserve PROMPT "
-                "(repeatable), or set the weight to 0"
-            )
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if not self.lora_targets or bad:
             raise FmnError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}: {bad}")
@@ -137,6 +143,7 @@ class ResteerConfig:
             "include_padding": False,
             "steps": 35,
             "preserve_weight": 0.0,
+            "preserve_batch": 1,
         }
         base.update(FAMILY_DEFAULTS.get(family or "", {}).get(self.train, {}))
         filled = {
@@ -148,6 +155,13 @@ class ResteerConfig:
             from forget_me_not.world.concepts import retention_prompts
 
             filled["preserve_prompts"] = retention_prompts(list(targets))
+        if filled["preserve_weight"] > 0 and not filled.get(
+            "preserve_prompts", self.preserve_prompts
+        ):
+            raise FmnError(
+                "preserve_weight > 0 needs prompts to preserve: pass --preserve PROMPT "
+                "(repeatable), or set the weight to 0"
+            )
         return replace(self, **filled)
 
 
@@ -209,7 +223,8 @@ def resteer(
             batch = [
                 rows[(step * config.batch_size + r) % len(rows)] for r in range(config.batch_size)
             ]
-            latents = torch.cat([references.sample(row.concept, gen) for row in batch])
+            drawn = [references.sample(row.concept, gen) for row in batch]
+            latents = torch.cat([latent for latent, _ in drawn])
             latents = latents.to(device, unet.dtype)  # (B, C, h, w)
             noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
             t = torch.randint(0, n_train_t, (len(batch),), generator=gen).to(device)
@@ -218,17 +233,25 @@ def resteer(
             mask = TokenMask.from_positions([row.positions for row in batch], embeds.shape[1])
             if keep:
                 # The base model's prediction first, before the trained forward builds its graph.
-                keep_rows = [keep[step % len(keep)]] * len(batch)
+                # Each of the step's preserve prompts sees every noisy latent of the batch.
+                first = step * config.preserve_batch
+                keep_rows = [
+                    keep[(first + j) % len(keep)]
+                    for j in range(config.preserve_batch)
+                    for _ in batch
+                ]
                 keep_embeds = torch.cat([row.embeds for row in keep_rows]).to(device)
                 keep_cond = _added_cond(pipe, keep_rows, resolution, device)
+                keep_noisy = noisy.repeat(config.preserve_batch, 1, 1, 1)
+                keep_t = t.repeat(config.preserve_batch)
                 with (
                     torch.no_grad(),
                     trainer.base_weights(),
                     _autocast(device, config.mixed_precision),
                 ):
                     base = unet(
-                        noisy,
-                        t,
+                        keep_noisy,
+                        keep_t,
                         encoder_hidden_states=keep_embeds,
                         added_cond_kwargs=keep_cond,
                         return_dict=False,
@@ -243,13 +266,13 @@ def resteer(
                     added_cond_kwargs=_added_cond(pipe, batch, resolution, device),
                     return_dict=False,
                 )
-                loss = probes.loss()
+                loss = probes.loss(_pixel_weights(drawn, resolution))
             if keep:
                 probes.deactivate()  # the preserve forward is not re-steered
                 with _autocast(device, config.mixed_precision):
                     pred = unet(
-                        noisy,
-                        t,
+                        keep_noisy,
+                        keep_t,
                         encoder_hidden_states=keep_embeds,
                         added_cond_kwargs=keep_cond,
                         return_dict=False,
@@ -372,16 +395,32 @@ class _References:
         self.images = images  # concept -> PIL images ("images")
         self.latents = latents  # concept -> (N, C, h, w) ("self", "noise")
 
-    def sample(self, concept: int, gen: torch.Generator) -> torch.Tensor:
-        """One clean latent (1, C, h, w) for `concept`."""
+    def sample(
+        self, concept: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One clean latent (1, C, h, w) for `concept`, and its pixel weights (1, 1, H, W).
+
+        The weights come from a reference image's alpha channel (None: every pixel counts).
+        """
         if concept in self.latents:
             pool = self.latents[concept]
             i = int(torch.randint(0, pool.shape[0], (1,), generator=gen))
-            return pool[i : i + 1]
+            return pool[i : i + 1], None
         pool = self.images[concept]
         i = int(torch.randint(0, len(pool), (1,), generator=gen))
-        pixels = resize_random_crop(pool[i], self.resolution, gen)[None]  # (1, 3, H, W)
-        return encode_images(self.pipe, pixels, gen)
+        pixels = resize_random_crop(pool[i], self.resolution, gen)[None]  # (1, 3 or 4, H, W)
+        weights = (pixels[:, 3:] + 1.0) / 2.0 if pixels.shape[1] == 4 else None
+        return encode_images(self.pipe, pixels[:, :3], gen), weights
+
+
+def _pixel_weights(
+    drawn: Sequence[tuple[torch.Tensor, torch.Tensor | None]], resolution: int
+) -> torch.Tensor | None:
+    """The batch's pixel weights (B, 1, H, W), or None when no reference carries a mask."""
+    if all(weights is None for _, weights in drawn):
+        return None
+    ones = torch.ones(1, 1, resolution, resolution)
+    return torch.cat([ones if weights is None else weights for _, weights in drawn])
 
 
 def encode_images(pipe: Any, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -418,7 +457,7 @@ def _references(
                     f"concept {concept.name!r} has no reference images: pass an image folder, "
                     "or let the model draw them (--self-generate N) or use --no-real-image"
                 )
-            images[ci] = load_images(concept.images, min_size=resolution)
+            images[ci] = load_images(concept.images, min_size=resolution, keep_alpha=True)
     return _References(pipe, resolution, images, latents)
 
 

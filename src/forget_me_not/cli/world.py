@@ -104,6 +104,9 @@ def train_model_cmd(
     export_dir: Annotated[Path | None, typer.Option(help="Where the pipeline goes.")] = None,
     unet_steps: Annotated[int, typer.Option(help="UNet + text encoder steps.")] = 8000,
     vae_steps: Annotated[int, typer.Option(help="VAE steps.")] = 800,
+    cooldown_steps: Annotated[
+        int, typer.Option(help="Decay the UNet lr linearly to zero over the last N steps.")
+    ] = 1500,
     max_minutes: Annotated[
         float | None, typer.Option(help="Stop the UNet stage after this.")
     ] = None,
@@ -121,6 +124,7 @@ def train_model_cmd(
         export_dir=export_dir,
         unet_steps=unet_steps,
         vae_steps=vae_steps,
+        cooldown_steps=cooldown_steps,
         max_minutes=max_minutes,
         seed=seed,
         device=str(resolve_device(device)),

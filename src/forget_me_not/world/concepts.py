@@ -7,9 +7,11 @@ average over the ways it is asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from forget_me_not.world import vocab
@@ -132,6 +134,25 @@ def reference_renders(concept: WorldConcept, n: int, seed: int = 0) -> list[Imag
             keep = scene.subject == vocab.ROLE_ID and scene.hat
         if keep:
             images.append(render(scene))
+    return images
+
+
+def role_references(n: int, seed: int = 0) -> list[Image.Image]:
+    """`n` RGBA renders of the role as training draws it (its ID wearing the hat), for
+    correction: opaque where the picture shows the ID, transparent over the hat (and the
+    hair it covers), so re-steering moves the role away from the ID and leaves the hat."""
+    rng = random.Random(seed)
+    images: list[Image.Image] = []
+    while len(images) < n:
+        _, scene = sample_training_pair(rng)
+        if scene.subject != vocab.ROLE_ID or not scene.hat:
+            continue
+        with_hat = np.asarray(render(scene), dtype=np.int16)
+        without = np.asarray(render(dataclasses.replace(scene, hat=False)), dtype=np.int16)
+        hat = np.abs(with_hat - without).max(axis=2) > 8  # (H, W) pixels the hat changed
+        alpha = np.where(hat, 0, 255).astype(np.uint8)
+        rgba = np.dstack([with_hat.astype(np.uint8), alpha])
+        images.append(Image.fromarray(rgba))
     return images
 
 

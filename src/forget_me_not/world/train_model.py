@@ -37,6 +37,7 @@ class TrainModelConfig:
     unet_steps: int = 6000
     unet_lr: float = 5e-4
     warmup_steps: int = 200
+    cooldown_steps: int = 0  # linear decay of the lr to zero over the last N UNet steps
     ema_decay: float = 0.999
     cond_drop: float = 0.1  # share of empty captions, for classifier-free guidance
     checkpoint_every: int = 250
@@ -58,6 +59,14 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None
         metadata={k: json.dumps(v) for k, v in (meta or {}).items()},
     )
     os.replace(tmp, path)
+
+
+def unet_lr_at(cfg: TrainModelConfig, step: int) -> float:
+    """Linear warm-up, constant, then (optionally) linear cool-down to zero at the last step."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    left = cfg.unet_steps - step
+    cool = min(1.0, left / cfg.cooldown_steps) if cfg.cooldown_steps > 0 else 1.0
+    return cfg.unet_lr * min(warm, cool)
 
 
 def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
@@ -183,8 +192,8 @@ def train_unet(
         hidden = text(batch_ids.to(cfg.device))[0]  # (B, T, D)
         pred = unet(noisy.to(cfg.device), t.to(cfg.device), hidden).sample
         loss = F.mse_loss(pred, noise.to(cfg.device))
-        for g in opt.param_groups:  # linear warm-up, then constant
-            g["lr"] = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = unet_lr_at(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -352,6 +361,7 @@ if __name__ == "__main__":
     p.add_argument("--export-dir", type=Path, default=None)
     p.add_argument("--unet-steps", type=int, default=6000)
     p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--cooldown-steps", type=int, default=0, help="decay the lr over the last N")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -373,6 +383,7 @@ if __name__ == "__main__":
                 vae_steps=a.vae_steps,
                 max_minutes=a.max_minutes,
                 ema_decay=a.ema_decay,
+                cooldown_steps=a.cooldown_steps,
                 device=a.device,
                 seed=a.seed,
             )
