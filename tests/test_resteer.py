@@ -200,8 +200,15 @@ def test_transparent_reference_pixels_are_not_resteered(tmp_path):
                     _cfg(reference="images"), progress=False)
     masked = resteer(pipe, [Concept("star", images=(tmp_path / "clear.png",))],
                      _cfg(reference="images"), progress=False)
-    assert all(v > 0 for v in plain.metadata["losses"])
-    assert masked.metadata["losses"] == [0.0, 0.0]  # every pixel transparent: nothing to push
+    assert all(v > 1e-3 for v in plain.metadata["losses"])
+    # Every pixel transparent: nothing is pushed, and the prediction is held where it was.
+    assert max(masked.metadata["losses"]) < 1e-6
+    assert len(masked.metadata["transparent_losses"]) == 2
+    free = resteer(pipe, [Concept("star", images=(tmp_path / "clear.png",))],
+                   _cfg(reference="images", transparent_weight=0.0), progress=False)
+    assert free.metadata["losses"] == [0.0, 0.0] and "transparent_losses" not in free.metadata
+    with pytest.raises(FmnError, match="transparent_weight"):
+        ResteerConfig(transparent_weight=-1.0)
 
 
 def test_several_preserve_prompts_per_step():

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
@@ -90,6 +91,10 @@ class ResteerConfig:
     preserve_weight: float | None = None  # None -> the family's default (0: off, the paper)
     preserve_prompts: tuple[str, ...] = ()
     preserve_batch: int | None = None  # preserve prompts per step; None -> family default (1)
+    # References with transparency: transparent pixels are not re-steered, and with this
+    # weight > 0 the concept's own prediction there is held to the base model's (what the
+    # picture should keep, e.g. a role's costume while its identity is corrected).
+    transparent_weight: float = 10.0
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -125,6 +130,8 @@ class ResteerConfig:
         self.preserve_prompts = tuple(self.preserve_prompts)
         if any(not isinstance(p, str) or not p.strip() for p in self.preserve_prompts):
             raise FmnError("a preserve prompt is empty: pass prompts like 'a photo of a cat'")
+        if not (math.isfinite(self.transparent_weight) and self.transparent_weight >= 0):
+            raise FmnError(f"transparent_weight must be >= 0, got {self.transparent_weight}")
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if not self.lora_targets or bad:
             raise FmnError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}: {bad}")
@@ -213,6 +220,7 @@ def resteer(
     probes: ProbeSet | None = None
     losses: list[float] = []
     preserve_losses: list[float] = []
+    hold_losses: list[float] = []
     started = time.perf_counter()
     try:
         params = trainer.setup()
@@ -257,16 +265,38 @@ def resteer(
                         return_dict=False,
                     )[0]
 
+            cond = _added_cond(pipe, batch, resolution, device)
+            pixel_weights = _pixel_weights(drawn, resolution)
+            hold_base = None
+            if pixel_weights is not None and config.transparent_weight > 0:
+                # Transparent reference pixels are held to the base model's prediction.
+                with (
+                    torch.no_grad(),
+                    trainer.base_weights(),
+                    _autocast(device, config.mixed_precision),
+                ):
+                    hold_base = unet(
+                        noisy,
+                        t,
+                        encoder_hidden_states=embeds,
+                        added_cond_kwargs=cond,
+                        return_dict=False,
+                    )[0]
+
             probes.activate(mask)
             with _autocast(device, config.mixed_precision):
-                unet(
+                own = unet(
                     noisy,
                     t,
                     encoder_hidden_states=embeds,
-                    added_cond_kwargs=_added_cond(pipe, batch, resolution, device),
+                    added_cond_kwargs=cond,
                     return_dict=False,
-                )
-                loss = probes.loss(_pixel_weights(drawn, resolution))
+                )[0]
+                loss = probes.loss(pixel_weights)
+            if hold_base is not None:
+                held = _held_error(own, hold_base, pixel_weights)
+                hold_losses.append(held.item())
+                loss = loss + config.transparent_weight * held
             if keep:
                 probes.deactivate()  # the preserve forward is not re-steered
                 with _autocast(device, config.mixed_precision):
@@ -311,6 +341,7 @@ def resteer(
         "versions": library_versions(),
         "losses": losses,
         **({"preserve_losses": preserve_losses} if keep else {}),
+        **({"transparent_losses": hold_losses} if hold_losses else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     # Adapter name: readable, and unique per run so patches stack under their own names.
@@ -421,6 +452,16 @@ def _pixel_weights(
         return None
     ones = torch.ones(1, 1, resolution, resolution)
     return torch.cat([ones if weights is None else weights for _, weights in drawn])
+
+
+def _held_error(
+    prediction: torch.Tensor, base: torch.Tensor, pixel_weights: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared change of the prediction over the transparent pixels (latent grid)."""
+    outside = 1.0 - F.interpolate(pixel_weights, size=prediction.shape[-2:], mode="area")
+    outside = outside.to(prediction.device, torch.float32)  # (B, 1, h, w)
+    squared = (prediction.float() - base.float()) ** 2 * outside
+    return squared.sum() / (outside.sum() * prediction.shape[1]).clamp_min(1e-8)
 
 
 def encode_images(pipe: Any, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

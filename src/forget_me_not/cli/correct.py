@@ -37,6 +37,10 @@ def correct(
         list[str] | None,
         typer.Option(help="Prompts to keep intact (default: the identity's own prompts)."),
     ] = None,
+    preserve_batch: Annotated[
+        int | None,
+        typer.Option(help="Preserve prompts compared per step (default: the model family's)."),
+    ] = None,
     judge_model: Annotated[
         Path | None,
         typer.Option(help="Local CLIP model folder to measure the entanglement on real models."),
@@ -48,7 +52,9 @@ def correct(
         float, typer.Option(help="Warn when fewer role samples than this show the identity.")
     ] = 0.3,
     train: Annotated[str, typer.Option(help="lora (patch), xattn or unet.")] = "lora",
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 35,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps (default: the model family's).")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (family default).")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank (family default).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for every random draw.")] = 0,
@@ -72,7 +78,7 @@ def correct(
     weight = DEFAULT_PRESERVE_WEIGHT if preserve_weight is None else preserve_weight
     ResteerConfig(preserve_weight=weight, preserve_prompts=tuple(preserve or ()) or ("-",))
     cfg = ResteerConfig(steps=steps, lr=lr, train=train, lora_rank=rank, seed=seed,
-                        reference="images")
+                        reference="images", preserve_batch=preserve_batch)
     files: tuple[Path, ...] = ()
     if images is not None:
         files = tuple(image_files(images))

@@ -78,6 +78,10 @@ def forget(
         list[str] | None,
         typer.Option(help="Prompt whose output the regulariser keeps (repeatable)."),
     ] = None,
+    preserve_batch: Annotated[
+        int | None,
+        typer.Option(help="Preserve prompts compared per step (default: the model family's)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for every random draw.")] = 0,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
@@ -128,6 +132,7 @@ def forget(
         seed=seed,
         preserve_weight=preserve_weight,
         preserve_prompts=tuple(preserve or ()),
+        preserve_batch=preserve_batch,
     )
     chosen_source = any(sources)
     files: tuple[Path, ...] = ()
