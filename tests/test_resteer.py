@@ -38,6 +38,10 @@ def test_config_defaults_and_validation():
     assert (sd.preserve_weight, sd.include_padding) == (0.0, False)
     world = cfg.resolved("embedded")  # tuned by measurement on ConceptWorld
     assert (world.steps, world.lr, world.preserve_weight) == (100, 1e-3, 10.0)
+    assert world.preserve_batch == 4 and sd.preserve_batch == 1
+    # several concepts: each gets the default number of steps; an explicit count is kept
+    assert cfg.resolved("sd1", ["star", "moon"]).steps == 70
+    assert ResteerConfig(steps=5).resolved("sd1", ["star", "moon"]).steps == 5
     assert cfg.learning_rate == LORA_LR
     assert cfg.resolved("sd1").lora_rank == 4 and cfg.resolved("sd1").lr == LORA_LR
     assert ResteerConfig(train="xattn").learning_rate == FULL_LR == 2e-6

@@ -5,7 +5,10 @@ as milka: the role's prompts should keep the role but stop being that identity. 
 re-steering with the role as the concept and the *entangled* identity's images as references:
 the role's tokens stop attending to what makes the picture that identity. By default the
 identity's own prompts are preserved with the retention regulariser, so naming the identity
-directly still works.
+directly still works. What the role must keep (a costume, a hat) is cut out of the reference
+images as transparent pixels: those are not re-steered, and the role's prediction there is
+held to the base model's (on ConceptWorld the references are the role's renders with the hat
+cut out, made automatically).
 
 Before training, the entanglement is measured when a judge can score it (the world judge on the
 embedded model, a CLIP judge when one is given): the share of the role's samples that show the

@@ -60,7 +60,7 @@ def forget(
         typer.Option(
             "--include-padding/--no-include-padding",
             help="Also suppress every end-of-text/padding position (default: the "
-            "model family's; on for the embedded model).",
+            "model family's: off).",
         ),
     ] = None,
     include_eot: Annotated[
