@@ -160,3 +160,17 @@ def test_training_lr_warms_up_and_cools_down():
     assert unet_lr_at(cfg, 899) == pytest.approx(1e-3 * 101 / 200)
     assert unet_lr_at(cfg, 999) == pytest.approx(1e-3 / 200)
     assert unet_lr_at(TrainModelConfig(unet_steps=1000, cooldown_steps=0), 999) == 5e-4
+
+
+def test_resuming_with_more_vae_steps_is_refused(tmp_path):
+    import json
+
+    from forget_me_not.errors import FmnError
+    from forget_me_not.world.train_model import TrainModelConfig, check_resume
+
+    (tmp_path / "vae_state.json").write_text(json.dumps({"step": 500}))
+    (tmp_path / "unet_state.json").write_text(json.dumps({"step": 4750}))
+    check_resume(TrainModelConfig(run_dir=tmp_path, vae_steps=500))
+    with pytest.raises(FmnError, match="--vae-steps 500"):
+        check_resume(TrainModelConfig(run_dir=tmp_path, vae_steps=800))
+    check_resume(TrainModelConfig(run_dir=tmp_path / "fresh", vae_steps=800))

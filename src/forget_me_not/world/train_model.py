@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from forget_me_not.errors import FmnError
 from forget_me_not.world import model as world_model
 from forget_me_not.world import tokenizer as world_tokenizer
 from forget_me_not.world import vocab
@@ -288,8 +289,21 @@ def _cached_pool(cfg: TrainModelConfig) -> tuple[list[str], torch.Tensor]:
     return captions, pixels
 
 
+def check_resume(cfg: TrainModelConfig) -> None:
+    """Refuse to train the VAE further once the UNet has learnt its latents."""
+    vae_done = _state(cfg.run_dir / "vae_state.json").get("step", 0)
+    unet_done = _state(cfg.run_dir / "unet_state.json").get("step", 0)
+    if unet_done > 0 and vae_done < cfg.vae_steps:
+        raise FmnError(
+            f"{cfg.run_dir} holds a UNet trained for {unet_done} steps on the VAE of step "
+            f"{vae_done}; training the VAE further would change its latents: pass "
+            f"--vae-steps {vae_done} to resume"
+        )
+
+
 def train_model(cfg: TrainModelConfig) -> Path:
     torch.manual_seed(cfg.seed)
+    check_resume(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     log_path = cfg.run_dir / "log.jsonl"
 
