@@ -160,6 +160,7 @@ def test_training_lr_warms_up_and_cools_down():
     assert unet_lr_at(cfg, 899) == pytest.approx(1e-3 * 101 / 200)
     assert unet_lr_at(cfg, 999) == pytest.approx(1e-3 / 200)
     assert unet_lr_at(TrainModelConfig(unet_steps=1000, cooldown_steps=0), 999) == 5e-4
+    assert TrainModelConfig().cooldown_steps == 1500  # what the shipped model used
 
 
 def test_resuming_with_more_vae_steps_is_refused(tmp_path):

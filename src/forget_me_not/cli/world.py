@@ -103,7 +103,7 @@ def train_model_cmd(
     ),
     export_dir: Annotated[Path | None, typer.Option(help="Where the pipeline goes.")] = None,
     unet_steps: Annotated[int, typer.Option(help="UNet + text encoder steps.")] = 8000,
-    vae_steps: Annotated[int, typer.Option(help="VAE steps.")] = 800,
+    vae_steps: Annotated[int, typer.Option(help="VAE steps.")] = 500,
     cooldown_steps: Annotated[
         int, typer.Option(help="Decay the UNet lr linearly to zero over the last N steps.")
     ] = 1500,

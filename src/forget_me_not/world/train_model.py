@@ -33,12 +33,12 @@ class TrainModelConfig:
     seed: int = 0
     pool_size: int = 20_000  # rendered training pairs
     batch_size: int = 32
-    vae_steps: int = 800
+    vae_steps: int = 500
     vae_lr: float = 1e-3
-    unet_steps: int = 6000
+    unet_steps: int = 8000
     unet_lr: float = 5e-4
     warmup_steps: int = 200
-    cooldown_steps: int = 0  # linear decay of the lr to zero over the last N UNet steps
+    cooldown_steps: int = 1500  # linear decay of the lr to zero over the last N UNet steps
     ema_decay: float = 0.999
     cond_drop: float = 0.1  # share of empty captions, for classifier-free guidance
     checkpoint_every: int = 250
@@ -373,9 +373,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run-dir", type=Path, default=Path("runs/world-model"))
     p.add_argument("--export-dir", type=Path, default=None)
-    p.add_argument("--unet-steps", type=int, default=6000)
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--cooldown-steps", type=int, default=0, help="decay the lr over the last N")
+    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--cooldown-steps", type=int, default=1500, help="decay the lr over the last N")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
