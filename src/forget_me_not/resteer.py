@@ -223,6 +223,22 @@ def resteer(
     n_train_t = noise_scheduler.config.num_train_timesteps
 
     trainer = _Trainable(unet, config)
+
+    def predict(x, timesteps, hidden, cond, *, base: bool = False) -> torch.Tensor:
+        """The UNet's noise prediction; `base`: of the untouched model, without a graph."""
+        with contextlib.ExitStack() as stack:
+            if base:
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(trainer.base_weights())
+            stack.enter_context(_autocast(device, config.mixed_precision))
+            return unet(
+                x,
+                timesteps,
+                encoder_hidden_states=hidden,
+                added_cond_kwargs=cond,
+                return_dict=False,
+            )[0]
+
     probes: ProbeSet | None = None
     losses: list[float] = []
     preserve_losses: list[float] = []
@@ -258,61 +274,25 @@ def resteer(
                 keep_cond = _added_cond(pipe, keep_rows, resolution, device)
                 keep_noisy = noisy.repeat(config.preserve_batch, 1, 1, 1)
                 keep_t = t.repeat(config.preserve_batch)
-                with (
-                    torch.no_grad(),
-                    trainer.base_weights(),
-                    _autocast(device, config.mixed_precision),
-                ):
-                    base = unet(
-                        keep_noisy,
-                        keep_t,
-                        encoder_hidden_states=keep_embeds,
-                        added_cond_kwargs=keep_cond,
-                        return_dict=False,
-                    )[0]
+                base = predict(keep_noisy, keep_t, keep_embeds, keep_cond, base=True)
 
             cond = _added_cond(pipe, batch, resolution, device)
             pixel_weights = _pixel_weights(drawn, resolution)
             hold_base = None
             if pixel_weights is not None and config.transparent_weight > 0:
                 # Transparent reference pixels are held to the base model's prediction.
-                with (
-                    torch.no_grad(),
-                    trainer.base_weights(),
-                    _autocast(device, config.mixed_precision),
-                ):
-                    hold_base = unet(
-                        noisy,
-                        t,
-                        encoder_hidden_states=embeds,
-                        added_cond_kwargs=cond,
-                        return_dict=False,
-                    )[0]
+                hold_base = predict(noisy, t, embeds, cond, base=True)
 
             probes.activate(mask)
-            with _autocast(device, config.mixed_precision):
-                own = unet(
-                    noisy,
-                    t,
-                    encoder_hidden_states=embeds,
-                    added_cond_kwargs=cond,
-                    return_dict=False,
-                )[0]
-                loss = probes.loss(pixel_weights)
+            own = predict(noisy, t, embeds, cond)
+            loss = probes.loss(pixel_weights)
             if hold_base is not None:
                 held = _held_error(own, hold_base, pixel_weights)
                 hold_losses.append(held.item())
                 loss = loss + config.transparent_weight * held
             if keep:
                 probes.deactivate()  # the preserve forward is not re-steered
-                with _autocast(device, config.mixed_precision):
-                    pred = unet(
-                        keep_noisy,
-                        keep_t,
-                        encoder_hidden_states=keep_embeds,
-                        added_cond_kwargs=keep_cond,
-                        return_dict=False,
-                    )[0]
+                pred = predict(keep_noisy, keep_t, keep_embeds, keep_cond)
                 preserve = torch.nn.functional.mse_loss(pred.float(), base.float())
                 preserve_losses.append(preserve.item())
                 loss = loss + config.preserve_weight * preserve
