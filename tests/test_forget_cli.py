@@ -95,10 +95,10 @@ def test_forget_bad_input(inputs, tmp_path, args, fragment):
 def test_forget_failures_write_nothing(inputs, tmp_path, monkeypatch, failure, fragment):
     real = ProbeSet.loss
 
-    def broken(self):
+    def broken(self, pixel_weights=None):
         if failure == "interrupt":
             raise KeyboardInterrupt
-        return real(self) * float("nan")
+        return real(self, pixel_weights) * float("nan")
 
     monkeypatch.setattr(ProbeSet, "loss", broken)
     out = tmp_path / "p.safetensors"
