@@ -50,11 +50,17 @@ def main() -> None:
     judge = WorldJudge()
     guidance = default_guidance(pipe)
     t0 = time.perf_counter()
-    base = rates(score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance))
+    # No concept's prompts name a target (its own excepted): "a blue star" must not count
+    # against "blue" once the star is forgotten.
+    avoid = a.targets.split(",")
+    base = rates(
+        score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance, avoid=avoid)
+    )
     result = {
         "date": str(date.today()),
         "threads": torch.get_num_threads(),
         "n": a.n,
+        "avoided_words": avoid,
         "base": base,
         "base_seconds": time.perf_counter() - t0,
         "runs": {},
@@ -79,7 +85,9 @@ def main() -> None:
             patch = forget(pipe, concept, ResteerConfig(**overrides), progress=False)
             seconds = time.perf_counter() - t1
         patch.apply(pipe)
-        after = rates(score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance))
+        after = rates(
+            score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance, avoid=avoid)
+        )
         patch.remove(pipe)
         others = {k: (after[k] / base[k] if base[k] > 0 else None) for k in base if k != target}
         kept = [v for v in others.values() if v is not None]

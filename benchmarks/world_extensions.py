@@ -71,7 +71,11 @@ def main() -> None:
     pipe = load_pipeline("embedded", "cpu")
     judge = WorldJudge()
     g = default_guidance(pipe)
-    score = lambda: score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=g)  # noqa: E731
+    # No concept's prompts name a target (its own excepted), as in forget_world.py.
+    avoid = a.stack.split(",") + list(vocab.UNSAFE_OBJECTS)
+    score = lambda: score_concepts(  # noqa: E731
+        pipe, judge, n=a.n, seed=a.seed, guidance=g, avoid=avoid
+    )
     base = score()
     results: dict = {
         "date": str(date.today()),

@@ -175,3 +175,14 @@ def test_resuming_with_more_vae_steps_is_refused(tmp_path):
     with pytest.raises(FmnError, match="--vae-steps 500"):
         check_resume(TrainModelConfig(run_dir=tmp_path, vae_steps=800))
     check_resume(TrainModelConfig(run_dir=tmp_path / "fresh", vae_steps=800))
+
+
+def test_prompts_can_avoid_forgotten_words():
+    from forget_me_not.world import concepts as wc
+
+    blue = wc.prompts(wc.get("blue"), 20, avoid=["star", "dotted"])
+    assert len(blue) == 20 and not any("star" in p.split() for p in blue)
+    assert any("star" in p.split() for p in wc.prompts(wc.get("blue"), 20))
+    star = wc.prompts(wc.get("star"), 6, avoid=["star"])  # a concept's own name stays
+    assert all("star" in p.split() for p in star)
+    assert not any("dotted" in p.split() for p in wc.prompts(wc.get("arrow"), 20, ["dotted"]))

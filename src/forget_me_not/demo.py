@@ -40,7 +40,8 @@ def run_demo(
     pipe = load_pipeline("embedded", "cpu")
     judge = WorldJudge()
     guidance = default_guidance(pipe)
-    before = score_concepts(pipe, judge, names, n=n, seed=seed, guidance=guidance)
+    # the others' prompts never name the target: a forgotten star must not count against "red"
+    before = score_concepts(pipe, judge, names, n=n, seed=seed, guidance=guidance, avoid=[target])
     with tempfile.TemporaryDirectory() as refs:
         started = time.perf_counter()
         patch = forget(pipe, wc.fmn_concept(target, refs))
@@ -48,7 +49,7 @@ def run_demo(
     patch_path = out_dir / f"forget-{target}.safetensors"
     patch.save(patch_path)
     patch.apply(pipe)
-    after = score_concepts(pipe, judge, names, n=n, seed=seed, guidance=guidance)
+    after = score_concepts(pipe, judge, names, n=n, seed=seed, guidance=guidance, avoid=[target])
     patch.remove(pipe)
 
     summary = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,12 +65,19 @@ def _trained_styles(subject: str) -> list[str]:
     return [s for s in vocab.STYLES if (subject, s) not in HELD_OUT]
 
 
-def prompts(concept: WorldConcept, n: int) -> list[str]:
-    """`n` prompts that ask for the concept, in the trained caption forms."""
+def prompts(concept: WorldConcept, n: int, avoid: Sequence[str] = ()) -> list[str]:
+    """`n` prompts that ask for the concept, in the trained caption forms.
+
+    `avoid`: words no prompt may contain besides the concept's own name (when a forgotten
+    concept's retention is measured, "a blue star" must not count against "blue").
+    """
+    banned = {w for w in avoid if w != concept.name}
     out: list[str] = []
     colours = list(vocab.COLOURS)
     i = 0
     while len(out) < n:
+        if i > 50 * (n + len(vocab.SHAPES)):
+            raise ValueError(f"no prompt for {concept.name!r} avoids {sorted(banned)}")
         c = colours[i % len(colours)]
         if concept.kind in ("object", "nsfw"):
             s = _trained_styles(concept.name)[i % len(_trained_styles(concept.name))]
@@ -101,8 +109,10 @@ def prompts(concept: WorldConcept, n: int) -> list[str]:
                 f"a photo of a {vocab.ROLE}",
                 f"a portrait of a {vocab.ROLE}",
             )
-        out.append(forms[i % len(forms)])
+        form = forms[i % len(forms)]
         i += 1
+        if not banned & set(form.split()):
+            out.append(form)
     return out
 
 

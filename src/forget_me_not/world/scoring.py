@@ -41,12 +41,15 @@ def sample_many(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: in
 
 def score_concepts(pipe, judge, names: Sequence[str] | None = None, *, n: int = 32,
                    seed: int = 1000, steps: int = 25, guidance: float = 7.5,
-                   progress: bool = True) -> dict[str, dict]:
-    """{concept: {"rate": share drawn, "hat": share with the hat, "images": [...]}}."""
+                   progress: bool = True, avoid: Sequence[str] = ()) -> dict[str, dict]:
+    """{concept: {"rate": share drawn, "hat": share with the hat, "images": [...]}}.
+
+    `avoid`: words (forgotten concepts) that no other concept's prompts may contain.
+    """
     chosen = [wc.get(x) for x in names] if names else wc.all_concepts()
     prompts, seeds, owner = [], [], []
     for c in chosen:
-        prompts += wc.prompts(c, n)
+        prompts += wc.prompts(c, n, avoid)
         seeds += [seed + i for i in range(n)]
         owner += [c.name] * n
     images = sample_many(pipe, prompts, seeds, steps=steps, guidance=guidance, progress=progress)
