@@ -29,6 +29,7 @@ import numpy as np
 
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
+from forget_me_not.images import save_numbered
 from forget_me_not.patch import Patch
 from forget_me_not.resteer import ResteerConfig, resteer
 
@@ -148,12 +149,7 @@ def _world_role_references(folder: Path, seed: int, n: int = 10) -> tuple[Path, 
     """The role as ConceptWorld draws it, with the hat transparent (so it is not re-steered)."""
     from forget_me_not.world.concepts import role_references
 
-    paths = []
-    for i, image in enumerate(role_references(n, seed)):
-        path = folder / f"role_{i:02d}.png"
-        image.save(path)
-        paths.append(path)
-    return tuple(paths)
+    return save_numbered(role_references(n, seed), folder, "role")
 
 
 def _self_references(pipe: Any, entangled: Concept, folder: Path, seed: int,
@@ -163,11 +159,9 @@ def _self_references(pipe: Any, entangled: Concept, folder: Path, seed: int,
     from forget_me_not.world.defaults import default_guidance, default_steps
 
     prompts = entangled.prompts()
-    paths = []
-    for i in range(n):
-        image = generate_images(pipe, prompts[i % len(prompts)], n=1, seed=seed + i,
-                                steps=default_steps(pipe), guidance=default_guidance(pipe))[0]
-        path = folder / f"ref_{i:02d}.png"
-        image.save(path)
-        paths.append(path)
-    return tuple(paths)
+    images = [
+        generate_images(pipe, prompts[i % len(prompts)], n=1, seed=seed + i,
+                        steps=default_steps(pipe), guidance=default_guidance(pipe))[0]
+        for i in range(n)
+    ]
+    return save_numbered(images, folder, "ref")

@@ -50,6 +50,18 @@ def save_png(image: Image.Image, path: str | Path, text: dict[str, str] | None =
     return path
 
 
+def save_numbered(images: Sequence[Image.Image], folder: str | Path, stem: str) -> tuple[Path, ...]:
+    """Write `images` as `folder/stem_00.png`, `stem_01.png`, ...; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{stem}_{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return tuple(paths)
+
+
 def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -44,6 +44,19 @@ FULL_LR = 2e-6
 # push get their own entry in FAMILY_DEFAULTS, tuned there by measurement.
 LORA_LR = 1e-4
 LORA_RANK = 4
+
+
+def _world_retention_prompts(targets: Sequence[str]) -> tuple[str, ...]:
+    from forget_me_not.world.concepts import retention_prompts
+
+    return retention_prompts(list(targets))
+
+
+# Where a family's regulariser takes its prompts when none are given: the embedded model keeps
+# the other world concepts' prompts intact (the targets' own words left out).
+FAMILY_PRESERVE_PROMPTS: dict[str, Callable[[Sequence[str]], tuple[str, ...]]] = {
+    "embedded": _world_retention_prompts,
+}
 # Per-family defaults for settings left at None (lr, lora_rank). The embedded ConceptWorld
 # model's entry is set from its acceptance measurements (see the README / BENCHMARKS.md).
 FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -162,12 +175,9 @@ class ResteerConfig:
         if self.steps is None:
             # The steps cycle through the concepts' prompts: each concept gets the default.
             filled["steps"] = base["steps"] * max(1, len(targets))
-        if filled["preserve_weight"] > 0 and not self.preserve_prompts and family == "embedded":
-            # The family's regulariser keeps the other world concepts' prompts intact (the
-            # targets' own words left out).
-            from forget_me_not.world.concepts import retention_prompts
-
-            filled["preserve_prompts"] = retention_prompts(list(targets))
+        prompts_for = FAMILY_PRESERVE_PROMPTS.get(family or "")
+        if filled["preserve_weight"] > 0 and not self.preserve_prompts and prompts_for:
+            filled["preserve_prompts"] = prompts_for(targets)
         if filled["preserve_weight"] > 0 and not filled.get(
             "preserve_prompts", self.preserve_prompts
         ):

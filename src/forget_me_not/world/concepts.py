@@ -128,11 +128,11 @@ def held_out_prompts() -> list[tuple[str, str]]:
     return out
 
 
-def reference_renders(concept: WorldConcept, n: int, seed: int = 0) -> list[Image.Image]:
-    """`n` renders showing the concept (the reference images forgetting and inversion use)."""
+def reference_scenes(concept: WorldConcept, n: int, seed: int = 0) -> list[Scene]:
+    """`n` training scenes that show the concept (the role: its ID wearing the hat)."""
     rng = random.Random(seed)
-    images: list[Image.Image] = []
-    while len(images) < n:
+    scenes: list[Scene] = []
+    while len(scenes) < n:
         _, scene = sample_training_pair(rng)
         if concept.kind in ("object", "nsfw", "id"):
             keep = scene.subject == concept.name and not scene.hat
@@ -143,26 +143,26 @@ def reference_renders(concept: WorldConcept, n: int, seed: int = 0) -> list[Imag
         else:
             keep = scene.subject == vocab.ROLE_ID and scene.hat
         if keep:
-            images.append(render(scene))
-    return images
+            scenes.append(scene)
+    return scenes
+
+
+def reference_renders(concept: WorldConcept, n: int, seed: int = 0) -> list[Image.Image]:
+    """`n` renders showing the concept (the reference images forgetting and inversion use)."""
+    return [render(scene) for scene in reference_scenes(concept, n, seed)]
 
 
 def role_references(n: int, seed: int = 0) -> list[Image.Image]:
     """`n` RGBA renders of the role as training draws it (its ID wearing the hat), for
     correction: opaque where the picture shows the ID, transparent over the hat (and the
     hair it covers), so re-steering moves the role away from the ID and leaves the hat."""
-    rng = random.Random(seed)
     images: list[Image.Image] = []
-    while len(images) < n:
-        _, scene = sample_training_pair(rng)
-        if scene.subject != vocab.ROLE_ID or not scene.hat:
-            continue
+    for scene in reference_scenes(get(vocab.ROLE), n, seed):
         with_hat = np.asarray(render(scene), dtype=np.int16)
         without = np.asarray(render(dataclasses.replace(scene, hat=False)), dtype=np.int16)
         hat = np.abs(with_hat - without).max(axis=2) > 8  # (H, W) pixels the hat changed
         alpha = np.where(hat, 0, 255).astype(np.uint8)
-        rgba = np.dstack([with_hat.astype(np.uint8), alpha])
-        images.append(Image.fromarray(rgba))
+        images.append(Image.fromarray(np.dstack([with_hat.astype(np.uint8), alpha])))
     return images
 
 
@@ -183,19 +183,12 @@ FMN_TEMPLATES = {
 
 def fmn_concept(name: str, ref_dir, n_refs: int = 10, seed: int = 0):
     """A `Concept` to forget, with `n_refs` reference renders written (as PNG) into `ref_dir`."""
-    from pathlib import Path
-
     from forget_me_not.concepts import Concept
+    from forget_me_not.images import save_numbered
 
     wc = get(name)
-    ref_dir = Path(ref_dir)
-    ref_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(reference_renders(wc, n_refs, seed)):
-        path = ref_dir / f"{name}_{i:02d}.png"
-        image.save(path)
-        paths.append(path)
-    return Concept(name, wc.category, FMN_TEMPLATES[wc.kind], tuple(paths))
+    paths = save_numbered(reference_renders(wc, n_refs, seed), ref_dir, name)
+    return Concept(name, wc.category, FMN_TEMPLATES[wc.kind], paths)
 
 
 def retention_prompts(targets: list[str], per_kind: int = 2) -> tuple[str, ...]:
