@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from forget_me_not.correct import DEFAULT_PRESERVE_WEIGHT, correct
 from forget_me_not.errors import FmnError
 from forget_me_not.judges.base import BaseJudge
 from forget_me_not.patch import load_patch
-from forget_me_not.resteer import ResteerConfig, resteer
+from forget_me_not.resteer import PRESERVE_LATENTS, ResteerConfig, resteer
 from tiny_pipelines import make_tiny_pipeline
 
 runner = CliRunner()
@@ -68,6 +69,32 @@ def test_preserve_weight_zero_is_exactly_the_old_behaviour():
     assert all(torch.equal(plain.tensors[k], zero.tensors[k]) for k in plain.tensors)
     assert plain.metadata["losses"] == zero.metadata["losses"]
     assert "preserve_losses" not in zero.metadata
+
+
+def test_preserve_latents_own_draws_one_latent_per_prompt_and_changes_the_run():
+    from forget_me_not.resteer import _preserve_latents
+
+    with pytest.raises(FmnError, match="preserve_latents"):
+        ResteerConfig(preserve_latents="mine")
+    assert ResteerConfig().resolved("sd1").preserve_latents == "shared"
+    prompts = ("a photo of a moon", "a photo of a sun", "a cat")
+    cfg = _cfg(preserve_weight=10.0, preserve_prompts=prompts, preserve_latents="own",
+               self_steps=2).resolved("sd1")
+    pipe = make_tiny_pipeline("sd1")
+    own = _preserve_latents(pipe, cfg)
+    assert own.shape == (3, 4, 8, 8)
+    assert torch.equal(own, _preserve_latents(pipe, cfg))  # seeded
+    assert not torch.equal(own[0], own[1])  # each prompt draws its own image
+    assert _preserve_latents(pipe, replace(cfg, preserve_latents="shared")) is None
+    runs = {
+        mode: resteer(make_tiny_pipeline("sd1"), [Concept("star")],
+                      _cfg(preserve_weight=10.0, preserve_prompts=prompts, self_steps=2,
+                           preserve_latents=mode), progress=False)
+        for mode in PRESERVE_LATENTS
+    }
+    # Same target loss at the first step (same draws); the preserve term sees other latents.
+    assert runs["own"].metadata["settings"]["preserve_latents"] == "own"
+    assert runs["own"].metadata["preserve_losses"] != runs["shared"].metadata["preserve_losses"]
 
 
 def test_preserve_keeps_the_preserved_prompt_closer_to_the_base():

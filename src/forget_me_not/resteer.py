@@ -33,6 +33,9 @@ from forget_me_not.patch import Patch, family_of, library_versions, model_hash
 TRAIN_MODES = ("lora", "xattn", "unet")
 REFERENCES = ("images", "self", "noise")
 PRECISIONS = ("no", "fp16", "bf16")
+# What the retention regulariser's prompts are evaluated on: the target's own noisy latent
+# ("shared"), or a noisy latent of an image the base model draws for each preserve prompt ("own").
+PRESERVE_LATENTS = ("shared", "own")
 
 # The paper's learning rate for full weights (whole UNet or cross-attention only).
 FULL_LR = 2e-6
@@ -105,6 +108,7 @@ class ResteerConfig:
     preserve_weight: float | None = None  # None -> the family's default (0: off, the paper)
     preserve_prompts: tuple[str, ...] = ()
     preserve_batch: int | None = None  # preserve prompts per step; None -> family default (1)
+    preserve_latents: str | None = None  # "shared"/"own" (PRESERVE_LATENTS); None -> family's
     # References with transparency: transparent pixels are not re-steered, and with this
     # weight > 0 the concept's own prediction there is held to the base model's (what the
     # picture should keep, e.g. a role's costume while its identity is corrected).
@@ -117,6 +121,10 @@ class ResteerConfig:
             raise FmnError(f"unknown train mode {self.train!r}: use one of {TRAIN_MODES}")
         if self.reference not in REFERENCES:
             raise FmnError(f"unknown reference {self.reference!r}: use one of {REFERENCES}")
+        if self.preserve_latents is not None and self.preserve_latents not in PRESERVE_LATENTS:
+            raise FmnError(
+                f"unknown preserve_latents {self.preserve_latents!r}: use one of {PRESERVE_LATENTS}"
+            )
         if self.mixed_precision not in PRECISIONS:
             raise FmnError(
                 f"unknown mixed precision {self.mixed_precision!r}: use one of {PRECISIONS}"
@@ -167,6 +175,7 @@ class ResteerConfig:
             "steps": 35,
             "preserve_weight": 0.0,
             "preserve_batch": 1,
+            "preserve_latents": "shared",
         }
         base.update(FAMILY_DEFAULTS.get(family or "", {}).get(self.train, {}))
         filled = {
@@ -228,6 +237,7 @@ def resteer(
 
     rows = _encode_rows(pipe, concepts, config)
     keep = _encode_preserve(pipe, config)
+    keep_latents = _preserve_latents(pipe, config) if keep else None
     references = _references(pipe, concepts, config, resolution, gen)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = noise_scheduler.config.num_train_timesteps
@@ -275,15 +285,21 @@ def resteer(
                 # The base model's prediction first, before the trained forward builds its graph.
                 # Each of the step's preserve prompts sees every noisy latent of the batch.
                 first = step * config.preserve_batch
-                keep_rows = [
-                    keep[(first + j) % len(keep)]
-                    for j in range(config.preserve_batch)
-                    for _ in batch
+                keep_index = [
+                    (first + j) % len(keep) for j in range(config.preserve_batch) for _ in batch
                 ]
+                keep_rows = [keep[i] for i in keep_index]
                 keep_embeds = torch.cat([row.embeds for row in keep_rows]).to(device)
                 keep_cond = _added_cond(pipe, keep_rows, resolution, device)
-                keep_noisy = noisy.repeat(config.preserve_batch, 1, 1, 1)
                 keep_t = t.repeat(config.preserve_batch)
+                if keep_latents is None:
+                    keep_noisy = noisy.repeat(config.preserve_batch, 1, 1, 1)
+                else:
+                    clean = keep_latents[keep_index]
+                    keep_noise = torch.randn(clean.shape, generator=gen)
+                    keep_noisy = noise_scheduler.add_noise(
+                        clean.to(device, noisy.dtype), keep_noise.to(device, noisy.dtype), keep_t
+                    )
                 base = predict(keep_noisy, keep_t, keep_embeds, keep_cond, base=True)
 
             cond = _added_cond(pipe, batch, resolution, device)
@@ -389,6 +405,23 @@ def _encode_preserve(pipe: Any, config: ResteerConfig) -> list[_Row]:
             embeds, pooled = encode_prompt(pipe, prompt)
         rows.append(_Row(-1, embeds.detach(), None if pooled is None else pooled.detach(), []))
     return rows
+
+
+def _preserve_latents(pipe: Any, config: ResteerConfig) -> torch.Tensor | None:
+    """("own") one latent per preserve prompt, drawn by the base model before training."""
+    if config.preserve_latents != "own":
+        return None
+    prompts = list(config.preserve_prompts)
+    out = []
+    for i in range(0, len(prompts), 16):  # bounded batches: real models draw 512+ px images
+        chunk = prompts[i : i + 16]
+        gens = [torch.Generator("cpu").manual_seed(config.seed * 10_007 + i + j)
+                for j in range(len(chunk))]
+        with torch.no_grad():
+            result = pipe(chunk, num_inference_steps=config.self_steps, generator=gens,
+                          output_type="latent")
+        out.append(result.images.detach().to("cpu", torch.float32))
+    return torch.cat(out)
 
 
 def _added_cond(

@@ -41,6 +41,7 @@ def correct(
         int | None,
         typer.Option(help="Preserve prompts compared per step (default: the model family's)."),
     ] = None,
+    preserve_latents: opt.PreserveLatents = None,
     judge_model: Annotated[
         Path | None,
         typer.Option(help="Local CLIP model folder to measure the entanglement on real models."),
@@ -78,7 +79,8 @@ def correct(
     weight = DEFAULT_PRESERVE_WEIGHT if preserve_weight is None else preserve_weight
     ResteerConfig(preserve_weight=weight, preserve_prompts=tuple(preserve or ()) or ("-",))
     cfg = ResteerConfig(steps=steps, lr=lr, train=train, lora_rank=rank, seed=seed,
-                        reference="images", preserve_batch=preserve_batch)
+                        reference="images", preserve_batch=preserve_batch,
+                        preserve_latents=preserve_latents)
     files: tuple[Path, ...] = ()
     if images is not None:
         files = tuple(image_files(images))

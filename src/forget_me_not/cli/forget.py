@@ -82,6 +82,7 @@ def forget(
         int | None,
         typer.Option(help="Preserve prompts compared per step (default: the model family's)."),
     ] = None,
+    preserve_latents: opt.PreserveLatents = None,
     seed: Annotated[int, typer.Option(help="Seed for every random draw.")] = 0,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
@@ -133,6 +134,7 @@ def forget(
         preserve_weight=preserve_weight,
         preserve_prompts=tuple(preserve or ()),
         preserve_batch=preserve_batch,
+        preserve_latents=preserve_latents,
     )
     chosen_source = any(sources)
     files: tuple[Path, ...] = ()

@@ -37,6 +37,12 @@ Config = Annotated[
         help="Local diffusers folder giving the configs for a single-file checkpoint (offline).",
     ),
 ]
+PreserveLatents = Annotated[
+    str | None,
+    typer.Option(help="What the preserved prompts are compared on: 'shared' (the target's noisy "
+                      "latent) or 'own' (an image the model draws per prompt; default: the "
+                      "model family's)."),
+]
 Seed = Annotated[int, typer.Option(help="Base seed; sample i uses seed + i.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
 Guidance = Annotated[

@@ -107,6 +107,9 @@ def train_model_cmd(
     cooldown_steps: Annotated[
         int, typer.Option(help="Decay the UNet lr linearly to zero over the last N steps.")
     ] = 1500,
+    unet_lr: Annotated[
+        float, typer.Option(help="Peak UNet lr (lower it when resuming to train on).")
+    ] = 5e-4,
     max_minutes: Annotated[
         float | None, typer.Option(help="Stop the UNet stage after this.")
     ] = None,
@@ -125,6 +128,7 @@ def train_model_cmd(
         unet_steps=unet_steps,
         vae_steps=vae_steps,
         cooldown_steps=cooldown_steps,
+        unet_lr=unet_lr,
         max_minutes=max_minutes,
         seed=seed,
         device=str(resolve_device(device)),

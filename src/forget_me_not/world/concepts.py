@@ -196,7 +196,7 @@ def retention_prompts(targets: list[str], per_kind: int = 2) -> tuple[str, ...]:
     words = {w for t in targets for w in t.lower().split()}
     out: list[str] = []
     for c in all_concepts():
-        if c.name in words or c.kind == "colour":
+        if c.name in words:
             continue
         for p in prompts(c, per_kind):
             if not words & set(p.split()):

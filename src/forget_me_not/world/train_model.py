@@ -50,6 +50,8 @@ class TrainModelConfig:
         for name in ("pool_size", "batch_size", "vae_steps", "unet_steps", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.unet_lr <= 0:
+            raise ValueError(f"unet_lr must be positive, got {self.unet_lr}")
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
@@ -376,6 +378,7 @@ if __name__ == "__main__":
     p.add_argument("--unet-steps", type=int, default=8000)
     p.add_argument("--vae-steps", type=int, default=500)
     p.add_argument("--cooldown-steps", type=int, default=1500, help="decay the lr over the last N")
+    p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -398,6 +401,7 @@ if __name__ == "__main__":
                 max_minutes=a.max_minutes,
                 ema_decay=a.ema_decay,
                 cooldown_steps=a.cooldown_steps,
+                unet_lr=a.unet_lr,
                 device=a.device,
                 seed=a.seed,
             )
