@@ -79,7 +79,7 @@ def test_preserve_latents_own_draws_one_latent_per_prompt_and_changes_the_run():
     assert ResteerConfig().resolved("sd1").preserve_latents == "shared"
     prompts = ("a photo of a moon", "a photo of a sun", "a cat")
     cfg = _cfg(preserve_weight=10.0, preserve_prompts=prompts, preserve_latents="own",
-               self_steps=2).resolved("sd1")
+               preserve_steps=2).resolved("sd1")
     pipe = make_tiny_pipeline("sd1")
     own = _preserve_latents(pipe, cfg)
     assert own.shape == (3, 4, 8, 8)
@@ -88,7 +88,7 @@ def test_preserve_latents_own_draws_one_latent_per_prompt_and_changes_the_run():
     assert _preserve_latents(pipe, replace(cfg, preserve_latents="shared")) is None
     runs = {
         mode: resteer(make_tiny_pipeline("sd1"), [Concept("star")],
-                      _cfg(preserve_weight=10.0, preserve_prompts=prompts, self_steps=2,
+                      _cfg(preserve_weight=10.0, preserve_prompts=prompts, preserve_steps=2,
                            preserve_latents=mode), progress=False)
         for mode in PRESERVE_LATENTS
     }

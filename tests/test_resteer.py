@@ -37,8 +37,10 @@ def test_config_defaults_and_validation():
     assert (sd.steps, sd.train, sd.batch_size, sd.weight_decay) == (35, "lora", 1, 0.01)
     assert (sd.preserve_weight, sd.include_padding) == (0.0, False)
     world = cfg.resolved("embedded")  # tuned by measurement on ConceptWorld
-    assert (world.steps, world.lr, world.preserve_weight) == (100, 1e-3, 10.0)
+    assert (world.steps, world.lr, world.preserve_weight) == (100, 1e-3, 30.0)
     assert world.preserve_batch == 4 and sd.preserve_batch == 1
+    assert (world.preserve_latents, world.preserve_steps) == ("own", 10)
+    assert (sd.preserve_latents, sd.preserve_steps) == ("shared", 25)
     # several concepts: each gets the default number of steps; an explicit count is kept
     assert cfg.resolved("sd1", ["star", "moon"]).steps == 70
     assert ResteerConfig(steps=5).resolved("sd1", ["star", "moon"]).steps == 5
