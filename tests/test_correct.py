@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from forget_me_not.cli.main import app
 from forget_me_not.concepts import Concept
-from forget_me_not.correct import DEFAULT_PRESERVE_WEIGHT, correct
+from forget_me_not.correct import DEFAULT_ANCHOR_WEIGHT, DEFAULT_PRESERVE_WEIGHT, correct
 from forget_me_not.errors import FmnError
 from forget_me_not.judges.base import BaseJudge
 from forget_me_not.patch import load_patch
@@ -95,6 +95,41 @@ def test_preserve_latents_own_draws_one_latent_per_prompt_and_changes_the_run():
     # Same target loss at the first step (same draws); the preserve term sees other latents.
     assert runs["own"].metadata["settings"]["preserve_latents"] == "own"
     assert runs["own"].metadata["preserve_losses"] != runs["shared"].metadata["preserve_losses"]
+
+
+def test_anchor_term_validation_and_pull_toward_the_anchor():
+    with pytest.raises(FmnError, match="--toward PROMPT"):
+        ResteerConfig(anchor_weight=1.0)
+    with pytest.raises(FmnError, match="anchor_weight"):
+        ResteerConfig(anchor_weight=-1.0, anchor_prompts=("a cat",))
+    with pytest.raises(FmnError, match="anchor prompt is empty"):
+        ResteerConfig(anchor_weight=1.0, anchor_prompts=("",))
+    off = resteer(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(), progress=False)
+    assert "anchor_losses" not in off.metadata
+
+    def gap(weight):
+        # How far "a photo of a star" is from the anchor's base prediction after training.
+        pipe = make_tiny_pipeline("sd1")
+        anchor = "a photo of a moon"
+        cfg = _cfg(steps=6, lr=3e-2, preserve_steps=2, anchor_weight=weight,
+                   anchor_prompts=(anchor,) if weight else ())
+        patch = resteer(pipe, [Concept("star")], cfg, progress=False)
+        if weight:
+            assert len(patch.metadata["anchor_losses"]) == 6
+        from forget_me_not.resteer import encode_prompt
+
+        star, _ = encode_prompt(pipe, "a photo of a star")
+        moon, _ = encode_prompt(pipe, anchor)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(4, 4, 8, 8, generator=g)
+        t = torch.tensor([100, 300, 600, 900])
+        with torch.no_grad():
+            target = pipe.unet(x, t, encoder_hidden_states=moon.expand(4, -1, -1)).sample
+            patch.apply(pipe)
+            pulled = pipe.unet(x, t, encoder_hidden_states=star.expand(4, -1, -1)).sample
+        return float((pulled - target).pow(2).mean())
+
+    assert gap(100.0) < gap(0.0)
 
 
 def test_preserve_keeps_the_preserved_prompt_closer_to_the_base():
@@ -201,14 +236,26 @@ def test_cli_correct_on_the_embedded_model_uses_world_renders(world_dir, tmp_pat
     meta = load_patch(out).metadata
     assert meta["correction"]["reference_source"] == "world renders, hat kept"
     # world phrasing for both: the role's templates and the identity's preserved prompts
-    assert meta["concepts"][0]["templates"] == ["a {}", "a photo of a {}"]
+    assert meta["concepts"][0]["templates"] == ["a {}", "a photo of a {}", "a portrait of a {}"]
     assert meta["settings"]["preserve_prompts"] == ["a photo of milka", "a portrait of milka"]
+    # pulled toward the hat on the other IDs, without the transparent-pixel hold
+    anchors = meta["correction"]["anchor_prompts"]
+    assert "zorbo wearing a hat" in anchors and not any("milka" in a for a in anchors)
+    assert meta["settings"]["anchor_weight"] == DEFAULT_ANCHOR_WEIGHT
+    assert meta["settings"]["transparent_weight"] == 0.0
+    assert len(meta["anchor_losses"]) == 2  # --steps 2 kept (default: twice the family's)
+    off = _correct(world_dir, tmp_path / "off.safetensors", "--check", "0", "--toward-weight", "0")
+    assert off.exit_code == 0, off.output
+    meta = load_patch(tmp_path / "off.safetensors").metadata
+    assert meta["settings"]["anchor_weight"] == 0.0 and "anchor_losses" not in meta
 
 
 def test_cli_correct_bad_input(tiny_pipeline_dir, tmp_path):
     sd1 = tiny_pipeline_dir("sd1")
     for extra, fragment in ((["--check", "-1"], "--check"),
                             (["--preserve-weight", "-1"], "preserve_weight"),
+                            (["--toward-weight", "-1"], "anchor_weight"),
+                            (["--toward", " "], "anchor prompt is empty"),
                             (["--judge-model", str(tmp_path / "none")], "not a folder"),
                             (["--out", str(tmp_path / "p.bin")], ".safetensors")):
         result = _correct(sd1, tmp_path / "p.safetensors", *extra)

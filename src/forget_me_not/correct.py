@@ -10,6 +10,14 @@ images as transparent pixels: those are not re-steered, and the role's predictio
 held to the base model's (on ConceptWorld the references are the role's renders with the hat
 cut out, made automatically).
 
+Re-steering only says where the role must *not* go; on its own it either left the role on the
+identity or erased it (ConceptWorld). So correction also pulls the role *toward* anchor
+prompts that show the role on other people ("a woman warrior in armour" for Mulan; on
+ConceptWorld the other IDs wearing the hat, automatically): on images the base model draws for
+an anchor, the role's prediction is trained to match the base model's prediction for the
+anchor (the model-based objective of Kumari et al., "Ablating Concepts", 2023). With anchors,
+the hold on transparent pixels is off by default: the anchors keep the hat.
+
 Before training, the entanglement is measured when a judge can score it (the world judge on the
 embedded model, a CLIP judge when one is given): the share of the role's samples that show the
 identity. Below `warn_below` a warning says so (a correction of something that is not there
@@ -33,9 +41,14 @@ from forget_me_not.images import save_numbered
 from forget_me_not.patch import Patch
 from forget_me_not.resteer import ResteerConfig, resteer
 
-# Weight of the retention regulariser on the entangled identity's own prompts. A starting
-# point, not yet tuned by measurement (the ConceptWorld acceptance runs will set it).
-DEFAULT_PRESERVE_WEIGHT = 1.0
+# Weight of the retention regulariser on the entangled identity's own prompts. Set on
+# ConceptWorld's wizard -> milka with the anchor term on (n=8): at 1 milka named directly
+# fell to 75-88%, at 5 it stayed at 88-100%.
+DEFAULT_PRESERVE_WEIGHT = 5.0
+# Weight of the anchor term (the role pulled toward prompts that show the role on other
+# people); set on ConceptWorld's wizard -> milka (BENCHMARKS.md, "Correction").
+DEFAULT_ANCHOR_WEIGHT = 50.0
+CORRECTION_STEP_FACTOR = 2
 WARN_BELOW = 0.3  # entanglement rate under which correction is probably not needed
 N_CHECK = 8  # role samples judged before training
 N_SELF_REFERENCES = 8  # identity images the model draws when none are given
@@ -76,12 +89,16 @@ def correct(
     n_check: int = N_CHECK,
     warn_below: float = WARN_BELOW,
     preserve: bool = True,
+    toward_weight: float | None = None,
     progress: bool = True,
 ) -> Correction:
     """Re-steer `role` away from the identity `away_from`; returns the patch and the rate.
 
     References, in order: `images` (of the identity), world renders of it on the embedded
     model, or the model's own drawings from the identity's prompts.
+    The role is also pulled toward `config.anchor_prompts` (the role shown on other people;
+    on ConceptWorld: the other IDs wearing the hat, filled in automatically) with
+    `toward_weight` (None: `DEFAULT_ANCHOR_WEIGHT`; 0: off).
     """
     from forget_me_not.models import detect_family
     from forget_me_not.presets import is_world_concept, world_concepts
@@ -112,6 +129,22 @@ def correct(
         config = dataclasses.replace(
             config, preserve_weight=DEFAULT_PRESERVE_WEIGHT,
             preserve_prompts=config.preserve_prompts or tuple(away_from.prompts()))
+    anchors = config.anchor_prompts
+    if not anchors and family == "embedded" and _is_world_role(role, away_from):
+        anchors = _world_anchor_prompts()
+    pull = DEFAULT_ANCHOR_WEIGHT if toward_weight is None else toward_weight
+    if pull < 0:
+        raise FmnError(f"toward_weight must be >= 0, got {toward_weight}")
+    config = dataclasses.replace(config, anchor_prompts=anchors if pull else (),
+                                 anchor_weight=pull if anchors else 0.0)
+    if config.anchor_weight and config.transparent_weight is None:
+        config = dataclasses.replace(config, transparent_weight=0.0)
+    if config.steps is None:
+        # Moving the role toward the anchors takes longer than forgetting: twice the
+        # family's steps (ConceptWorld, n=8: 100 steps left the role on the identity 38% of
+        # the time, 200 steps 25%).
+        config = dataclasses.replace(
+            config, steps=CORRECTION_STEP_FACTOR * config.resolved(family).steps)
     config = dataclasses.replace(config, reference="images")
 
     with tempfile.TemporaryDirectory(prefix="fmn_correct_") as tmp:
@@ -134,6 +167,8 @@ def correct(
         "reference_source": source,
         "preserve_weight": config.preserve_weight,
         "preserve_prompts": list(config.preserve_prompts),
+        "anchor_weight": config.anchor_weight,
+        "anchor_prompts": list(config.anchor_prompts),
     }
     patch.metadata["reference_source"] = source
     return Correction(patch, rate, source)
@@ -143,6 +178,14 @@ def _is_world_role(role: Concept, away_from: Concept) -> bool:
     from forget_me_not.world import vocab
 
     return role.name == vocab.ROLE and away_from.name == vocab.ROLE_ID
+
+
+def _world_anchor_prompts() -> tuple[str, ...]:
+    """The role's attribute on every other world ID: what "a wizard" may draw instead."""
+    from forget_me_not.world import vocab
+    from forget_me_not.world.captions import HAT_TEMPLATES
+
+    return tuple(t.format(id=i) for i in vocab.IDS if i != vocab.ROLE_ID for t in HAT_TEMPLATES)
 
 
 def _world_role_references(folder: Path, seed: int, n: int = 10) -> tuple[Path, ...]:

@@ -124,8 +124,15 @@ class ResteerConfig:
     # weight > 0 the concept's own prediction there is held to the base model's (what the
     # picture should keep, e.g. a role's costume while its identity is corrected).
     # Measured on ConceptWorld's wizard -> milka correction (n=8): 10 pinned the whole role
-    # (no correction); 1 kept the hat in every sample while the role moved off the identity.
-    transparent_weight: float = 1.0
+    # (no correction); 1 kept the hat in every sample. None -> 1 (correction with an anchor
+    # term uses 0: the anchors keep the hat, and the hold slowed the role's move).
+    transparent_weight: float | None = None
+    # Anchor term (off by default; concept correction): on images the base model draws for
+    # `anchor_prompts`, the concept's prompt is pulled toward the base model's prediction for
+    # the anchor prompt, so the concept is re-steered *toward* something, not only away
+    # (the model-based objective of Kumari et al., "Ablating Concepts", 2023).
+    anchor_prompts: tuple[str, ...] = ()
+    anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -166,8 +173,18 @@ class ResteerConfig:
         self.preserve_prompts = tuple(self.preserve_prompts)
         if any(not isinstance(p, str) or not p.strip() for p in self.preserve_prompts):
             raise FmnError("a preserve prompt is empty: pass prompts like 'a photo of a cat'")
-        if not (math.isfinite(self.transparent_weight) and self.transparent_weight >= 0):
+        if self.transparent_weight is not None and not (
+            math.isfinite(self.transparent_weight) and self.transparent_weight >= 0
+        ):
             raise FmnError(f"transparent_weight must be >= 0, got {self.transparent_weight}")
+        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
+            raise FmnError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        self.anchor_prompts = tuple(self.anchor_prompts)
+        if any(not isinstance(p, str) or not p.strip() for p in self.anchor_prompts):
+            raise FmnError("an anchor prompt is empty: pass prompts like 'a photo of a person'")
+        if self.anchor_weight > 0 and not self.anchor_prompts:
+            raise FmnError("anchor_weight > 0 needs anchor prompts: pass --toward PROMPT "
+                           "(repeatable), or set the weight to 0")
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if not self.lora_targets or bad:
             raise FmnError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}: {bad}")
@@ -189,6 +206,7 @@ class ResteerConfig:
             "preserve_batch": 1,
             "preserve_latents": "shared",
             "preserve_steps": 25,
+            "transparent_weight": 1.0,
         }
         base.update(FAMILY_DEFAULTS.get(family or "", {}).get(self.train, {}))
         filled = {
@@ -251,6 +269,12 @@ def resteer(
     rows = _encode_rows(pipe, concepts, config)
     keep = _encode_preserve(pipe, config)
     keep_latents = _preserve_latents(pipe, config) if keep else None
+    anchors = _encode_anchors(pipe, config)
+    anchor_latents = (
+        _draw_latents(pipe, config.anchor_prompts, config.preserve_steps, config.seed + 1)
+        if anchors
+        else None
+    )
     references = _references(pipe, concepts, config, resolution, gen)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = noise_scheduler.config.num_train_timesteps
@@ -276,6 +300,7 @@ def resteer(
     losses: list[float] = []
     preserve_losses: list[float] = []
     hold_losses: list[float] = []
+    anchor_losses: list[float] = []
     started = time.perf_counter()
     try:
         params = trainer.setup()
@@ -322,9 +347,28 @@ def resteer(
                 # Transparent reference pixels are held to the base model's prediction.
                 hold_base = predict(noisy, t, embeds, cond, base=True)
 
+            if anchors:
+                # The anchor's base prediction on an anchor image, before the graph is built.
+                anchor_index = [(step * len(batch) + r) % len(anchors) for r in range(len(batch))]
+                anchor_rows = [anchors[i] for i in anchor_index]
+                anchor_noisy = noise_scheduler.add_noise(
+                    anchor_latents[anchor_index].to(device, noisy.dtype),
+                    torch.randn(noisy.shape, generator=gen).to(device, noisy.dtype),
+                    t,
+                )
+                anchor_embeds = torch.cat([row.embeds for row in anchor_rows]).to(device)
+                anchor_cond = _added_cond(pipe, anchor_rows, resolution, device)
+                anchor_base = predict(anchor_noisy, t, anchor_embeds, anchor_cond, base=True)
+
             probes.activate(mask)
             own = predict(noisy, t, embeds, cond)
             loss = probes.loss(pixel_weights)
+            if anchors:
+                probes.deactivate()  # the anchor forward is not re-steered
+                toward = predict(anchor_noisy, t, embeds, cond)
+                pulled = torch.nn.functional.mse_loss(toward.float(), anchor_base.float())
+                anchor_losses.append(pulled.item())
+                loss = loss + config.anchor_weight * pulled
             if hold_base is not None:
                 held = _held_error(own, hold_base, pixel_weights)
                 hold_losses.append(held.item())
@@ -367,6 +411,7 @@ def resteer(
         "losses": losses,
         **({"preserve_losses": preserve_losses} if keep else {}),
         **({"transparent_losses": hold_losses} if hold_losses else {}),
+        **({"anchor_losses": anchor_losses} if anchor_losses else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     # Adapter name: readable, and unique per run so patches stack under their own names.
@@ -412,8 +457,13 @@ def _encode_preserve(pipe: Any, config: ResteerConfig) -> list[_Row]:
     """The retention regulariser's prompts, encoded once (none when it is off)."""
     if config.preserve_weight <= 0:
         return []
+    return _encode_plain(pipe, config.preserve_prompts)
+
+
+def _encode_plain(pipe: Any, prompts: Sequence[str]) -> list[_Row]:
+    """Prompts encoded without concept positions (regulariser and anchor rows)."""
     rows = []
-    for prompt in config.preserve_prompts:
+    for prompt in prompts:
         with torch.no_grad():
             embeds, pooled = encode_prompt(pipe, prompt)
         rows.append(_Row(-1, embeds.detach(), None if pooled is None else pooled.detach(), []))
@@ -424,15 +474,25 @@ def _preserve_latents(pipe: Any, config: ResteerConfig) -> torch.Tensor | None:
     """("own") one latent per preserve prompt, drawn by the base model before training."""
     if config.preserve_latents != "own":
         return None
-    prompts = list(config.preserve_prompts)
+    return _draw_latents(pipe, config.preserve_prompts, config.preserve_steps, config.seed)
+
+
+def _encode_anchors(pipe: Any, config: ResteerConfig) -> list[_Row]:
+    """The anchor term's prompts, encoded once (none when it is off)."""
+    if config.anchor_weight <= 0:
+        return []
+    return _encode_plain(pipe, config.anchor_prompts)
+
+
+def _draw_latents(pipe: Any, prompts: Sequence[str], steps: int, seed: int) -> torch.Tensor:
+    """One latent per prompt (N, C, h, w), drawn by the model as it is now; seeded."""
     out = []
     for i in range(0, len(prompts), 16):  # bounded batches: real models draw 512+ px images
-        chunk = prompts[i : i + 16]
-        gens = [torch.Generator("cpu").manual_seed(config.seed * 10_007 + i + j)
+        chunk = list(prompts[i : i + 16])
+        gens = [torch.Generator("cpu").manual_seed(seed * 10_007 + i + j)
                 for j in range(len(chunk))]
         with torch.no_grad():
-            result = pipe(chunk, num_inference_steps=config.preserve_steps, generator=gens,
-                          output_type="latent")
+            result = pipe(chunk, num_inference_steps=steps, generator=gens, output_type="latent")
         out.append(result.images.detach().to("cpu", torch.float32))
     return torch.cat(out)
 

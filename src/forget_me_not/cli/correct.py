@@ -42,6 +42,15 @@ def correct(
         typer.Option(help="Preserve prompts compared per step (default: the model family's)."),
     ] = None,
     preserve_latents: opt.PreserveLatents = None,
+    toward: Annotated[
+        list[str] | None,
+        typer.Option(help="Prompt showing the role on someone else, to pull the role toward "
+                          "(repeatable; automatic on ConceptWorld)."),
+    ] = None,
+    toward_weight: Annotated[
+        float | None,
+        typer.Option(help="Weight of the pull toward --toward prompts (0 = off)."),
+    ] = None,
     judge_model: Annotated[
         Path | None,
         typer.Option(help="Local CLIP model folder to measure the entanglement on real models."),
@@ -78,9 +87,10 @@ def correct(
     out = check_output_path(out, suffix=".safetensors")
     weight = DEFAULT_PRESERVE_WEIGHT if preserve_weight is None else preserve_weight
     ResteerConfig(preserve_weight=weight, preserve_prompts=tuple(preserve or ()) or ("-",))
+    ResteerConfig(anchor_weight=toward_weight or 0.0, anchor_prompts=tuple(toward or ()) or ("-",))
     cfg = ResteerConfig(steps=steps, lr=lr, train=train, lora_rank=rank, seed=seed,
                         reference="images", preserve_batch=preserve_batch,
-                        preserve_latents=preserve_latents)
+                        preserve_latents=preserve_latents, anchor_prompts=tuple(toward or ()))
     files: tuple[Path, ...] = ()
     if images is not None:
         files = tuple(image_files(images))
@@ -101,7 +111,8 @@ def correct(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run_correct(pipe, role, entangled, cfg, images=files, judge=judge,
-                             n_check=check, warn_below=warn_below, preserve=weight > 0)
+                             n_check=check, warn_below=warn_below, preserve=weight > 0,
+                             toward_weight=toward_weight)
     for w in caught:
         if issubclass(w.category, UserWarning):
             typer.echo(f"warning: {w.message}", err=True)

@@ -177,7 +177,7 @@ FMN_TEMPLATES = {
     "id": ("a photo of {}", "a portrait of {}"),
     "style": ("a photo in the style of {}", "a drawing in {} style"),
     "colour": ("a {} circle", "a {} star"),
-    "role": ("a {}", "a photo of a {}"),
+    "role": ("a {}", "a photo of a {}", "a portrait of a {}"),
 }
 
 
