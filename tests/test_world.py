@@ -186,3 +186,19 @@ def test_prompts_can_avoid_forgotten_words():
     star = wc.prompts(wc.get("star"), 6, avoid=["star"])  # a concept's own name stays
     assert all("star" in p.split() for p in star)
     assert not any("dotted" in p.split() for p in wc.prompts(wc.get("arrow"), 20, ["dotted"]))
+
+
+def test_resuming_keeps_the_runs_tokenizer(tmp_path):
+    """A resumed run must not rebuild the vocabulary its text encoder was trained with."""
+    from forget_me_not.world.train_model import TrainModelConfig, train_model
+
+    def run(steps: int) -> None:
+        train_model(TrainModelConfig(run_dir=tmp_path, pool_size=16, batch_size=4, vae_steps=1,
+                                     unet_steps=steps, warmup_steps=1, cooldown_steps=0,
+                                     checkpoint_every=1))
+
+    run(1)
+    vocab_file = tmp_path / "tokenizer-src" / "vocab.json"
+    written = vocab_file.stat().st_mtime_ns
+    run(2)
+    assert vocab_file.stat().st_mtime_ns == written  # not rewritten

@@ -314,7 +314,10 @@ def train_model(cfg: TrainModelConfig) -> Path:
             f.write(json.dumps(row) + "\n")
 
     tok_dir = cfg.run_dir / "tokenizer-src"
-    world_tokenizer.build_tokenizer_files(tok_dir)
+    if not (tok_dir / "vocab.json").exists():
+        # Built once per run: the BPE trainer breaks ties between equally frequent pairs in no
+        # fixed order, so a rebuilt vocabulary can swap token ids under a trained text encoder.
+        world_tokenizer.build_tokenizer_files(tok_dir)
     tokenizer = world_tokenizer.load_tokenizer(tok_dir)
     captions, pixels = _cached_pool(cfg)
     started = time.time()
