@@ -296,6 +296,17 @@ def resteer(
                 return_dict=False,
             )[0]
 
+    def noised(plain: list[_Row], index: list[int], pool: torch.Tensor | None, timesteps):
+        """Noisy latents of `pool[index]` (None without a pool), the rows' embeddings, cond."""
+        chosen = [plain[i] for i in index]
+        embeds = torch.cat([row.embeds for row in chosen]).to(device)
+        cond = _added_cond(pipe, chosen, resolution, device)
+        if pool is None:
+            return None, embeds, cond
+        clean = pool[index].to(device, unet.dtype)
+        noise = torch.randn(clean.shape, generator=gen).to(device, unet.dtype)
+        return noise_scheduler.add_noise(clean, noise, timesteps), embeds, cond
+
     probes: ProbeSet | None = None
     losses: list[float] = []
     preserve_losses: list[float] = []
@@ -326,18 +337,10 @@ def resteer(
                 keep_index = [
                     (first + j) % len(keep) for j in range(config.preserve_batch) for _ in batch
                 ]
-                keep_rows = [keep[i] for i in keep_index]
-                keep_embeds = torch.cat([row.embeds for row in keep_rows]).to(device)
-                keep_cond = _added_cond(pipe, keep_rows, resolution, device)
                 keep_t = t.repeat(config.preserve_batch)
+                keep_noisy, keep_embeds, keep_cond = noised(keep, keep_index, keep_latents, keep_t)
                 if keep_latents is None:
                     keep_noisy = noisy.repeat(config.preserve_batch, 1, 1, 1)
-                else:
-                    clean = keep_latents[keep_index]
-                    keep_noise = torch.randn(clean.shape, generator=gen)
-                    keep_noisy = noise_scheduler.add_noise(
-                        clean.to(device, noisy.dtype), keep_noise.to(device, noisy.dtype), keep_t
-                    )
                 base = predict(keep_noisy, keep_t, keep_embeds, keep_cond, base=True)
 
             cond = _added_cond(pipe, batch, resolution, device)
@@ -350,14 +353,9 @@ def resteer(
             if anchors:
                 # The anchor's base prediction on an anchor image, before the graph is built.
                 anchor_index = [(step * len(batch) + r) % len(anchors) for r in range(len(batch))]
-                anchor_rows = [anchors[i] for i in anchor_index]
-                anchor_noisy = noise_scheduler.add_noise(
-                    anchor_latents[anchor_index].to(device, noisy.dtype),
-                    torch.randn(noisy.shape, generator=gen).to(device, noisy.dtype),
-                    t,
+                anchor_noisy, anchor_embeds, anchor_cond = noised(
+                    anchors, anchor_index, anchor_latents, t
                 )
-                anchor_embeds = torch.cat([row.embeds for row in anchor_rows]).to(device)
-                anchor_cond = _added_cond(pipe, anchor_rows, resolution, device)
                 anchor_base = predict(anchor_noisy, t, anchor_embeds, anchor_cond, base=True)
 
             probes.activate(mask)
