@@ -97,6 +97,23 @@ def test_preserve_latents_own_draws_one_latent_per_prompt_and_changes_the_run():
     assert runs["own"].metadata["preserve_losses"] != runs["shared"].metadata["preserve_losses"]
 
 
+def _prediction_gap(pipe, patch, patched_prompt: str, base_prompt: str, seed: int) -> float:
+    """Mean squared gap between the patched UNet on `patched_prompt` and the base UNet on
+    `base_prompt`, on fixed noisy latents at four timesteps (applies the patch)."""
+    from forget_me_not.resteer import encode_prompt
+
+    patched, _ = encode_prompt(pipe, patched_prompt)
+    base, _ = encode_prompt(pipe, base_prompt)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 300, 600, 900])
+    with torch.no_grad():
+        target = pipe.unet(x, t, encoder_hidden_states=base.expand(4, -1, -1)).sample
+        patch.apply(pipe)
+        moved = pipe.unet(x, t, encoder_hidden_states=patched.expand(4, -1, -1)).sample
+    return float((moved - target).pow(2).mean())
+
+
 def test_anchor_term_validation_and_pull_toward_the_anchor():
     with pytest.raises(FmnError, match="--toward PROMPT"):
         ResteerConfig(anchor_weight=1.0)
@@ -116,18 +133,7 @@ def test_anchor_term_validation_and_pull_toward_the_anchor():
         patch = resteer(pipe, [Concept("star")], cfg, progress=False)
         if weight:
             assert len(patch.metadata["anchor_losses"]) == 6
-        from forget_me_not.resteer import encode_prompt
-
-        star, _ = encode_prompt(pipe, "a photo of a star")
-        moon, _ = encode_prompt(pipe, anchor)
-        g = torch.Generator().manual_seed(5)
-        x = torch.randn(4, 4, 8, 8, generator=g)
-        t = torch.tensor([100, 300, 600, 900])
-        with torch.no_grad():
-            target = pipe.unet(x, t, encoder_hidden_states=moon.expand(4, -1, -1)).sample
-            patch.apply(pipe)
-            pulled = pipe.unet(x, t, encoder_hidden_states=star.expand(4, -1, -1)).sample
-        return float((pulled - target).pow(2).mean())
+        return _prediction_gap(pipe, patch, "a photo of a star", anchor, seed=5)
 
     assert gap(100.0) < gap(0.0)
 
@@ -139,17 +145,7 @@ def test_preserve_keeps_the_preserved_prompt_closer_to_the_base():
         cfg = _cfg(steps=4, lr=3e-2, preserve_weight=weight,
                    preserve_prompts=(prompt,) if weight else ())
         patch = resteer(pipe, [Concept("star")], cfg, progress=False)
-        from forget_me_not.resteer import encode_prompt
-
-        ehs, _ = encode_prompt(pipe, prompt)
-        g = torch.Generator().manual_seed(3)
-        x = torch.randn(4, 4, 8, 8, generator=g)
-        t = torch.tensor([100, 300, 600, 900])
-        with torch.no_grad():
-            base = pipe.unet(x, t, encoder_hidden_states=ehs.expand(4, -1, -1)).sample
-            patch.apply(pipe)
-            moved = pipe.unet(x, t, encoder_hidden_states=ehs.expand(4, -1, -1)).sample
-        return float((moved - base).pow(2).mean())
+        return _prediction_gap(pipe, patch, prompt, prompt, seed=3)
 
     assert drift(1000.0) < drift(0.0)
 

@@ -307,6 +307,12 @@ def resteer(
         noise = torch.randn(clean.shape, generator=gen).to(device, unet.dtype)
         return noise_scheduler.add_noise(clean, noise, timesteps), embeds, cond
 
+    def matched(x, timesteps, hidden, cond, target: torch.Tensor) -> torch.Tensor:
+        """MSE of the trained prediction to `target`, with the probes off (not re-steered)."""
+        probes.deactivate()
+        pred = predict(x, timesteps, hidden, cond)
+        return F.mse_loss(pred.float(), target.float())
+
     probes: ProbeSet | None = None
     losses: list[float] = []
     preserve_losses: list[float] = []
@@ -362,9 +368,7 @@ def resteer(
             own = predict(noisy, t, embeds, cond)
             loss = probes.loss(pixel_weights)
             if anchors:
-                probes.deactivate()  # the anchor forward is not re-steered
-                toward = predict(anchor_noisy, t, embeds, cond)
-                pulled = torch.nn.functional.mse_loss(toward.float(), anchor_base.float())
+                pulled = matched(anchor_noisy, t, embeds, cond, anchor_base)
                 anchor_losses.append(pulled.item())
                 loss = loss + config.anchor_weight * pulled
             if hold_base is not None:
@@ -372,9 +376,7 @@ def resteer(
                 hold_losses.append(held.item())
                 loss = loss + config.transparent_weight * held
             if keep:
-                probes.deactivate()  # the preserve forward is not re-steered
-                pred = predict(keep_noisy, keep_t, keep_embeds, keep_cond)
-                preserve = torch.nn.functional.mse_loss(pred.float(), base.float())
+                preserve = matched(keep_noisy, keep_t, keep_embeds, keep_cond, base)
                 preserve_losses.append(preserve.item())
                 loss = loss + config.preserve_weight * preserve
             if not torch.isfinite(loss):
@@ -483,7 +485,10 @@ def _encode_anchors(pipe: Any, config: ResteerConfig) -> list[_Row]:
 
 
 def _draw_latents(pipe: Any, prompts: Sequence[str], steps: int, seed: int) -> torch.Tensor:
-    """One latent per prompt (N, C, h, w), drawn by the model as it is now; seeded."""
+    """One latent per prompt (N, C, h, w), drawn by the model as it is now; seeded.
+
+    Already scaled latents; a generator per image keeps each image's noise its own.
+    """
     out = []
     for i in range(0, len(prompts), 16):  # bounded batches: real models draw 512+ px images
         chunk = list(prompts[i : i + 16])
@@ -605,16 +610,8 @@ def _references(
 def _self_generate(pipe: Any, concept: Concept, config: ResteerConfig) -> torch.Tensor:
     """Latents (N, C, h, w) the model itself draws from the concept's prompts (no images)."""
     prompts = concept.prompts()
-    n = config.n_self_images
-    # One batched call; a generator per image keeps each image's noise its own.
-    gens = [torch.Generator("cpu").manual_seed(config.seed * 10_007 + i) for i in range(n)]
-    result = pipe(
-        [prompts[i % len(prompts)] for i in range(n)],
-        num_inference_steps=config.self_steps,
-        generator=gens,
-        output_type="latent",
-    )
-    return result.images.detach().to("cpu", torch.float32)  # already scaled latents
+    chosen = [prompts[i % len(prompts)] for i in range(config.n_self_images)]
+    return _draw_latents(pipe, chosen, config.self_steps, config.seed)
 
 
 # -- what trains ---------------------------------------------------------------------------------
