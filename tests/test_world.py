@@ -32,6 +32,16 @@ def test_render_is_deterministic_and_distinct():
         assert np.abs(a.astype(int) - np.asarray(render(other)).astype(int)).sum() > 1000
 
 
+def test_outlined_differs_from_solid_for_every_subject_at_the_smallest_scale():
+    # Narrow shapes (a crescent, a skull) must keep an empty inside when outlined, or the
+    # style cannot be told from solid, by the judge or by anyone.
+    for subject in vocab.SUBJECTS:
+        colour = "red" if subject not in vocab.IDS else None
+        solid = np.asarray(render(Scene(subject, "solid", colour, scale=0.88))).astype(int)
+        outlined = np.asarray(render(Scene(subject, "outlined", colour, scale=0.88))).astype(int)
+        assert np.abs(solid - outlined).mean() > 3, subject
+
+
 def test_every_id_is_drawn_differently_and_the_hat_shows():
     faces = [np.asarray(render(Scene(i))).astype(int) for i in vocab.IDS]
     for i in range(len(faces)):

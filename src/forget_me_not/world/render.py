@@ -18,6 +18,9 @@ BACKGROUND = (248, 248, 248)
 HAT_COLOUR = (35, 35, 110)
 HAT_BAND = (240, 200, 40)
 INK = (25, 25, 25)
+# Thin enough that narrow shapes (a crescent moon, a skull, an arrow's shaft) keep an empty
+# inside: with a 3 px band their outlined and solid renders differed by under 1 grey level.
+OUTLINE_PX = 1.5
 
 
 @dataclass(frozen=True)
@@ -201,8 +204,8 @@ def _pattern(style: str, size: int, mask: Image.Image, rgb: tuple[int, int, int]
                 for x in range(0, size, cell):
                     if (x // cell + y // cell) % 2 == 0:
                         d.rectangle((x, y, x + cell - 1, y + cell - 1), fill=rgb)
-    elif style == "outlined":  # a 3 px band along the edge, the inside left empty
-        inner = mask.filter(ImageFilter.MinFilter(2 * 3 * s + 1))
+    elif style == "outlined":  # a thin band along the edge, the inside left empty
+        inner = mask.filter(ImageFilter.MinFilter(2 * round(OUTLINE_PX * s) + 1))
         mask = Image.fromarray(_subtract(mask, inner))
     img = Image.new("RGB", (size, size), BACKGROUND)
     img.paste(fill, (0, 0), mask)
