@@ -16,31 +16,26 @@ import json
 
 import torch
 
+from forget_me_not.concepts import locate_tokens
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
+from forget_me_not.resteer import encode_prompt
 from forget_me_not.world.scoring import judge_labels
 
 SUBJECTS = ("a blue heart", "zorbo", "a green circle")
 
 
-def encode(pipe, prompt: str) -> tuple[torch.Tensor, list[int]]:
-    tok = pipe.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length,
-              return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0], ids[0].tolist()
-
-
-def position_sets(pipe, ids: list[int], style: str) -> dict[str, list[int]]:
-    tok = pipe.tokenizer
-    word = [i for i, t in enumerate(ids) if tok.decode([t]).strip() == style]
-    end = ids.index(tok.eos_token_id)
+def position_sets(pipe, prompt: str, style: str) -> dict[str, list[int]]:
+    """The positions to swap, found the way re-steering finds a concept's tokens."""
+    word = locate_tokens(pipe.tokenizer, prompt, style)
+    tail = locate_tokens(pipe.tokenizer, prompt, style, include_padding=True)
+    end = [i for i in tail if i not in word]  # end-of-text and padding
     return {
         "none": [],
         "the style word": word,
-        "words after it": list(range(word[-1] + 1, end)),
-        "end-of-text and padding": list(range(end, len(ids))),
-        "all": list(range(len(ids))),
+        "words after it": list(range(word[-1] + 1, end[0])),
+        "end-of-text and padding": end,
+        "all": list(range(pipe.tokenizer.model_max_length)),
     }
 
 
@@ -55,14 +50,14 @@ def main() -> None:
     pipe = load_pipeline(a.model, "cpu")
     judge = WorldJudge()
     labels = judge_labels("style")
-    empty = encode(pipe, "")[0].repeat(a.n, 1, 1)
+    empty = encode_prompt(pipe, "")[0].repeat(a.n, 1, 1)
     results: dict[str, dict[str, float]] = {}
     for subject in SUBJECTS:
         prompt = f"{subject} in {a.style} style"
-        states, ids = encode(pipe, prompt)
-        other, _ = encode(pipe, prompt.replace(a.style, a.other))
+        states, _ = encode_prompt(pipe, prompt)
+        other, _ = encode_prompt(pipe, prompt.replace(a.style, a.other))
         results[prompt] = {}
-        for name, positions in position_sets(pipe, ids, a.style).items():
+        for name, positions in position_sets(pipe, prompt, a.style).items():
             mixed = states.clone()
             mixed[:, positions] = other[:, positions]
             images = pipe(prompt_embeds=mixed.repeat(a.n, 1, 1), negative_prompt_embeds=empty,
