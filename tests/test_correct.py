@@ -138,6 +138,32 @@ def test_anchor_term_validation_and_pull_toward_the_anchor():
     assert gap(100.0) < gap(0.0)
 
 
+def test_concept_anchor_pulls_each_prompt_toward_its_own_anchor_prompt():
+    with pytest.raises(FmnError, match="anchor is empty"):
+        Concept("star", anchor=" ")
+    with pytest.raises(FmnError, match="concept_anchor_weight"):
+        ResteerConfig(concept_anchor_weight=-1.0)
+    styled = Concept("dotted", "style", ("a photo in the style of {}", "a {} cat"), anchor="plain")
+    assert styled.anchor_prompts() == ["a photo in the style of plain", "a plain cat"]
+    assert Concept("star").anchor_prompts() == [] and styled.to_dict()["anchor"] == "plain"
+
+    def gap(anchor, weight=100.0):
+        pipe = make_tiny_pipeline("sd1")
+        concepts = [Concept("star", templates=("a photo of a {}",), anchor=anchor),
+                    Concept("cat", templates=("a {}",))]  # no anchor: no pull for its rows
+        cfg = _cfg(steps=6, lr=3e-2, preserve_steps=2, concept_anchor_weight=weight)
+        patch = resteer(pipe, concepts, cfg, progress=False)
+        if anchor and weight:  # rows alternate star, cat: three steps pull star
+            assert len(patch.metadata["concept_anchor_losses"]) == 3
+            assert patch.metadata["concepts"][0]["anchor"] == anchor
+        else:
+            assert "concept_anchor_losses" not in patch.metadata
+        return _prediction_gap(pipe, patch, "a photo of a star", "a photo of a moon", seed=5)
+
+    assert gap("moon") < gap(None)
+    assert gap("moon", weight=0.0) == pytest.approx(gap(None))
+
+
 def test_preserve_keeps_the_preserved_prompt_closer_to_the_base():
     def drift(weight):
         pipe = make_tiny_pipeline("sd1")

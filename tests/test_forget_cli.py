@@ -65,8 +65,21 @@ def test_forget_writes_a_patch(inputs, tmp_path, source):
     assert list(tmp_path.iterdir()) == [out]
 
 
+def test_forget_with_an_anchor_pulls_toward_it(inputs, tmp_path):
+    out = tmp_path / "p.safetensors"
+    result = _forget(inputs, out, "--no-real-image", "--anchor", "moon", "--anchor-weight", "5")
+    assert result.exit_code == 0, result.output
+    meta = load_patch(out).metadata
+    assert meta["concepts"][0]["anchor"] == "moon"
+    assert meta["settings"]["concept_anchor_weight"] == 5.0
+    assert len(meta["concept_anchor_losses"]) == 2
+
+
 CASES = [
     ("absent word", ["--concept", "qwxz"], "fmn invert"),
+    ("empty anchor", ["--anchor", " "], "anchor is empty"),
+    ("negative anchor weight", ["--anchor", "moon", "--anchor-weight", "-1"],
+     "concept_anchor_weight"),
     ("bad category", ["--category", "animal"], "--category"),
     ("two sources", ["--no-real-image", "--self-generate", "2"], "choose one of"),
     ("empty folder", ["--images", "{empty}"], "is empty"),

@@ -212,3 +212,17 @@ def test_resuming_keeps_the_runs_tokenizer(tmp_path):
     written = vocab_file.stat().st_mtime_ns
     run(2)
     assert vocab_file.stat().st_mtime_ns == written  # not rewritten
+
+
+def test_a_world_style_is_forgotten_toward_the_plain_look_on_trained_pairs(tmp_path):
+    from forget_me_not.world import concepts as world_concepts
+
+    for style in vocab.STYLES:
+        c = world_concepts.fmn_concept(style, tmp_path / style, n_refs=1)
+        assert c.anchor == (None if style == "solid" else "solid")
+        subjects = [p.split(" in ")[0].split()[-1] for p in c.templates if p.endswith("style")]
+        assert len(subjects) >= 4
+        assert not [s for s in subjects if (s, style) in HELD_OUT]
+        if c.anchor:
+            assert [p.replace("solid", style) for p in c.anchor_prompts()] == c.prompts()
+    assert world_concepts.fmn_concept("star", tmp_path / "star", n_refs=1).anchor is None

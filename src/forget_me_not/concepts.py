@@ -8,6 +8,7 @@ cross-attention columns it suppresses are indexed by them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class Concept:
     templates: tuple[str, ...] = ()  # each holds "{}"; empty -> the category's default
     images: tuple[Path, ...] = ()  # reference images of the concept
     token_words: str | None = None  # placeholder tokens after inversion; used instead of name
+    # What the concept should become: its prompts are also pulled toward the same prompts with
+    # these words in its place (the anchor concept of Kumari et al., "Ablating Concepts", 2023).
+    anchor: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -64,6 +68,8 @@ class Concept:
         object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
         if self.token_words is not None and not self.token_words.strip():
             raise FmnError("concept token_words is empty: pass the placeholder tokens or None")
+        if self.anchor is not None and not self.anchor.strip():
+            raise FmnError("concept anchor is empty: pass the words it should become, or None")
 
     @property
     def words(self) -> str:
@@ -74,12 +80,14 @@ class Concept:
         """The templates filled with the concept's words."""
         return [t.format(self.words) for t in self.templates]
 
+    def anchor_prompts(self) -> list[str]:
+        """The templates filled with the anchor words (one per prompt, same order); [] without."""
+        return [t.format(self.anchor) for t in self.templates] if self.anchor else []
+
     def with_extra_templates(self) -> Concept:
         """The same concept with the category's extra paraphrase templates added."""
         extra = tuple(t for t in EXTRA_TEMPLATES[self.category] if t not in self.templates)
-        return Concept(
-            self.name, self.category, self.templates + extra, self.images, self.token_words
-        )
+        return dataclasses.replace(self, templates=self.templates + extra)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +96,7 @@ class Concept:
             "templates": list(self.templates),
             "images": [str(p) for p in self.images],
             "token_words": self.token_words,
+            "anchor": self.anchor,
         }
 
 

@@ -84,6 +84,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "unet": {},
     },
 }
+# Defaults for runs where a concept names an anchor (`Concept.anchor`), on top of the above.
+# Measured on ConceptWorld, forgetting outlined toward solid (BENCHMARKS.md, "Forgetting a
+# style"): the pull needs a large weight to matter beside the attention and retention terms
+# (50-200 at lr 1e-3: 100% -> 83%), a larger step and more steps (1000 at lr 3e-3: 200 steps
+# 33%, 300 steps 17%); 500 steps or lr 6e-3 erased no more and cost other concepts more.
+FAMILY_ANCHORED_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "embedded": {"lora": {"concept_anchor_weight": 1000.0, "lr": 3e-3, "steps": 300}},
+}
 # All four cross-attention projections, as the paper's "cross-attention only" mode trains them:
 # to_q/to_k set the attention map directly; to_v/to_out carry what later layers attend with.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -133,6 +141,14 @@ class ResteerConfig:
     # (the model-based objective of Kumari et al., "Ablating Concepts", 2023).
     anchor_prompts: tuple[str, ...] = ()
     anchor_weight: float = 0.0
+    # The same term for concepts that name their own anchor (`Concept.anchor`): each of the
+    # concept's prompts is pulled toward the same prompt with the anchor words in its place, on
+    # an image the base model draws for that prompt. None -> the family's default (1: the
+    # paper's plain MSE; larger where measured).
+    concept_anchor_weight: float | None = None
+    # Images the base model draws per anchor prompt; the pull cycles through them so it holds
+    # beyond one picture.
+    concept_anchor_images: int = 4
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -155,6 +171,7 @@ class ResteerConfig:
             "self_steps",
             "preserve_batch",
             "preserve_steps",
+            "concept_anchor_images",
         ):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise FmnError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -179,6 +196,12 @@ class ResteerConfig:
             raise FmnError(f"transparent_weight must be >= 0, got {self.transparent_weight}")
         if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
             raise FmnError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.concept_anchor_weight is not None and not (
+            math.isfinite(self.concept_anchor_weight) and self.concept_anchor_weight >= 0
+        ):
+            raise FmnError(
+                f"concept_anchor_weight must be >= 0, got {self.concept_anchor_weight}"
+            )
         self.anchor_prompts = tuple(self.anchor_prompts)
         if any(not isinstance(p, str) or not p.strip() for p in self.anchor_prompts):
             raise FmnError("an anchor prompt is empty: pass prompts like 'a photo of a person'")
@@ -195,8 +218,13 @@ class ResteerConfig:
         """The learning rate, for a model without a family-specific default."""
         return self.resolved(None).lr  # type: ignore[return-value]
 
-    def resolved(self, family: str | None, targets: Sequence[str] = ()) -> ResteerConfig:
-        """A copy with every None default filled in for `family` (recorded in the patch)."""
+    def resolved(
+        self, family: str | None, targets: Sequence[str] = (), anchored: bool = False
+    ) -> ResteerConfig:
+        """A copy with every None default filled in for `family` (recorded in the patch).
+
+        `anchored`: some concept names an anchor, and the family has defaults for such runs.
+        """
         base = {
             "lr": LORA_LR if self.train == "lora" else FULL_LR,
             "lora_rank": LORA_RANK,
@@ -207,8 +235,11 @@ class ResteerConfig:
             "preserve_latents": "shared",
             "preserve_steps": 25,
             "transparent_weight": 1.0,
+            "concept_anchor_weight": 1.0,
         }
         base.update(FAMILY_DEFAULTS.get(family or "", {}).get(self.train, {}))
+        if anchored:
+            base.update(FAMILY_ANCHORED_DEFAULTS.get(family or "", {}).get(self.train, {}))
         filled = {
             k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()
         }
@@ -255,7 +286,9 @@ def resteer(
         raise FmnError("no concept to forget: pass at least one concept")
     unet, device = pipe.unet, pipe.unet.device
     family = family_of(pipe)
-    config = (config or ResteerConfig()).resolved(family, [c.words for c in concepts])
+    config = (config or ResteerConfig()).resolved(
+        family, [c.words for c in concepts], anchored=any(c.anchor for c in concepts)
+    )
     base_hash = model_hash(pipe)
     gen = torch.Generator("cpu").manual_seed(config.seed)
     resolution = model_resolution(pipe)
@@ -273,6 +306,17 @@ def resteer(
     anchor_latents = (
         _draw_latents(pipe, config.anchor_prompts, config.preserve_steps, config.seed + 1)
         if anchors
+        else None
+    )
+    # Concepts with an anchor of their own: one anchor prompt, and one image of it, per row.
+    pair_prompts = _concept_anchor_prompts(concepts) if config.concept_anchor_weight > 0 else []
+    paired = [i for i, prompt in enumerate(pair_prompts) if prompt is not None]
+    pair_of = {row: k for k, row in enumerate(paired)}
+    pair_rows = _encode_plain(pipe, [pair_prompts[i] for i in paired])
+    pair_latents = (
+        _draw_latents(pipe, [pair_prompts[i] for i in paired] * config.concept_anchor_images,
+                      config.preserve_steps, config.seed + 2)
+        if paired
         else None
     )
     references = _references(pipe, concepts, config, resolution, gen)
@@ -318,6 +362,7 @@ def resteer(
     preserve_losses: list[float] = []
     hold_losses: list[float] = []
     anchor_losses: list[float] = []
+    concept_anchor_losses: list[float] = []
     started = time.perf_counter()
     try:
         params = trainer.setup()
@@ -325,9 +370,8 @@ def resteer(
         probes = install_probes(unet)
         bar = tqdm(range(config.steps), desc="re-steering", disable=not progress)
         for step in bar:
-            batch = [
-                rows[(step * config.batch_size + r) % len(rows)] for r in range(config.batch_size)
-            ]
+            index = [(step * config.batch_size + r) % len(rows) for r in range(config.batch_size)]
+            batch = [rows[i] for i in index]
             drawn = [references.sample(row.concept, gen) for row in batch]
             latents = torch.cat([latent for latent, _ in drawn])
             latents = latents.to(device, unet.dtype)  # (B, C, h, w)
@@ -364,6 +408,19 @@ def resteer(
                 )
                 anchor_base = predict(anchor_noisy, t, anchor_embeds, anchor_cond, base=True)
 
+            to_pull = [r for r, i in enumerate(index) if i in pair_of]
+            if to_pull:
+                # Each anchored row's anchor prompt, on its own image, by the base model.
+                pull_t = t[to_pull]
+                # Each pass over the rows takes the next image of every anchor prompt.
+                shift = len(paired) * ((step * config.batch_size // len(rows))
+                                       % config.concept_anchor_images)
+                pull_noisy, pull_embeds, pull_cond = noised(
+                    pair_rows * config.concept_anchor_images,
+                    [shift + pair_of[index[r]] for r in to_pull], pair_latents, pull_t
+                )
+                pull_base = predict(pull_noisy, pull_t, pull_embeds, pull_cond, base=True)
+
             probes.activate(mask)
             own = predict(noisy, t, embeds, cond)
             loss = probes.loss(pixel_weights)
@@ -371,6 +428,11 @@ def resteer(
                 pulled = matched(anchor_noisy, t, embeds, cond, anchor_base)
                 anchor_losses.append(pulled.item())
                 loss = loss + config.anchor_weight * pulled
+            if to_pull:
+                rows_cond = _added_cond(pipe, [batch[r] for r in to_pull], resolution, device)
+                pulled = matched(pull_noisy, pull_t, embeds[to_pull], rows_cond, pull_base)
+                concept_anchor_losses.append(pulled.item())
+                loss = loss + config.concept_anchor_weight * pulled
             if hold_base is not None:
                 held = _held_error(own, hold_base, pixel_weights)
                 hold_losses.append(held.item())
@@ -412,6 +474,7 @@ def resteer(
         **({"preserve_losses": preserve_losses} if keep else {}),
         **({"transparent_losses": hold_losses} if hold_losses else {}),
         **({"anchor_losses": anchor_losses} if anchor_losses else {}),
+        **({"concept_anchor_losses": concept_anchor_losses} if concept_anchor_losses else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     # Adapter name: readable, and unique per run so patches stack under their own names.
@@ -475,6 +538,14 @@ def _preserve_latents(pipe: Any, config: ResteerConfig) -> torch.Tensor | None:
     if config.preserve_latents != "own":
         return None
     return _draw_latents(pipe, config.preserve_prompts, config.preserve_steps, config.seed)
+
+
+def _concept_anchor_prompts(concepts: Sequence[Concept]) -> list[str | None]:
+    """Per row of `_encode_rows` (same order): the concept's anchor prompt, or None."""
+    out: list[str | None] = []
+    for concept in concepts:
+        out += concept.anchor_prompts() or [None] * len(concept.prompts())
+    return out
 
 
 def _encode_anchors(pipe: Any, config: ResteerConfig) -> list[_Row]:

@@ -83,6 +83,16 @@ def forget(
         typer.Option(help="Preserve prompts compared per step (default: the model family's)."),
     ] = None,
     preserve_latents: opt.PreserveLatents = None,
+    anchor: Annotated[
+        str | None,
+        typer.Option(help="What the concept should become: its prompts are also pulled toward "
+                          "the same prompts with these words instead, e.g. 'a painting' "
+                          "(default: none; ConceptWorld styles: solid)."),
+    ] = None,
+    anchor_weight: Annotated[
+        float | None,
+        typer.Option(help="Weight of the pull toward --anchor (default: the model family's)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for every random draw.")] = 0,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
@@ -135,7 +145,10 @@ def forget(
         preserve_prompts=tuple(preserve or ()),
         preserve_batch=preserve_batch,
         preserve_latents=preserve_latents,
+        concept_anchor_weight=anchor_weight,
     )
+    if anchor is not None:
+        Concept("x", anchor=anchor)  # validates the words
     chosen_source = any(sources)
     files: tuple[Path, ...] = ()
     if images is not None:
@@ -156,6 +169,8 @@ def forget(
             pipe, concept, category, files, token_words, preset, cfg, chosen_source, Path(ref_dir)
         )
         concepts = [c.with_extra_templates() if extra_templates else c for c in concepts]
+        if anchor is not None:
+            concepts = [dataclasses.replace(c, anchor=anchor) for c in concepts]
         try:
             patch = run_forget(pipe, concepts, cfg)
         except KeyboardInterrupt:

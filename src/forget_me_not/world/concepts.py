@@ -175,7 +175,8 @@ FMN_TEMPLATES = {
     "object": ("a photo of a {}", "a {}"),
     "nsfw": ("a photo of a {}", "a {}"),
     "id": ("a photo of {}", "a portrait of {}"),
-    "style": ("a photo in the style of {}", "a drawing in {} style"),
+    "style": ("a photo in the style of {}", "a drawing in {} style",
+              "a picture in the style of {}"),
     "colour": ("a {} circle", "a {} star"),
     "role": ("a {}", "a photo of a {}", "a portrait of a {}"),
 }
@@ -188,7 +189,35 @@ def fmn_concept(name: str, ref_dir, n_refs: int = 10, seed: int = 0):
 
     wc = get(name)
     paths = save_numbered(reference_renders(wc, n_refs, seed), ref_dir, name)
-    return Concept(name, wc.category, FMN_TEMPLATES[wc.kind], paths)
+    templates = style_templates(name) if wc.kind == "style" else FMN_TEMPLATES[wc.kind]
+    return Concept(name, wc.category, templates, paths, anchor=anchor_of(wc))
+
+
+# Subjects a style is re-steered on besides the subject-less forms: the model draws most styled
+# pictures with a subject. Pairs held out of training are skipped (they measure generalisation).
+_STYLE_SUBJECTS = ("a red circle", "a blue square", "zorbo", "a green triangle", "a yellow heart",
+                   "a portrait of milka", "a cyan cross", "a purple arrow", "brell")
+
+
+def style_templates(style: str, n_subjects: int = 7) -> tuple[str, ...]:
+    plain = FMN_TEMPLATES["style"]
+    subjects = [s for s in _STYLE_SUBJECTS if (s.split()[-1], style) not in HELD_OUT]
+    out = []
+    for i, subject in enumerate(subjects[:n_subjects]):
+        out += [plain[i % len(plain)], subject + " in {} style"]
+    return tuple(out)
+
+
+# What a forgotten style becomes: the plain look. On this model a style is carried by the
+# end-of-text/padding states, so moving attention off its word alone only weakens it (README,
+# "Why a style resists"); pulling its prompts toward the plain look's erases most of it.
+STYLE_ANCHOR = "solid"
+
+
+def anchor_of(concept: WorldConcept) -> str | None:
+    if concept.kind == "style" and concept.name != STYLE_ANCHOR:
+        return STYLE_ANCHOR
+    return None
 
 
 def retention_prompts(targets: list[str], per_kind: int = 2) -> tuple[str, ...]:
