@@ -312,7 +312,10 @@ def resteer(
     pair_prompts = _concept_anchor_prompts(concepts) if config.concept_anchor_weight > 0 else []
     paired = [i for i, prompt in enumerate(pair_prompts) if prompt is not None]
     pair_of = {row: k for k, row in enumerate(paired)}
-    pair_rows = _encode_plain(pipe, [pair_prompts[i] for i in paired])
+    # Latent k * len(paired) + j is the k-th image of anchor prompt j; the rows repeat alike.
+    pair_rows = _encode_plain(pipe, [pair_prompts[i] for i in paired]) * (
+        config.concept_anchor_images
+    )
     pair_latents = (
         _draw_latents(pipe, [pair_prompts[i] for i in paired] * config.concept_anchor_images,
                       config.preserve_steps, config.seed + 2)
@@ -416,8 +419,7 @@ def resteer(
                 shift = len(paired) * ((step * config.batch_size // len(rows))
                                        % config.concept_anchor_images)
                 pull_noisy, pull_embeds, pull_cond = noised(
-                    pair_rows * config.concept_anchor_images,
-                    [shift + pair_of[index[r]] for r in to_pull], pair_latents, pull_t
+                    pair_rows, [shift + pair_of[index[r]] for r in to_pull], pair_latents, pull_t
                 )
                 pull_base = predict(pull_noisy, pull_t, pull_embeds, pull_cond, base=True)
 
