@@ -173,6 +173,20 @@ def test_training_lr_warms_up_and_cools_down():
     assert TrainModelConfig().cooldown_steps == 1500  # what the shipped model used
 
 
+def test_caption_boost_weights_the_captions_holding_a_word():
+    from forget_me_not.errors import FmnError
+    from forget_me_not.world.train_model import caption_weights, parse_boost
+
+    boost = parse_boost(["dotted=3", "Style=2"])
+    assert boost == {"dotted": 3.0, "style": 2.0}
+    weights = caption_weights(["a star in dotted style", "a photo of zorbo", "a dotted dotted"],
+                              boost)
+    assert weights.tolist() == [6.0, 1.0, 3.0]  # a repeated word counts once
+    for bad in ("dotted", "dotted=0", "=2", "dotted=x"):
+        with pytest.raises(FmnError, match="WORD=W"):
+            parse_boost([bad])
+
+
 def test_resuming_with_more_vae_steps_is_refused(tmp_path):
     import json
 
@@ -202,15 +216,15 @@ def test_resuming_keeps_the_runs_tokenizer(tmp_path):
     """A resumed run must not rebuild the vocabulary its text encoder was trained with."""
     from forget_me_not.world.train_model import TrainModelConfig, train_model
 
-    def run(steps: int) -> None:
+    def run(steps: int) -> None:  # boosted sampling, checkpointed at every step
         train_model(TrainModelConfig(run_dir=tmp_path, pool_size=16, batch_size=4, vae_steps=1,
                                      unet_steps=steps, warmup_steps=1, cooldown_steps=0,
-                                     checkpoint_every=1))
+                                     checkpoint_every=1, caption_boost={"style": 2.0}))
 
     run(1)
     vocab_file = tmp_path / "tokenizer-src" / "vocab.json"
     written = vocab_file.stat().st_mtime_ns
-    run(2)
+    run(3)
     assert vocab_file.stat().st_mtime_ns == written  # not rewritten
 
 

@@ -113,12 +113,16 @@ def train_model_cmd(
     max_minutes: Annotated[
         float | None, typer.Option(help="Stop the UNet stage after this.")
     ] = None,
+    boost: Annotated[
+        list[str] | None,
+        typer.Option(help="WORD=W: draw captions holding WORD W times as often (repeatable)."),
+    ] = None,
     seed: opt.Seed = 0,
     device: opt.Device = None,
 ) -> None:
     """Train the tiny text-to-image model (resumable; rerun the same command to continue)."""
     from forget_me_not.models import resolve_device
-    from forget_me_not.world.train_model import TrainModelConfig, train_model
+    from forget_me_not.world.train_model import TrainModelConfig, parse_boost, train_model
 
     opt.require_positive("--unet-steps", unet_steps)
     opt.require_positive("--vae-steps", vae_steps)
@@ -132,6 +136,7 @@ def train_model_cmd(
         max_minutes=max_minutes,
         seed=seed,
         device=str(resolve_device(device)),
+        caption_boost=parse_boost(boost or []),
     )
     typer.echo(f"exported {train_model(cfg)}")
 

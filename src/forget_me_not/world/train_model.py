@@ -42,6 +42,9 @@ class TrainModelConfig:
     ema_decay: float = 0.999
     cond_drop: float = 0.1  # share of empty captions, for classifier-free guidance
     checkpoint_every: int = 250
+    # word -> sampling weight for the captions holding it (e.g. {"dotted": 3.0}), to train on
+    # the concepts the model draws least reliably; empty: uniform over the pool
+    caption_boost: dict[str, float] = field(default_factory=dict)
     max_minutes: float | None = None  # stop the UNet stage early at this wall time, then export
     device: str = "cpu"
     model: world_model.WorldModelConfig = field(default_factory=world_model.WorldModelConfig)
@@ -52,6 +55,33 @@ class TrainModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.unet_lr <= 0:
             raise ValueError(f"unet_lr must be positive, got {self.unet_lr}")
+        for word, weight in self.caption_boost.items():
+            if not weight > 0:
+                raise ValueError(f"caption boost of {word!r} must be positive, got {weight}")
+
+
+def parse_boost(items: list[str]) -> dict[str, float]:
+    """`["dotted=3", "style=2"]` -> {"dotted": 3.0, "style": 2.0}, or a one-line error."""
+    boost: dict[str, float] = {}
+    for item in items:
+        word, _, weight = item.partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not word.strip() or not value > 0:
+            raise FmnError(f"--boost {item!r} must be WORD=W with W > 0, e.g. --boost dotted=3")
+        boost[word.strip().lower()] = value
+    return boost
+
+
+def caption_weights(captions: list[str], boost: dict[str, float]) -> torch.Tensor:
+    """Sampling weight of each caption: the product of the boosts of the words it holds."""
+    weights = torch.ones(len(captions), dtype=torch.float64)
+    for i, caption in enumerate(captions):
+        for word in set(caption.lower().split()):
+            weights[i] *= boost.get(word, 1.0)
+    return weights
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
@@ -181,10 +211,14 @@ def train_unet(
         "", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids[0]
     gen = torch.Generator().manual_seed(cfg.seed + 10_000 + start)
+    sample_weights = caption_weights(captions, cfg.caption_boost) if cfg.caption_boost else None
     t0 = time.time()
     bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps)
     for step in bar:
-        idx = torch.randint(0, len(captions), (cfg.batch_size,), generator=gen)
+        if sample_weights is None:
+            idx = torch.randint(0, len(captions), (cfg.batch_size,), generator=gen)
+        else:
+            idx = torch.multinomial(sample_weights, cfg.batch_size, replacement=True, generator=gen)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
         batch_ids = ids[idx].clone()
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_drop
@@ -389,6 +423,7 @@ if __name__ == "__main__":
     p.add_argument("--export-only", type=Path, default=None, help="export checkpoints here")
     p.add_argument("--pool-subset", type=int, default=None, help="estimate scaling from fewer")
     p.add_argument("--raw", action="store_true", help="export the raw weights, not the EMA")
+    p.add_argument("--boost", action="append", default=[], help="WORD=W caption sampling weight")
     a = p.parse_args()
     if a.export_only:
         cfg = TrainModelConfig(run_dir=a.run_dir, seed=a.seed)
@@ -407,6 +442,7 @@ if __name__ == "__main__":
                 unet_lr=a.unet_lr,
                 device=a.device,
                 seed=a.seed,
+                caption_boost=parse_boost(a.boost),
             )
         )
     )
