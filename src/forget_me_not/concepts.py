@@ -40,6 +40,12 @@ EXTRA_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+def check_anchor(anchor: str | None) -> None:
+    """One-line error for anchor words that are given but empty."""
+    if anchor is not None and not anchor.strip():
+        raise FmnError("concept anchor is empty: pass the words it should become, or None")
+
+
 @dataclass(frozen=True)
 class Concept:
     """One concept to forget."""
@@ -68,8 +74,7 @@ class Concept:
         object.__setattr__(self, "images", tuple(Path(p) for p in self.images))
         if self.token_words is not None and not self.token_words.strip():
             raise FmnError("concept token_words is empty: pass the placeholder tokens or None")
-        if self.anchor is not None and not self.anchor.strip():
-            raise FmnError("concept anchor is empty: pass the words it should become, or None")
+        check_anchor(self.anchor)
 
     @property
     def words(self) -> str:

@@ -101,7 +101,7 @@ def forget(
 ) -> None:
     """Make --model forget --concept; write the patch to --out."""
     from forget_me_not.api import forget as run_forget
-    from forget_me_not.concepts import CATEGORIES, Concept
+    from forget_me_not.concepts import CATEGORIES, Concept, check_anchor
     from forget_me_not.data import load_images
     from forget_me_not.images import check_output_path
     from forget_me_not.models import load_pipeline, resolve_device, resolve_dtype
@@ -147,8 +147,7 @@ def forget(
         preserve_latents=preserve_latents,
         concept_anchor_weight=anchor_weight,
     )
-    if anchor is not None:
-        Concept("x", anchor=anchor)  # validates the words
+    check_anchor(anchor)  # before the model loads
     chosen_source = any(sources)
     files: tuple[Path, ...] = ()
     if images is not None:
