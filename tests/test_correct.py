@@ -210,10 +210,10 @@ def test_correct_measures_warns_and_preserves_the_identity(tmp_path):
     refs = _refs(tmp_path)
     with pytest.warns(UserWarning, match=r"only 0% of 2 samples of 'wizard' show 'milka'"):
         low = correct(pipe, role, ident, ResteerConfig(steps=1), images=refs,
-                      judge=FixedJudge(0.1), n_check=2, progress=False)
+                      judge=FixedJudge(0.1), n_check=2, method="resteer", progress=False)
     assert low.rate_before == 0.0
     high = correct(pipe, role, ident, ResteerConfig(steps=2), images=refs,
-                   judge=FixedJudge(0.9), n_check=2, progress=False)
+                   judge=FixedJudge(0.9), n_check=2, method="resteer", progress=False)
     assert high.rate_before == 1.0 and high.reference_source == "images"
     meta = high.patch.metadata
     assert meta["concepts"][0]["name"] == "wizard"
@@ -228,7 +228,7 @@ def test_correct_measures_warns_and_preserves_the_identity(tmp_path):
 def test_correct_without_images_draws_the_identity_itself(tmp_path):
     pipe = make_tiny_pipeline("sd1")
     result = correct(pipe, Concept("wizard", "id"), Concept("milka", "id"),
-                     ResteerConfig(steps=1), preserve=False, progress=False)
+                     ResteerConfig(steps=1), preserve=False, method="resteer", progress=False)
     assert result.reference_source == "self" and result.rate_before is None
     assert "preserve_losses" not in result.patch.metadata
 
@@ -252,7 +252,7 @@ def test_cli_correct_on_the_embedded_model_uses_world_renders(world_dir, tmp_pat
 
     monkeypatch.setattr(cli, "_judge", lambda *a: FixedJudge(0.1))
     out = tmp_path / "fix.safetensors"
-    result = _correct(world_dir, out, "--check", "2")
+    result = _correct(world_dir, out, "--check", "2", "--method", "resteer")
     assert result.exit_code == 0, result.output
     assert "warning: only 0% of 2 samples" in result.stderr
     meta = load_patch(out).metadata
@@ -266,7 +266,8 @@ def test_cli_correct_on_the_embedded_model_uses_world_renders(world_dir, tmp_pat
     assert meta["settings"]["anchor_weight"] == DEFAULT_ANCHOR_WEIGHT
     assert meta["settings"]["transparent_weight"] == 0.0
     assert len(meta["anchor_losses"]) == 2  # --steps 2 kept (default: twice the family's)
-    off = _correct(world_dir, tmp_path / "off.safetensors", "--check", "0", "--toward-weight", "0")
+    off = _correct(world_dir, tmp_path / "off.safetensors", "--check", "0", "--toward-weight", "0",
+                   "--method", "resteer")
     assert off.exit_code == 0, off.output
     meta = load_patch(tmp_path / "off.safetensors").metadata
     assert meta["settings"]["anchor_weight"] == 0.0 and "anchor_losses" not in meta
@@ -279,6 +280,8 @@ def test_cli_correct_bad_input(tiny_pipeline_dir, tmp_path):
                             (["--toward-weight", "-1"], "anchor_weight"),
                             (["--toward", " "], "anchor prompt is empty"),
                             (["--judge-model", str(tmp_path / "none")], "not a folder"),
+                            (["--method", "magic"], "--method"),
+                            ([], "--toward PROMPT"),
                             (["--out", str(tmp_path / "p.bin")], ".safetensors")):
         result = _correct(sd1, tmp_path / "p.safetensors", *extra)
         assert result.exit_code == 2 and fragment in result.stderr, result.stderr

@@ -18,6 +18,12 @@ an anchor, the role's prediction is trained to match the base model's prediction
 anchor (the model-based objective of Kumari et al., "Ablating Concepts", 2023). With anchors,
 the hold on transparent pixels is off by default: the anchors keep the hat.
 
+Two methods. "embedding" (the default) trains only the role's token-embedding rows with that
+pull (`token_pull`): no UNet weight changes, so the identity named directly is untouched and
+the role moves fully (ConceptWorld: the wizard drawn as milka 100% -> 0%, hat kept, milka 100%).
+It needs anchor prompts. "resteer" is the re-steering correction above, as a LoRA patch: on
+ConceptWorld it moved the role only part of the way unless it also cost milka.
+
 Before training, the entanglement is measured when a judge can score it (the world judge on the
 embedded model, a CLIP judge when one is given): the share of the role's samples that show the
 identity. Below `warn_below` a warning says so (a correction of something that is not there
@@ -52,6 +58,7 @@ CORRECTION_STEP_FACTOR = 2
 WARN_BELOW = 0.3  # entanglement rate under which correction is probably not needed
 N_CHECK = 8  # role samples judged before training
 N_SELF_REFERENCES = 8  # identity images the model draws when none are given
+METHODS = ("embedding", "resteer")
 
 
 @dataclass
@@ -90,6 +97,7 @@ def correct(
     warn_below: float = WARN_BELOW,
     preserve: bool = True,
     toward_weight: float | None = None,
+    method: str = "embedding",
     progress: bool = True,
 ) -> Correction:
     """Re-steer `role` away from the identity `away_from`; returns the patch and the rate.
@@ -99,6 +107,8 @@ def correct(
     The role is also pulled toward `config.anchor_prompts` (the role shown on other people;
     on ConceptWorld: the other IDs wearing the hat, filled in automatically) with
     `toward_weight` (None: `DEFAULT_ANCHOR_WEIGHT`; 0: off).
+    `method="embedding"` trains only the role's token rows toward the anchors (`token_pull`;
+    `config.steps` / `config.lr` override its defaults, the re-steering settings are unused).
     """
     from forget_me_not.models import detect_family
     from forget_me_not.presets import is_world_concept, world_concepts
@@ -108,8 +118,18 @@ def correct(
                        "identity it collapses onto")
     if not 0.0 <= warn_below <= 1.0:
         raise FmnError(f"warn_below must be in 0..1, got {warn_below}")
+    if method not in METHODS:
+        raise FmnError(f"unknown correction method {method!r}: use one of {', '.join(METHODS)}")
     family = detect_family(pipe)
     config = config or ResteerConfig()
+    anchors = config.anchor_prompts
+    if not anchors and family == "embedded" and _is_world_role(role, away_from):
+        anchors = _world_anchor_prompts()
+    if method == "embedding" and not anchors:
+        raise FmnError(
+            "the embedding correction needs prompts that show the role on someone else: pass "
+            "--toward PROMPT (repeatable), or use --method resteer"
+        )
 
     rate = None
     if judge is not None and n_check > 0:
@@ -125,13 +145,14 @@ def correct(
                 stacklevel=2,
             )
 
+    if method == "embedding":
+        return _correct_tokens(pipe, role, away_from, anchors, config, rate, judge, n_check,
+                               progress)
+
     if not config.preserve_weight and preserve:
         config = dataclasses.replace(
             config, preserve_weight=DEFAULT_PRESERVE_WEIGHT,
             preserve_prompts=config.preserve_prompts or tuple(away_from.prompts()))
-    anchors = config.anchor_prompts
-    if not anchors and family == "embedded" and _is_world_role(role, away_from):
-        anchors = _world_anchor_prompts()
     pull = DEFAULT_ANCHOR_WEIGHT if toward_weight is None else toward_weight
     if pull < 0:
         raise FmnError(f"toward_weight must be >= 0, got {toward_weight}")
@@ -159,6 +180,7 @@ def correct(
         patch = resteer(pipe, [dataclasses.replace(role, images=refs)], config,
                         progress=progress)
     patch.metadata["correction"] = {
+        "method": "resteer",
         "role": role.to_dict(),
         "away_from": away_from.to_dict(),
         "rate_before": rate,
@@ -172,6 +194,28 @@ def correct(
     }
     patch.metadata["reference_source"] = source
     return Correction(patch, rate, source)
+
+
+def _correct_tokens(pipe: Any, role: Concept, away_from: Concept, anchors: tuple[str, ...],
+                    config: ResteerConfig, rate: float | None, judge: Any, n_check: int,
+                    progress: bool) -> Correction:
+    """The embedding method: the role's token rows pulled toward the anchors."""
+    from forget_me_not.token_pull import DEFAULT_LR, DEFAULT_STEPS, TokenPullConfig, pull_tokens
+
+    settings = TokenPullConfig(steps=config.steps or DEFAULT_STEPS, lr=config.lr or DEFAULT_LR,
+                               seed=config.seed)
+    patch = pull_tokens(pipe, role, anchors, settings, progress=progress)
+    patch.metadata["correction"] = {
+        "method": "embedding",
+        "role": role.to_dict(),
+        "away_from": away_from.to_dict(),
+        "rate_before": rate,
+        "judge": getattr(judge, "name", None) if rate is not None else None,
+        "n_check": n_check if rate is not None else 0,
+        "anchor_prompts": list(anchors),
+    }
+    patch.metadata["reference_source"] = "anchors"
+    return Correction(patch, rate, "anchor prompts drawn by the base model")
 
 
 def _is_world_role(role: Concept, away_from: Concept) -> bool:

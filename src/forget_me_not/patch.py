@@ -1,12 +1,16 @@
 """The patch: what re-steering trained, as one safetensors file, applied to and removed from a pipe.
 
-Two kinds:
+Three kinds:
 - "lora": peft LoRA weights in diffusers' key format ("unet.<module>.lora_A.weight"), with the
   LoraConfig in the header under "lora_adapter_metadata", so plain diffusers loads the file
   with `pipe.load_lora_weights(path)`. Applied as a named peft adapter, so several patches
   stack (each its own adapter name and scale).
 - "delta": trained-minus-original tensors of full weights ("unet.<param name>"), for
   `train="xattn"` / `"unet"`. Applying adds them; the originals are kept, so removal is exact.
+- "embedding": changes to a few rows of the text encoder(s)' token-embedding table (what
+  `fmn correct` trains by default): "<encoder>.token_ids" (k,) and "<encoder>.token_delta"
+  (k, dim) per text encoder ("text_encoder", "text_encoder_2"). Every prompt without those
+  tokens is untouched; applying adds the rows, removal restores them exactly.
 
 Our own metadata (concepts, family, base hash, settings, versions) is JSON in the header under
 "forget_me_not".
@@ -39,7 +43,8 @@ from forget_me_not.errors import FmnError
 METADATA_KEY = "forget_me_not"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers reads the LoraConfig from here
 FORMAT_VERSION = 1
-KINDS = ("lora", "delta")
+KINDS = ("lora", "delta", "embedding")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # where an embedding patch's rows live
 MAX_STRENGTH = 4.0  # beyond this a patch's delta dominates the model: almost surely a typo
 _REGISTRY_ATTR = "_fmn_patches"  # on the UNet: name -> applied state, in application order
 
@@ -95,8 +100,8 @@ def library_versions() -> dict[str, str]:
 class Patch:
     """Trained tensors plus the metadata needed to apply, check and reproduce them."""
 
-    kind: str  # "lora" | "delta"
-    tensors: dict[str, torch.Tensor]  # "unet.<...>" -> tensor, as saved
+    kind: str  # "lora" | "delta" | "embedding"
+    tensors: dict[str, torch.Tensor]  # "unet.<...>" (or "<text encoder>.token_*") -> tensor
     metadata: dict[str, Any] = field(default_factory=dict)
     lora_config: dict[str, Any] | None = None  # LoraConfig kwargs (r, lora_alpha, targets)
     name: str = "fmn"  # adapter name when applied; unique per applied patch
@@ -106,6 +111,9 @@ class Patch:
             raise FmnError(f"unknown patch kind {self.kind!r}: expected one of {KINDS}")
         if self.kind == "lora" and not self.lora_config:
             raise FmnError("a LoRA patch needs its LoRA config (rank, alpha, target modules)")
+        if self.kind == "embedding":
+            self.token_rows()  # checks names and shapes
+            return
         bad = [k for k in self.tensors if not k.startswith("unet.")]
         if bad:
             raise FmnError(f"patch tensor names must start with 'unet.': {bad[:3]}")
@@ -164,6 +172,8 @@ class Patch:
             )
         if self.kind == "lora":
             self._apply_lora(unet, scale)
+        elif self.kind == "embedding":
+            self._apply_embedding(pipe, scale)
         else:
             self._apply_delta(unet, scale)
 
@@ -175,6 +185,8 @@ class Patch:
             raise FmnError(f"patch {self.name!r} is not applied to this pipeline")
         if self.kind == "lora":
             self._remove_lora(unet)
+        elif self.kind == "embedding":
+            self._remove_embedding(pipe)
         else:
             self._remove_delta(unet)
 
@@ -217,6 +229,33 @@ class Patch:
             out[module] = (ab["A"], ab["B"])
         return out
 
+    def token_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """text encoder -> (token ids (k,), row deltas (k, dim)) of an embedding patch."""
+        if self.kind != "embedding":
+            raise FmnError(f"patch {self.name!r} is a {self.kind} patch, not a token embedding")
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in self.tensors.items():
+            encoder, _, leaf = key.partition(".")
+            if encoder not in TEXT_ENCODERS or leaf not in ("token_ids", "token_delta"):
+                raise FmnError(
+                    f"patch {self.name!r} holds {key}, which is no token-embedding row: the file "
+                    "is damaged or not a forget-me-not embedding patch; make it again"
+                )
+            parts.setdefault(encoder, {})[leaf] = value
+        out = {}
+        for encoder, pair in sorted(parts.items()):
+            ids, delta = pair.get("token_ids"), pair.get("token_delta")
+            if (ids is None or delta is None or ids.ndim != 1 or delta.ndim != 2
+                    or delta.shape[0] != ids.shape[0] or ids.is_floating_point()):
+                raise FmnError(
+                    f"patch {self.name!r} is damaged: {encoder} needs token_ids (k,) and "
+                    "token_delta (k, dim) that agree; make the patch again"
+                )
+            out[encoder] = (ids.long(), delta)
+        if not out:
+            raise FmnError(f"embedding patch {self.name!r} holds no token rows: make it again")
+        return out
+
     def check_integrity(self) -> None:
         """Refuse a LoRA whose weights disagree with its rank (a damaged or edited file)."""
         if self.kind != "lora":
@@ -238,6 +277,9 @@ class Patch:
         if self.kind == "lora":
             tensors = {k: (v * strength if ".lora_B." in k else v.clone())
                        for k, v in self.tensors.items()}
+        elif self.kind == "embedding":
+            tensors = {k: (v * strength if k.endswith(".token_delta") else v.clone())
+                       for k, v in self.tensors.items()}
         else:
             tensors = {k: v * strength for k, v in self.tensors.items()}
         meta = {**self.metadata, "strength": float(self.metadata.get("strength", 1.0)) * strength}
@@ -248,6 +290,11 @@ class Patch:
         """The same change as full-weight deltas ("unet.<module>.weight" = scaling * B @ A)."""
         if self.kind == "delta":
             return self
+        if self.kind == "embedding":
+            raise FmnError(
+                f"patch {self.name!r} changes token embeddings of the text encoder, not UNet "
+                "weights: it has no UNet delta form"
+            )
         scaling = self.lora_scaling
         tensors = {f"unet.{m}.weight": (b.float() @ a.float()) * scaling  # (out, in)
                    for m, (a, b) in self.lora_pairs().items()}
@@ -346,6 +393,73 @@ class Patch:
                     if key in e["stash"]:
                         e["stash"][key] = (e["stash"][key].float() - delta).to(
                             e["stash"][key].dtype)
+
+    def _apply_embedding(self, pipe: Any, scale: float) -> None:
+        tables = {enc: _token_table(pipe, enc, self.name) for enc in self.token_rows()}
+        for enc, (ids, delta) in self.token_rows().items():
+            _check_rows(tables[enc], ids, delta, enc, self.name)
+        stash: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for enc, (ids, delta) in self.token_rows().items():
+                table, index = tables[enc], ids.to(tables[enc].device)
+                stash[enc] = table[index].detach().to("cpu", copy=True)
+                rows = table[index].float() + delta.to(table.device, torch.float32) * scale
+                table[index] = rows.to(table.dtype)
+        _registry(pipe.unet)[self.name] = {
+            "kind": "embedding", "scale": float(scale), "stash": stash,
+            "patch_ids": {enc: ids for enc, (ids, _) in self.token_rows().items()},
+        }
+
+    def _remove_embedding(self, pipe: Any) -> None:
+        registry = _registry(pipe.unet)
+        names = list(registry)
+        later = [registry[n] for n in names[names.index(self.name) + 1 :]
+                 if registry[n]["kind"] == "embedding"]
+        entry = registry.pop(self.name)
+        with torch.no_grad():
+            for enc, (ids, delta) in self.token_rows().items():
+                table = _token_table(pipe, enc, self.name)
+                index = ids.to(table.device)
+                shared = [e for e in later if enc in e["patch_ids"]
+                          and bool(torch.isin(ids, e["patch_ids"][enc]).any())]
+                if not shared:
+                    table[index] = entry["stash"][enc].to(table.device)  # exact: as they were
+                    continue
+                # A later embedding patch changed some of the same rows: take ours out
+                # arithmetically and fix what that patch will restore.
+                change = delta.float() * entry["scale"]
+                table[index] = (table[index].float() - change.to(table.device)).to(table.dtype)
+                for e in shared:
+                    their = e["patch_ids"][enc]
+                    for row, token in enumerate(ids.tolist()):
+                        hit = (their == token).nonzero().flatten()
+                        if hit.numel():
+                            old = e["stash"][enc][hit[0]]
+                            e["stash"][enc][hit[0]] = (old.float() - change[row]).to(old.dtype)
+
+
+def _token_table(pipe: Any, encoder: str, patch_name: str) -> torch.Tensor:
+    """The token-embedding weight (vocab, dim) of the pipeline's `encoder`."""
+    module = getattr(pipe, encoder, None)
+    if module is None:
+        raise FmnError(
+            f"patch {patch_name!r} changes {encoder}, which this pipeline does not have: apply "
+            "it to the model it was made for"
+        )
+    return module.get_input_embeddings().weight
+
+
+def _check_rows(table: torch.Tensor, ids: torch.Tensor, delta: torch.Tensor, encoder: str,
+                patch_name: str) -> None:
+    if ids.unique().numel() != ids.numel():
+        raise FmnError(f"patch {patch_name!r} is damaged: {encoder} lists a token twice; make "
+                       "it again")
+    if delta.shape[1] != table.shape[1] or int(ids.max()) >= table.shape[0] or int(ids.min()) < 0:
+        raise FmnError(
+            f"patch {patch_name!r} does not fit this {encoder} (rows of width {delta.shape[1]} "
+            f"for tokens up to {int(ids.max())}; the model has {table.shape[0]} tokens of width "
+            f"{table.shape[1]}): apply it to the model it was made for"
+        )
 
 
 def _registry(unet: Any) -> dict[str, dict[str, Any]]:
@@ -503,6 +617,19 @@ def stack_patches(patches: Sequence[Patch], strengths: Sequence[float] | None = 
     }
     name = _adapter_name(name or "fmn_stack_" + "_".join(p.name.removeprefix("fmn_")[:24]
                                                          for p in patches))
+    embedding = [p.kind == "embedding" for p in patches]
+    if any(embedding):
+        if not all(embedding):
+            raise FmnError(
+                "a token-embedding patch (from `fmn correct`) cannot share one file with UNet "
+                "patches: apply them together (`fmn generate --patch A --patch B`) or merge them "
+                "all into a pipeline (`fmn patch merge`)"
+            )
+        parts = [{**part, "strength": part.get("strength", 1.0) * s}
+                 for p, s in zip(patches, strengths, strict=True)
+                 for part in p.metadata.get("parts") or [_as_part(p)]]
+        return Patch("embedding", _summed_rows(patches, strengths), {**meta, "parts": parts},
+                     None, name)
     if any(p.kind == "delta" for p in patches):
         total: dict[str, torch.Tensor] = {}
         for p, s in zip(patches, strengths, strict=True):
@@ -548,6 +675,22 @@ def stack_patches(patches: Sequence[Patch], strengths: Sequence[float] | None = 
     config = {"r": total_rank, "lora_alpha": total_rank, "target_modules": targets,
               "init_lora_weights": True}
     return Patch("lora", tensors, {**meta, "parts": parts}, config, name)
+
+
+def _summed_rows(patches: Sequence[Patch], strengths: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Embedding patches as one: the union of their tokens, each token's deltas summed."""
+    rows: dict[str, dict[int, torch.Tensor]] = {}
+    for p, s in zip(patches, strengths, strict=True):
+        for enc, (ids, delta) in p.token_rows().items():
+            mine = rows.setdefault(enc, {})
+            for token, row in zip(ids.tolist(), delta.float(), strict=True):
+                mine[token] = mine.get(token, 0) + row * s
+    tensors: dict[str, torch.Tensor] = {}
+    for enc, mine in rows.items():
+        tokens = sorted(mine)
+        tensors[f"{enc}.token_ids"] = torch.tensor(tokens, dtype=torch.int64)
+        tensors[f"{enc}.token_delta"] = torch.stack([mine[t] for t in tokens])
+    return tensors
 
 
 def _as_part(patch: Patch) -> dict[str, Any]:
@@ -612,6 +755,9 @@ def extract_lora(patch: Patch, rank: int, targets: Sequence[str] | None = None) 
     error ||D - B A|| / ||D|| per layer, and overall (dropped tensors counted in full), is stored
     under metadata["extraction"].
     """
+    if patch.kind == "embedding":
+        raise FmnError(f"patch {patch.name!r} changes token embeddings, not UNet weights: it "
+                       "has no LoRA form; ship it as it is")
     if patch.kind != "delta":
         raise FmnError(f"patch {patch.name!r} is already a LoRA: extraction needs a delta patch")
     if int(rank) < 1:
@@ -665,7 +811,8 @@ def extract_lora(patch: Patch, rank: int, targets: Sequence[str] | None = None) 
 
 def merge_into(pipe: Any, patches: Sequence[Patch],
                strengths: Sequence[float] | None = None) -> None:
-    """Fuse `patches` into `pipe`'s UNet weights for good (for saving a full pipeline).
+    """Fuse `patches` into `pipe`'s weights for good (for saving a full pipeline): UNet
+    deltas and LoRAs into the UNet, embedding patches into the token-embedding table(s).
 
     The pipeline must carry no applied patch (fuse the files, not live adapters).
     """
@@ -677,6 +824,9 @@ def merge_into(pipe: Any, patches: Sequence[Patch],
         raise FmnError("this pipeline has patches or adapters applied: merge into a clean model")
     for patch, s in zip(patches, strengths, strict=True):
         patch._check_family(pipe)
+        if patch.kind == "embedding":
+            _merge_rows(pipe, patch, s)
+            continue
         delta = patch.to_delta()
         params = {k: _param(unet, k.removeprefix("unet.")) for k in delta.tensors}
         for key, p in params.items():
@@ -687,6 +837,17 @@ def merge_into(pipe: Any, patches: Sequence[Patch],
             for key, p in params.items():
                 update = p.detach().float() + delta.tensors[key].to(p.device).float() * s
                 p.copy_(update.to(p.dtype))
+
+
+def _merge_rows(pipe: Any, patch: Patch, strength: float) -> None:
+    tables = {enc: _token_table(pipe, enc, patch.name) for enc in patch.token_rows()}
+    for enc, (ids, delta) in patch.token_rows().items():
+        _check_rows(tables[enc], ids, delta, enc, patch.name)
+    with torch.no_grad():
+        for enc, (ids, delta) in patch.token_rows().items():
+            table, index = tables[enc], ids.to(tables[enc].device)
+            rows = table[index].float() + delta.to(table.device, torch.float32) * strength
+            table[index] = rows.to(table.dtype)
 
 
 def save_merged(pipe: Any, patches: Sequence[Patch], out_dir: str | Path,
@@ -735,6 +896,11 @@ def kohya_key(module: str) -> str:
 
 def to_kohya(patch: Patch) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header) of the patch in kohya's LoRA format: lora_down / lora_up / alpha."""
+    if patch.kind == "embedding":
+        raise FmnError(
+            f"patch {patch.name!r} changes token embeddings of the text encoder, which the "
+            "kohya LoRA format cannot carry: merge it into a pipeline with `fmn patch merge`"
+        )
     if patch.kind != "lora":
         raise FmnError(
             f"patch {patch.name!r} holds full-weight deltas: turn it into a LoRA first with "
@@ -803,8 +969,12 @@ def save_kohya(patch: Patch, path: str | Path) -> Path:
 def describe(patch: Patch, path: str | Path | None = None) -> dict[str, Any]:
     """What a patch is: concepts, family, base hash, kind, rank, size, settings, versions."""
     n_params = sum(v.numel() for v in patch.tensors.values())
-    modules = (sorted(patch.lora_pairs()) if patch.kind == "lora" else
-               sorted({k.removeprefix("unet.").rpartition(".")[0] for k in patch.tensors}))
+    if patch.kind == "lora":
+        modules = sorted(patch.lora_pairs())
+    elif patch.kind == "embedding":
+        modules = [f"{enc}.token_embedding" for enc in patch.token_rows()]
+    else:
+        modules = sorted({k.removeprefix("unet.").rpartition(".")[0] for k in patch.tensors})
     info: dict[str, Any] = {
         "name": patch.name,
         "kind": patch.kind,
@@ -824,7 +994,7 @@ def describe(patch: Patch, path: str | Path | None = None) -> dict[str, Any]:
         "settings": patch.metadata.get("settings"),
         "versions": patch.metadata.get("versions"),
     }
-    for key in ("parts", "extraction", "correction", "preset"):
+    for key in ("parts", "extraction", "correction", "preset", "tokens"):
         if key in patch.metadata:
             info[key] = patch.metadata[key]
     return info

@@ -61,7 +61,14 @@ def correct(
     warn_below: Annotated[
         float, typer.Option(help="Warn when fewer role samples than this show the identity.")
     ] = 0.3,
-    train: Annotated[str, typer.Option(help="lora (patch), xattn or unet.")] = "lora",
+    method: Annotated[
+        str,
+        typer.Option(help="embedding: train only the role's token rows toward the --toward "
+                          "prompts (default); resteer: re-steer the UNet (a LoRA patch)."),
+    ] = "embedding",
+    train: Annotated[
+        str, typer.Option(help="lora (patch), xattn or unet (--method resteer).")
+    ] = "lora",
     steps: Annotated[
         int | None, typer.Option(help="Optimiser steps (default: the model family's).")
     ] = None,
@@ -73,8 +80,8 @@ def correct(
     allow_pickle: opt.AllowPickle = False,
     config: opt.Config = None,
 ) -> None:
-    """Re-steer --concept away from --away-from; write the correction patch to --out."""
-    from forget_me_not.correct import DEFAULT_PRESERVE_WEIGHT
+    """Move --concept away from --away-from; write the correction patch to --out."""
+    from forget_me_not.correct import DEFAULT_PRESERVE_WEIGHT, METHODS
     from forget_me_not.correct import correct as run_correct
     from forget_me_not.data import image_files, load_images
     from forget_me_not.images import check_output_path
@@ -82,6 +89,8 @@ def correct(
     from forget_me_not.resteer import ResteerConfig
 
     # Check what the user typed before the (slow) model load.
+    if method not in METHODS:
+        raise FmnError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if check < 0:
         raise FmnError(f"--check must be 0 or more, got {check}")
     out = check_output_path(out, suffix=".safetensors")
@@ -112,7 +121,7 @@ def correct(
         warnings.simplefilter("always")
         result = run_correct(pipe, role, entangled, cfg, images=files, judge=judge,
                              n_check=check, warn_below=warn_below, preserve=weight > 0,
-                             toward_weight=toward_weight)
+                             toward_weight=toward_weight, method=method)
     for w in caught:
         if issubclass(w.category, UserWarning):
             typer.echo(f"warning: {w.message}", err=True)

@@ -66,6 +66,8 @@ def info(
             value = ", ".join(value) or "-"
         typer.echo(f"{key:16s} {value}")
     typer.echo(f"{'size':16s} {record['bytes'] / 1e6:.3f} MB")
+    if record.get("tokens"):
+        typer.echo(f"{'tokens':16s} {' | '.join(' '.join(t) for t in record['tokens'])}")
     for part in record.get("parts", []):
         typer.echo(f"{'part':16s} {part['name']}: {', '.join(part['concepts'])} "
                    f"(strength {part['strength']:g}, rank slice {part.get('rank_slice')})")
