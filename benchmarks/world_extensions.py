@@ -2,7 +2,8 @@
 
 1. Stacking: patches forgetting two concepts, stacked into one file, applied together.
 2. Unsafe preset: every unsafe world concept forgotten in one run.
-3. Correction: the role word ("wizard") re-steered away from its entangled ID ("milka").
+3. Correction: the role word ("wizard") moved away from its entangled ID ("milka"), by its
+   token embedding (the default) or by re-steering (`--method resteer`).
 
 Every score: n samples per concept from its trained prompt forms, fixed seeds, the same seeds
 before and after. Writes JSON and a before/after sheet per experiment.
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--stack", default="star,tavi")
     ap.add_argument("--only", default="stack,unsafe,correct")
     ap.add_argument("--preserve-weight", type=float, default=None)
+    ap.add_argument("--method", default="embedding", help="correction method: embedding|resteer")
     ap.add_argument("--out", type=Path, default=Path("runs/world_extensions"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,7 @@ def main() -> None:
                 )
             )
             t0 = time.perf_counter()
-            fix = correct(pipe, role, ident, cfg, judge=judge, progress=False)
+            fix = correct(pipe, role, ident, cfg, judge=judge, method=a.method, progress=False)
             seconds = time.perf_counter() - t0
             fix.patch.apply(pipe)
             after = score()
@@ -141,6 +143,7 @@ def main() -> None:
                 "after": after[vocab.ROLE_ID]["rate"],
             }
             r["judged_rate_before_training"] = fix.rate_before
+            r["method"] = a.method
             results["correct"] = r
             before_after_sheet([vocab.ROLE, vocab.ROLE_ID, "zorbo"], base, after, vocab.ROLE).save(
                 a.out / "correct.png"
