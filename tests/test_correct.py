@@ -97,6 +97,24 @@ def test_preserve_latents_own_draws_one_latent_per_prompt_and_changes_the_run():
     assert runs["own"].metadata["preserve_losses"] != runs["shared"].metadata["preserve_losses"]
 
 
+def test_preserve_t_min_draws_the_regulariser_timesteps_apart():
+    with pytest.raises(FmnError, match="preserve_t_min"):
+        ResteerConfig(preserve_t_min=-1)
+    assert ResteerConfig().resolved("sd1").preserve_t_min == 0
+    prompts = ("a photo of a moon", "a cat")
+
+    def run(t_min, latents="own"):
+        cfg = _cfg(preserve_weight=10.0, preserve_prompts=prompts, preserve_steps=2,
+                   preserve_latents=latents, preserve_t_min=t_min)
+        return resteer(make_tiny_pipeline("sd1"), [Concept("star")], cfg, progress=False)
+
+    plain, high = run(0), run(900)
+    assert high.metadata["settings"]["preserve_t_min"] == 900
+    assert plain.metadata["preserve_losses"] != high.metadata["preserve_losses"]
+    # With "shared" latents the regulariser must use the concept's noisy latent and its t.
+    assert run(0, "shared").metadata["losses"] == run(900, "shared").metadata["losses"]
+
+
 def _prediction_gap(pipe, patch, patched_prompt: str, base_prompt: str, seed: int) -> float:
     """Mean squared gap between the patched UNet on `patched_prompt` and the base UNet on
     `base_prompt`, on fixed noisy latents at four timesteps (applies the patch)."""

@@ -128,6 +128,10 @@ class ResteerConfig:
     preserve_batch: int | None = None  # preserve prompts per step; None -> family default (1)
     preserve_latents: str | None = None  # "shared"/"own" (PRESERVE_LATENTS); None -> family's
     preserve_steps: int | None = None  # denoising steps of the "own" images; None -> family's
+    # With "own" latents: the regulariser's timesteps are drawn from [preserve_t_min, T) on
+    # their own, instead of sharing the concept's. A colour or layout is settled at high
+    # noise, where the noise prediction barely shows it; None -> the family's default (0).
+    preserve_t_min: int | None = None
     # References with transparency: transparent pixels are not re-steered, and with this
     # weight > 0 the concept's own prediction there is held to the base model's (what the
     # picture should keep, e.g. a role's costume while its identity is corrected).
@@ -175,6 +179,8 @@ class ResteerConfig:
         ):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise FmnError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.preserve_t_min is not None and int(self.preserve_t_min) < 0:
+            raise FmnError(f"preserve_t_min must be >= 0, got {self.preserve_t_min}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise FmnError(f"learning rate must be a positive number, got {self.lr}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -234,6 +240,7 @@ class ResteerConfig:
             "preserve_batch": 1,
             "preserve_latents": "shared",
             "preserve_steps": 25,
+            "preserve_t_min": 0,
             "transparent_weight": 1.0,
             "concept_anchor_weight": 1.0,
         }
@@ -391,6 +398,9 @@ def resteer(
                     (first + j) % len(keep) for j in range(config.preserve_batch) for _ in batch
                 ]
                 keep_t = t.repeat(config.preserve_batch)
+                if keep_latents is not None and config.preserve_t_min:
+                    low = min(config.preserve_t_min, n_train_t - 1)
+                    keep_t = torch.randint(low, n_train_t, keep_t.shape, generator=gen).to(device)
                 keep_noisy, keep_embeds, keep_cond = noised(keep, keep_index, keep_latents, keep_t)
                 if keep_latents is None:
                     keep_noisy = noisy.repeat(config.preserve_batch, 1, 1, 1)

@@ -83,6 +83,11 @@ def forget(
         typer.Option(help="Preserve prompts compared per step (default: the model family's)."),
     ] = None,
     preserve_latents: opt.PreserveLatents = None,
+    preserve_t_min: Annotated[
+        int | None,
+        typer.Option(help="With 'own' latents: lowest timestep the regulariser compares at "
+                          "(default: the model family's)."),
+    ] = None,
     anchor: Annotated[
         str | None,
         typer.Option(help="What the concept should become: its prompts are also pulled toward "
@@ -145,6 +150,7 @@ def forget(
         preserve_prompts=tuple(preserve or ()),
         preserve_batch=preserve_batch,
         preserve_latents=preserve_latents,
+        preserve_t_min=preserve_t_min,
         concept_anchor_weight=anchor_weight,
     )
     check_anchor(anchor)  # before the model loads
