@@ -115,6 +115,30 @@ def test_preserve_t_min_draws_the_regulariser_timesteps_apart():
     assert run(0, "shared").metadata["losses"] == run(900, "shared").metadata["losses"]
 
 
+def test_text_keep_shrinks_what_the_lora_does_to_the_kept_prompts_states():
+    from forget_me_not.resteer import encode_prompt
+
+    with pytest.raises(FmnError, match="text_keep_weight"):
+        ResteerConfig(text_keep_weight=-1.0)
+    assert ResteerConfig().resolved("sd1").text_keep_weight == 0.0
+    prompt = "a photo of a moon"
+
+    def moved(weight):
+        pipe = make_tiny_pipeline("sd1")
+        cfg = _cfg(steps=4, lr=3e-2, preserve_weight=1.0, preserve_prompts=(prompt,),
+                   text_keep_weight=weight)
+        patch = resteer(pipe, [Concept("star")], cfg, progress=False)
+        assert len(patch.metadata["text_keep_losses"]) == 4
+        states = encode_prompt(pipe, prompt)[0][0].detach()  # (T, D)
+        total = 0.0
+        for module, (a, b) in patch.lora_pairs().items():
+            if module.endswith(("to_k", "to_v")):
+                total += float((states @ (b @ a).T * patch.lora_scaling).pow(2).sum())
+        return total
+
+    assert moved(1e6) < 0.5 * moved(1e-9)
+
+
 def _prediction_gap(pipe, patch, patched_prompt: str, base_prompt: str, seed: int) -> float:
     """Mean squared gap between the patched UNet on `patched_prompt` and the base UNet on
     `base_prompt`, on fixed noisy latents at four timesteps (applies the patch)."""

@@ -132,6 +132,12 @@ class ResteerConfig:
     # their own, instead of sharing the concept's. A colour or layout is settled at high
     # noise, where the noise prediction barely shows it; None -> the family's default (0).
     preserve_t_min: int | None = None
+    # Text-side retention (LoRA only): penalise what the LoRA on to_k / to_v does to the text
+    # encoder states of the preserve prompts, relative to what the base weights do to them:
+    # weight * sum over layers ||B A L||^2 / ||W L||^2, with L L^T the preserve states'
+    # second-moment matrix. A direction the other prompts use costs; one only the target's
+    # prompts use is free. None -> the family's default (0: off).
+    text_keep_weight: float | None = None
     # References with transparency: transparent pixels are not re-steered, and with this
     # weight > 0 the concept's own prediction there is held to the base model's (what the
     # picture should keep, e.g. a role's costume while its identity is corrected).
@@ -179,6 +185,10 @@ class ResteerConfig:
         ):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise FmnError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.text_keep_weight is not None and not (
+            math.isfinite(self.text_keep_weight) and self.text_keep_weight >= 0
+        ):
+            raise FmnError(f"text_keep_weight must be >= 0, got {self.text_keep_weight}")
         if self.preserve_t_min is not None and int(self.preserve_t_min) < 0:
             raise FmnError(f"preserve_t_min must be >= 0, got {self.preserve_t_min}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -241,6 +251,7 @@ class ResteerConfig:
             "preserve_latents": "shared",
             "preserve_steps": 25,
             "preserve_t_min": 0,
+            "text_keep_weight": 0.0,
             "transparent_weight": 1.0,
             "concept_anchor_weight": 1.0,
         }
@@ -373,9 +384,17 @@ def resteer(
     hold_losses: list[float] = []
     anchor_losses: list[float] = []
     concept_anchor_losses: list[float] = []
+    text_keep_losses: list[float] = []
     started = time.perf_counter()
     try:
         params = trainer.setup()
+        text_keep = (
+            _TextKeep(unet, keep, trainer.adapter)
+            if config.text_keep_weight > 0 and keep and trainer.adapter
+            else None
+        )
+        if text_keep is not None and not text_keep.layers:
+            text_keep = None  # no LoRA on to_k / to_v: nothing text-side to keep
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         probes = install_probes(unet)
         bar = tqdm(range(config.steps), desc="re-steering", disable=not progress)
@@ -453,6 +472,10 @@ def resteer(
                 preserve = matched(keep_noisy, keep_t, keep_embeds, keep_cond, base)
                 preserve_losses.append(preserve.item())
                 loss = loss + config.preserve_weight * preserve
+            if text_keep is not None:
+                kept_text = text_keep.penalty()
+                text_keep_losses.append(kept_text.item())
+                loss = loss + config.text_keep_weight * kept_text
             if not torch.isfinite(loss):
                 raise FmnError(
                     f"the re-steering loss became {loss.item()} at step {step + 1}: lower the "
@@ -487,6 +510,7 @@ def resteer(
         **({"transparent_losses": hold_losses} if hold_losses else {}),
         **({"anchor_losses": anchor_losses} if anchor_losses else {}),
         **({"concept_anchor_losses": concept_anchor_losses} if concept_anchor_losses else {}),
+        **({"text_keep_losses": text_keep_losses} if text_keep_losses else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     # Adapter name: readable, and unique per run so patches stack under their own names.
@@ -695,6 +719,36 @@ def _self_generate(pipe: Any, concept: Concept, config: ResteerConfig) -> torch.
     prompts = concept.prompts()
     chosen = [prompts[i % len(prompts)] for i in range(config.n_self_images)]
     return _draw_latents(pipe, chosen, config.self_steps, config.seed)
+
+
+# -- text-side retention ------------------------------------------------------------------------
+
+
+class _TextKeep:
+    """The LoRA's effect on the preserve prompts' text states, for every to_k / to_v layer."""
+
+    def __init__(self, unet: torch.nn.Module, keep: list[_Row], adapter: str) -> None:
+        states = torch.cat([row.embeds.reshape(-1, row.embeds.shape[-1]) for row in keep])
+        second = states.float().T @ states.float() / states.shape[0]  # (D, D)
+        values, vectors = torch.linalg.eigh(second)
+        self.root = vectors * values.clamp(min=0).sqrt()  # L with L L^T = second moment
+        self.layers = []
+        for name, module in unet.named_modules():
+            if not name.endswith(("attn2.to_k", "attn2.to_v")):
+                continue
+            lora_a, lora_b = getattr(module, "lora_A", {}), getattr(module, "lora_B", {})
+            if adapter not in lora_a:
+                continue
+            base = module.base_layer.weight.detach().float()
+            root = self.root.to(base.device)
+            norm = float((base @ root).pow(2).sum()) or 1.0
+            self.layers.append((lora_a[adapter].weight, lora_b[adapter].weight,
+                                module.scaling[adapter], root, norm))
+
+    def penalty(self) -> torch.Tensor:
+        terms = [(scale * (b.float() @ (a.float() @ root))).pow(2).sum() / norm  # (out, D)
+                 for a, b, scale, root, norm in self.layers]
+        return torch.stack(terms).mean()
 
 
 # -- what trains ---------------------------------------------------------------------------------
