@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--train", default="lora")
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--include-padding", action="store_true")
+    ap.add_argument("--preserve-t-min", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/forget_world.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -76,6 +77,7 @@ def main() -> None:
                 "train": a.train,
                 "lora_rank": a.rank,
                 "include_padding": a.include_padding or None,
+                "preserve_t_min": a.preserve_t_min,
             }.items()
             if v is not None
         }

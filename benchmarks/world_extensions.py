@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--only", default="stack,unsafe,correct")
     ap.add_argument("--preserve-weight", type=float, default=None)
     ap.add_argument("--method", default="embedding", help="correction method: embedding|resteer")
+    ap.add_argument("--preserve-t-min", type=int, default=None, help="forgetting runs' setting")
     ap.add_argument("--out", type=Path, default=Path("runs/world_extensions"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -86,11 +87,13 @@ def main() -> None:
         "base": {k: v["rate"] for k, v in base.items()},
     }
     todo = a.only.split(",")
+    forgetting = ResteerConfig(preserve_t_min=a.preserve_t_min)
     with tempfile.TemporaryDirectory() as refs:
         if "stack" in todo:
             names = a.stack.split(",")
             t0 = time.perf_counter()
-            parts = [forget(pipe, wc.fmn_concept(x, Path(refs) / x), progress=False) for x in names]
+            parts = [forget(pipe, wc.fmn_concept(x, Path(refs) / x), forgetting, progress=False)
+                     for x in names]
             stacked = stack_patches(parts)
             seconds = time.perf_counter() - t0
             stacked.save(a.out / "stacked.safetensors")
@@ -103,7 +106,8 @@ def main() -> None:
         if "unsafe" in todo:
             t0 = time.perf_counter()
             patch = forget(
-                pipe, preset_concepts("unsafe", "embedded", Path(refs) / "unsafe"), progress=False
+                pipe, preset_concepts("unsafe", "embedded", Path(refs) / "unsafe"), forgetting,
+                progress=False,
             )
             seconds = time.perf_counter() - t0
             patch.apply(pipe)

@@ -88,6 +88,11 @@ def forget(
         typer.Option(help="With 'own' latents: lowest timestep the regulariser compares at "
                           "(default: the model family's)."),
     ] = None,
+    text_keep_weight: Annotated[
+        float | None,
+        typer.Option(help="LoRA only: weight of the text-side retention term on to_k/to_v "
+                          "(default: the model family's; 0 = off)."),
+    ] = None,
     anchor: Annotated[
         str | None,
         typer.Option(help="What the concept should become: its prompts are also pulled toward "
@@ -151,6 +156,7 @@ def forget(
         preserve_batch=preserve_batch,
         preserve_latents=preserve_latents,
         preserve_t_min=preserve_t_min,
+        text_keep_weight=text_keep_weight,
         concept_anchor_weight=anchor_weight,
     )
     check_anchor(anchor)  # before the model loads
