@@ -29,7 +29,7 @@ from forget_me_not.demo import before_after_sheet
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.patch import stack_patches
-from forget_me_not.presets import preset_concepts
+from forget_me_not.presets import get_preset, preset_concepts
 from forget_me_not.resteer import ResteerConfig
 from forget_me_not.world import concepts as wc
 from forget_me_not.world import vocab
@@ -107,7 +107,7 @@ def main() -> None:
             t0 = time.perf_counter()
             patch = forget(
                 pipe, preset_concepts("unsafe", "embedded", Path(refs) / "unsafe"), forgetting,
-                progress=False,
+                separately=get_preset("unsafe").separately, progress=False,
             )
             seconds = time.perf_counter() - t0
             patch.apply(pipe)

@@ -94,7 +94,29 @@ def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, t
     assert [c["name"] for c in meta["concepts"]] == ["skull", "gun"]
     assert meta["reference_source"] == "world renders"
     assert meta["settings"]["reference"] == "images"
+    # one run per concept, stacked: each concept owns its rank slice
+    assert meta["separately"] is True
+    assert [p["concepts"] for p in meta["parts"]] == [["skull"], ["gun"]]
+    joint = tmp_path / "joint.safetensors"
+    assert _forget(world_dir, joint, "--preset", "unsafe", "--jointly").exit_code == 0
+    assert "separately" not in load_patch(joint).metadata
     _err(_forget(world_dir, tmp_path / "n.safetensors", "--preset", "nsfw"), "--preset unsafe")
+
+
+def test_forget_separately_equals_stacking_single_runs():
+    import torch
+
+    from forget_me_not.api import forget
+    from forget_me_not.patch import stack_patches
+    from forget_me_not.resteer import ResteerConfig
+    from tiny_pipelines import make_tiny_pipeline
+
+    cfg = ResteerConfig(steps=2, reference="noise", lr=1e-2)
+    pipe = make_tiny_pipeline("sd1")
+    both = forget(pipe, ["star", "moon"], cfg, separately=True, progress=False)
+    alone = stack_patches([forget(pipe, name, cfg, progress=False) for name in ("star", "moon")])
+    assert both.rank == 8 and len(both.metadata["losses"]) == 4
+    assert all(torch.equal(both.tensors[k], alone.tensors[k]) for k in alone.tensors)
 
 
 def test_cli_forget_on_the_embedded_model_defaults_to_world_renders(world_dir, tmp_path):

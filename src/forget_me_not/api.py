@@ -22,9 +22,14 @@ def forget(
     config: ResteerConfig | None = None,
     *,
     images: str | Path | Iterable[str | Path] | None = None,
+    separately: bool = False,
     progress: bool = True,
 ) -> Patch:
     """Make `pipe` forget `concepts`; return the patch (the pipeline itself is left unchanged).
+
+    `separately`: re-steer each concept in a run of its own and stack the patches (exactly, by
+    rank) instead of one run cycling through all of them. On ConceptWorld's unsafe set the
+    joint run left the gun drawn (94%) where separate runs erased it (BENCHMARKS.md).
 
     `concepts` are `Concept`s or plain names (taken as objects). `images` gives reference
     images for every concept that has none of its own. Apply the result with
@@ -42,7 +47,24 @@ def forget(
 
             files = tuple(image_files(files[0]))
         items = [c if c.images else dataclasses.replace(c, images=files) for c in items]
-    return resteer(pipe, items, config, progress=progress)
+    if not separately or len(items) == 1:
+        return resteer(pipe, items, config, progress=progress)
+    from forget_me_not.patch import stack_patches
+
+    parts = [resteer(pipe, [c], config, progress=progress) for c in items]
+    stacked = stack_patches(parts)
+    first = parts[0].metadata
+    stacked.metadata.update({
+        "concepts": [c for p in parts for c in p.metadata["concepts"]],
+        "train": first.get("train"),
+        "steps": sum(p.metadata.get("steps") or 0 for p in parts),
+        "seed": first.get("seed"),
+        "settings": first.get("settings"),
+        "losses": [x for p in parts for x in p.metadata["losses"]],
+        "seconds": round(sum(p.metadata.get("seconds", 0.0) for p in parts), 3),
+        "separately": True,
+    })
+    return stacked
 
 
 def invert(

@@ -39,6 +39,8 @@ class Preset:
     families: tuple[str, ...]  # model families it is meant for
     reference: str  # default reference source when the user chooses none: "self" | "images"
     build: Callable[[Path], list[Concept]]  # ref_dir -> concepts (renders written there)
+    # Re-steer each concept in its own run and stack the patches (see `api.forget`).
+    separately: bool = False
 
 
 def _nsfw(_ref_dir: Path) -> list[Concept]:
@@ -54,8 +56,10 @@ def _unsafe(ref_dir: Path) -> list[Concept]:
 PRESETS: dict[str, Preset] = {
     "nsfw": Preset("nsfw", "nudity and sexual content (no images needed)", REAL_FAMILIES,
                    "self", _nsfw),
+    # Separately: one joint run left the gun drawn 94% of the time, separate runs stacked
+    # erased both (skull 0%, gun 6%; BENCHMARKS.md).
     "unsafe": Preset("unsafe", "every unsafe ConceptWorld concept, with world renders",
-                     (EMBEDDED,), "images", _unsafe),
+                     (EMBEDDED,), "images", _unsafe, separately=True),
 }
 
 

@@ -27,6 +27,12 @@ def forget(
             help="A concept set forgotten in one run: nsfw (SD models), unsafe (embedded model)."
         ),
     ] = None,
+    separately: Annotated[
+        bool | None,
+        typer.Option("--separately/--jointly",
+                     help="Several concepts: one run each, patches stacked; or one run for all "
+                          "(default: jointly; --preset unsafe: separately)."),
+    ] = None,
     model: opt.Model = "embedded",
     category: Annotated[str, typer.Option(help="id, object, style or nsfw.")] = "object",
     images: Annotated[
@@ -183,7 +189,11 @@ def forget(
         if anchor is not None:
             concepts = [dataclasses.replace(c, anchor=anchor) for c in concepts]
         try:
-            patch = run_forget(pipe, concepts, cfg)
+            if separately is None:
+                from forget_me_not.presets import get_preset
+
+                separately = preset is not None and get_preset(preset).separately
+            patch = run_forget(pipe, concepts, cfg, separately=separately)
         except KeyboardInterrupt:
             raise FmnError("interrupted: nothing was written; run the command again") from None
     if preset is not None:
