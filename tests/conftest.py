@@ -46,6 +46,18 @@ def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
     return get
 
 
+@pytest.fixture(scope="session")
+def world_dir(tiny_pipeline_dir: Callable[[str], Path], tmp_path_factory) -> Path:
+    """The tiny SD 1 pipeline dressed as the embedded model (its folder carries the marker)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("world") / "model"
+    shutil.copytree(tiny_pipeline_dir("sd1"), folder)
+    (folder / "conceptworld.json").write_text(json.dumps({"family": "embedded"}))
+    return folder
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
     """Parametrises a test over "sd1", "sd2" and "sdxl"."""

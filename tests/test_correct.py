@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -273,14 +271,6 @@ def test_correct_without_images_draws_the_identity_itself(tmp_path):
                      ResteerConfig(steps=1), preserve=False, method="resteer", progress=False)
     assert result.reference_source == "self" and result.rate_before is None
     assert "preserve_losses" not in result.patch.metadata
-
-
-@pytest.fixture(scope="module")
-def world_dir(tiny_pipeline_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("world") / "model"
-    shutil.copytree(tiny_pipeline_dir("sd1"), folder)
-    (folder / "conceptworld.json").write_text(json.dumps({"family": "embedded"}))
-    return folder
 
 
 def _correct(model, out, *extra):

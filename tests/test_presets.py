@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,15 +17,6 @@ from forget_me_not.world import vocab
 
 runner = CliRunner()
 SUITE = Path(forget_me_not.__file__).parent / "bench" / "conceptbench.yaml"
-
-
-@pytest.fixture(scope="module")
-def world_dir(tiny_pipeline_dir, tmp_path_factory):
-    """The tiny SD 1 pipeline dressed as the embedded model (its folder carries the marker)."""
-    folder = tmp_path_factory.mktemp("world") / "model"
-    shutil.copytree(tiny_pipeline_dir("sd1"), folder)
-    (folder / "conceptworld.json").write_text(json.dumps({"family": "embedded"}))
-    return folder
 
 
 def _err(result, fragment):

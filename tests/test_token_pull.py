@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -179,14 +176,6 @@ def test_embedding_patches_refuse_what_they_cannot_be(pulled, tmp_path):
     sdxl = make_tiny_pipeline("sdxl")
     with pytest.raises(FmnError, match="made for a sd1 model"):
         patch.apply(sdxl)
-
-
-@pytest.fixture(scope="module")
-def world_dir(tiny_pipeline_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("world") / "model"
-    shutil.copytree(tiny_pipeline_dir("sd1"), folder)
-    (folder / "conceptworld.json").write_text(json.dumps({"family": "embedded"}))
-    return folder
 
 
 def test_cli_correct_defaults_to_the_embedding_method_on_the_world(world_dir, tmp_path):
