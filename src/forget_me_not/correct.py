@@ -180,12 +180,7 @@ def correct(
         patch = resteer(pipe, [dataclasses.replace(role, images=refs)], config,
                         progress=progress)
     patch.metadata["correction"] = {
-        "method": "resteer",
-        "role": role.to_dict(),
-        "away_from": away_from.to_dict(),
-        "rate_before": rate,
-        "judge": getattr(judge, "name", None) if rate is not None else None,
-        "n_check": n_check if rate is not None else 0,
+        **_record("resteer", role, away_from, rate, judge, n_check),
         "reference_source": source,
         "preserve_weight": config.preserve_weight,
         "preserve_prompts": list(config.preserve_prompts),
@@ -206,16 +201,24 @@ def _correct_tokens(pipe: Any, role: Concept, away_from: Concept, anchors: tuple
                                seed=config.seed)
     patch = pull_tokens(pipe, role, anchors, settings, progress=progress)
     patch.metadata["correction"] = {
-        "method": "embedding",
+        **_record("embedding", role, away_from, rate, judge, n_check),
+        "anchor_prompts": list(anchors),
+    }
+    patch.metadata["reference_source"] = "anchors"
+    return Correction(patch, rate, "anchor prompts drawn by the base model")
+
+
+def _record(method: str, role: Concept, away_from: Concept, rate: float | None, judge: Any,
+            n_check: int) -> dict[str, Any]:
+    """What every correction patch records: the method, both concepts, the measured rate."""
+    return {
+        "method": method,
         "role": role.to_dict(),
         "away_from": away_from.to_dict(),
         "rate_before": rate,
         "judge": getattr(judge, "name", None) if rate is not None else None,
         "n_check": n_check if rate is not None else 0,
-        "anchor_prompts": list(anchors),
     }
-    patch.metadata["reference_source"] = "anchors"
-    return Correction(patch, rate, "anchor prompts drawn by the base model")
 
 
 def _is_world_role(role: Concept, away_from: Concept) -> bool:

@@ -395,16 +395,7 @@ class Patch:
                             e["stash"][key].dtype)
 
     def _apply_embedding(self, pipe: Any, scale: float) -> None:
-        tables = {enc: _token_table(pipe, enc, self.name) for enc in self.token_rows()}
-        for enc, (ids, delta) in self.token_rows().items():
-            _check_rows(tables[enc], ids, delta, enc, self.name)
-        stash: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for enc, (ids, delta) in self.token_rows().items():
-                table, index = tables[enc], ids.to(tables[enc].device)
-                stash[enc] = table[index].detach().to("cpu", copy=True)
-                rows = table[index].float() + delta.to(table.device, torch.float32) * scale
-                table[index] = rows.to(table.dtype)
+        stash = _add_rows(pipe, self, scale)
         _registry(pipe.unet)[self.name] = {
             "kind": "embedding", "scale": float(scale), "stash": stash,
             "patch_ids": {enc: ids for enc, (ids, _) in self.token_rows().items()},
@@ -447,6 +438,23 @@ def _token_table(pipe: Any, encoder: str, patch_name: str) -> torch.Tensor:
             "it to the model it was made for"
         )
     return module.get_input_embeddings().weight
+
+
+def _add_rows(pipe: Any, patch: Patch, strength: float) -> dict[str, torch.Tensor]:
+    """Add an embedding patch's row deltas to the pipeline's token tables (checked first, so a
+    patch that does not fit changes nothing); returns the rows as they were, per encoder."""
+    rows = patch.token_rows()
+    tables = {enc: _token_table(pipe, enc, patch.name) for enc in rows}
+    for enc, (ids, delta) in rows.items():
+        _check_rows(tables[enc], ids, delta, enc, patch.name)
+    before: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for enc, (ids, delta) in rows.items():
+            table, index = tables[enc], ids.to(tables[enc].device)
+            before[enc] = table[index].detach().to("cpu", copy=True)
+            moved = table[index].float() + delta.to(table.device, torch.float32) * strength
+            table[index] = moved.to(table.dtype)
+    return before
 
 
 def _check_rows(table: torch.Tensor, ids: torch.Tensor, delta: torch.Tensor, encoder: str,
@@ -825,7 +833,7 @@ def merge_into(pipe: Any, patches: Sequence[Patch],
     for patch, s in zip(patches, strengths, strict=True):
         patch._check_family(pipe)
         if patch.kind == "embedding":
-            _merge_rows(pipe, patch, s)
+            _add_rows(pipe, patch, s)
             continue
         delta = patch.to_delta()
         params = {k: _param(unet, k.removeprefix("unet.")) for k in delta.tensors}
@@ -837,17 +845,6 @@ def merge_into(pipe: Any, patches: Sequence[Patch],
             for key, p in params.items():
                 update = p.detach().float() + delta.tensors[key].to(p.device).float() * s
                 p.copy_(update.to(p.dtype))
-
-
-def _merge_rows(pipe: Any, patch: Patch, strength: float) -> None:
-    tables = {enc: _token_table(pipe, enc, patch.name) for enc in patch.token_rows()}
-    for enc, (ids, delta) in patch.token_rows().items():
-        _check_rows(tables[enc], ids, delta, enc, patch.name)
-    with torch.no_grad():
-        for enc, (ids, delta) in patch.token_rows().items():
-            table, index = tables[enc], ids.to(tables[enc].device)
-            rows = table[index].float() + delta.to(table.device, torch.float32) * strength
-            table[index] = rows.to(table.dtype)
 
 
 def save_merged(pipe: Any, patches: Sequence[Patch], out_dir: str | Path,

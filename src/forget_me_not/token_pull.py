@@ -74,8 +74,9 @@ class _RowDeltas:
     """A trainable delta per role token, added to the embedding output wherever the token is."""
 
     def __init__(self, pipe: Any, ids: Sequence[Sequence[int]]) -> None:
-        encoders = [e for e in (getattr(pipe, "text_encoder", None),
-                                getattr(pipe, "text_encoder_2", None)) if e is not None]
+        from forget_me_not.inversion import _text_encoders
+
+        encoders = _text_encoders(pipe)
         self.names = ["text_encoder", "text_encoder_2"][: len(encoders)]
         self.ids = [torch.tensor(list(i), dtype=torch.int64) for i in ids]
         self.deltas = [
