@@ -119,6 +119,24 @@ def test_forget_failures_write_nothing(inputs, tmp_path, monkeypatch, failure, f
     assert list(tmp_path.iterdir()) == []
 
 
+def test_forget_on_top_of_an_earlier_patch(inputs, tmp_path):
+    first, second = tmp_path / "star.safetensors", tmp_path / "moon.safetensors"
+    assert _forget(inputs, first, "--no-real-image").exit_code == 0
+    result = runner.invoke(app, [
+        "forget", "--model", str(inputs["sd1"]), "--concept", "moon", "--steps", "2",
+        "--device", "cpu", "--no-real-image", "--on-top-of", str(first), "--out", str(second)])
+    assert result.exit_code == 0, result.output
+    meta = load_patch(second).metadata
+    assert meta["trained_on_top_of"] == [load_patch(first).name]
+    assert "star" in meta["settings"]["also_avoid"]
+    # Only LoRA patches can be trained on: a cross-attention delta is refused up front.
+    delta = tmp_path / "delta.safetensors"
+    assert _forget(inputs, delta, "--no-real-image", "--train", "xattn").exit_code == 0
+    _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--no-real-image",
+                          "--on-top-of", str(delta)), "--on-top-of needs LoRA patches")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_patch_on_another_family_is_refused(inputs, tmp_path):
     patch = tmp_path / "p.safetensors"
     assert _forget(inputs, patch, "--no-real-image").exit_code == 0

@@ -83,16 +83,19 @@ def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, t
     assert [c["name"] for c in meta["concepts"]] == ["skull", "gun"]
     assert meta["reference_source"] == "world renders"
     assert meta["settings"]["reference"] == "images"
-    # one run per concept, stacked: each concept owns its rank slice
+    # one run per concept, stacked: each run owns its rank slice; the gun's run re-steers the
+    # skull once more, on top of the skull's patch
     assert meta["separately"] is True
-    assert [p["concepts"] for p in meta["parts"]] == [["skull"], ["gun"]]
+    assert [p["concepts"] for p in meta["parts"]] == [["skull"], ["gun", "skull"]]
     joint = tmp_path / "joint.safetensors"
     assert _forget(world_dir, joint, "--preset", "unsafe", "--jointly").exit_code == 0
     assert "separately" not in load_patch(joint).metadata
     _err(_forget(world_dir, tmp_path / "n.safetensors", "--preset", "nsfw"), "--preset unsafe")
 
 
-def test_forget_separately_equals_stacking_single_runs():
+def test_forget_separately_trains_each_part_on_top_of_the_earlier_ones():
+    import dataclasses
+
     import torch
 
     from forget_me_not.api import forget
@@ -103,9 +106,46 @@ def test_forget_separately_equals_stacking_single_runs():
     cfg = ResteerConfig(steps=2, reference="noise", lr=1e-2)
     pipe = make_tiny_pipeline("sd1")
     both = forget(pipe, ["star", "moon"], cfg, separately=True, progress=False)
-    alone = stack_patches([forget(pipe, name, cfg, progress=False) for name in ("star", "moon")])
     assert both.rank == 8 and len(both.metadata["losses"]) == 4
-    assert all(torch.equal(both.tensors[k], alone.tensors[k]) for k in alone.tensors)
+    assert [c["name"] for c in both.metadata["concepts"]] == ["star", "moon"]
+    assert not getattr(pipe.unet, "peft_config", None)  # the parts were removed again
+
+    star = forget(pipe, "star", dataclasses.replace(cfg, also_avoid=("star", "moon")),
+                  progress=False)
+    # The later part re-steers the earlier concept once more, beside its own.
+    moon = forget(pipe, ["moon", "star"], dataclasses.replace(cfg, also_avoid=("star", "moon")),
+                  on_top_of=[star], progress=False)
+    assert moon.metadata["trained_on_top_of"] == [star.name]
+    assert not getattr(pipe.unet, "peft_config", None)
+    by_hand = stack_patches([star, moon])
+    assert all(torch.equal(both.tensors[k], by_hand.tensors[k]) for k in by_hand.tensors)
+    independent = forget(pipe, "moon", cfg, progress=False)  # the moon part saw the star's
+    assert not torch.equal(*(next(t for k, t in p.tensors.items() if "lora_B" in k)
+                             for p in (moon, independent)))
+
+
+def test_retention_is_kept_against_the_original_model_and_held_prompts_with_the_patch():
+    from forget_me_not.api import forget
+    from forget_me_not.resteer import ResteerConfig
+    from tiny_pipelines import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("sd1")
+    earlier = forget(pipe, "star", ResteerConfig(steps=3, reference="noise", lr=5e-2),
+                     progress=False)
+    earlier.apply(pipe)
+    keep = {"preserve_weight": 1.0, "preserve_prompts": ("a photo of a tree",), "steps": 1,
+            "reference": "noise"}
+    on_top = forget(pipe, "moon", ResteerConfig(**keep), progress=False)
+    original = forget(pipe, "moon", ResteerConfig(**keep, compare_without=(earlier.name,),
+                                                  hold_prompts=("a photo of a star",)),
+                      progress=False)
+    earlier.remove(pipe)
+    # First step: the new LoRA is still zero, so only the earlier patch differs from the base:
+    # the preserve prompt is compared with the model without it, the held prompt with it.
+    assert on_top.metadata["preserve_losses"][0] == 0.0
+    assert original.metadata["preserve_losses"][0] > 0.0
+    assert original.metadata["held_patch_losses"] == [0.0]
+    assert "held_patch_losses" not in on_top.metadata
 
 
 def test_cli_forget_on_the_embedded_model_defaults_to_world_renders(world_dir, tmp_path):

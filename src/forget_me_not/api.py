@@ -23,13 +23,20 @@ def forget(
     *,
     images: str | Path | Iterable[str | Path] | None = None,
     separately: bool = False,
+    on_top_of: Sequence[Patch] = (),
     progress: bool = True,
 ) -> Patch:
     """Make `pipe` forget `concepts`; return the patch (the pipeline itself is left unchanged).
 
     `separately`: re-steer each concept in a run of its own and stack the patches (exactly, by
     rank) instead of one run cycling through all of them. On ConceptWorld's unsafe set the
-    joint run left the gun drawn (94%) where separate runs erased it (BENCHMARKS.md).
+    joint run left the gun drawn (94%) where separate runs erased it (BENCHMARKS.md). With LoRA
+    training each run trains on top of the patches before it, its retention terms comparing
+    with the original model, so it also repairs what they did to the other concepts.
+
+    `on_top_of`: LoRA patches the new one will be stacked with. They are applied while it
+    trains, its retention terms compare with the model without them, and their concepts are
+    left out of its preserve prompts (take-down requests that arrive one at a time).
 
     `concepts` are `Concept`s or plain names (taken as objects). `images` gives reference
     images for every concept that has none of its own. Apply the result with
@@ -47,15 +54,16 @@ def forget(
 
             files = tuple(image_files(files[0]))
         items = [c if c.images else dataclasses.replace(c, images=files) for c in items]
+    config = config or ResteerConfig()
     if not separately or len(items) == 1:
-        return resteer(pipe, items, config, progress=progress)
+        return _on_top_of(pipe, list(on_top_of), items, config, progress)
     from forget_me_not.patch import stack_patches
 
-    parts = [resteer(pipe, [c], config, progress=progress) for c in items]
+    parts = _one_after_another(pipe, list(on_top_of), items, config, progress)
     stacked = stack_patches(parts)
     first = parts[0].metadata
     stacked.metadata.update({
-        "concepts": [c for p in parts for c in p.metadata["concepts"]],
+        "concepts": [c.to_dict() for c in items],
         "train": first.get("train"),
         "steps": sum(p.metadata.get("steps") or 0 for p in parts),
         "seed": first.get("seed"),
@@ -65,6 +73,63 @@ def forget(
         "separately": True,
     })
     return stacked
+
+
+def _on_top_of(
+    pipe: Any,
+    earlier: list[Patch],
+    items: list[Concept],
+    config: ResteerConfig,
+    progress: bool,
+    again: Sequence[Concept] = (),
+) -> Patch:
+    """Re-steer `items` with the `earlier` patches applied, retention against the model alone.
+
+    `again`: the earlier patches' concepts, with their references, re-steered once more beside
+    `items` so the new patch keeps them down as well (known only within one `forget` call).
+    """
+    if not earlier:
+        return resteer(pipe, items, config, progress=progress)
+    if config.train != "lora" or any(p.kind != "lora" for p in earlier):
+        raise FmnError("training on top of other patches needs LoRA patches and --train lora: "
+                       "stack the patches afterwards with `fmn patch stack` instead")
+    done = [Concept.from_dict(c) for p in earlier for c in p.metadata.get("concepts", [])]
+    config = dataclasses.replace(
+        config,
+        compare_without=(*config.compare_without, *(p.name for p in earlier)),
+        also_avoid=tuple(dict.fromkeys(
+            [*config.also_avoid, *(c.words for c in done), *(c.words for c in items)])),
+        hold_prompts=tuple(dict.fromkeys(
+            [*config.hold_prompts, *(q for c in done for q in c.prompts())])),
+    )
+    applied: list[Patch] = []
+    try:
+        for p in earlier:
+            p.apply(pipe)
+            applied.append(p)
+        patch = resteer(pipe, [*items, *again], config, progress=progress)
+    finally:
+        for p in reversed(applied):
+            p.remove(pipe)
+    patch.metadata["trained_on_top_of"] = [p.name for p in earlier]
+    return patch
+
+
+def _one_after_another(
+    pipe: Any, earlier: list[Patch], items: list[Concept], config: ResteerConfig, progress: bool
+) -> list[Patch]:
+    """One re-steering run per concept; LoRA runs train on top of the parts before them."""
+    if config.train != "lora":
+        return [_on_top_of(pipe, earlier, [c], config, progress) for c in items]
+    # Every part's preserve prompts leave out all the concepts, the later ones included.
+    config = dataclasses.replace(
+        config, also_avoid=tuple(dict.fromkeys([*config.also_avoid, *(c.words for c in items)]))
+    )
+    parts: list[Patch] = []
+    for k, concept in enumerate(items):
+        parts.append(_on_top_of(pipe, [*earlier, *parts], [concept], config, progress,
+                                again=items[:k]))
+    return parts
 
 
 def invert(

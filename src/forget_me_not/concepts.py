@@ -104,6 +104,12 @@ class Concept:
             "anchor": self.anchor,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Concept:
+        """The concept a patch's metadata records (its reference images are not kept)."""
+        return cls(data["name"], data.get("category", "object"), tuple(data.get("templates", ())),
+                   token_words=data.get("token_words"), anchor=data.get("anchor"))
+
 
 def _normalise(text: str) -> str:
     return " ".join(text.split())

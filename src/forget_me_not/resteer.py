@@ -86,6 +86,9 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
             "preserve_steps": 10,
             "preserve_t_min": 500,
             "text_keep_weight": 100.0,
+            # Patches trained on top of others (BENCHMARKS.md, "Patches trained to be
+            # stacked"): at 30 (the preserve weight) the earlier star came back to 16%.
+            "hold_weight": 150.0,
         },
         "xattn": {},
         "unet": {},
@@ -169,6 +172,17 @@ class ResteerConfig:
     # Images the base model draws per anchor prompt; the pull cycles through them so it holds
     # beyond one picture.
     concept_anchor_images: int = 4
+    # Patches trained one after another to be stacked (`forget(..., separately=True)`): the
+    # retention terms compare with the model with these applied LoRA patches (adapter names)
+    # switched off too, so a run also repairs what they did to the other concepts; and these
+    # words (their targets) are left out of the preserve prompts, so it does not undo them.
+    compare_without: tuple[str, ...] = ()
+    also_avoid: tuple[str, ...] = ()
+    # Prompts of those patches' own concepts: held (weight `hold_weight`; None -> the
+    # preserve weight, or 1 with the regulariser off) to what the model with the patches
+    # predicts, so they stay forgotten.
+    hold_prompts: tuple[str, ...] = ()
+    hold_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -216,6 +230,10 @@ class ResteerConfig:
         self.preserve_prompts = tuple(self.preserve_prompts)
         if any(not isinstance(p, str) or not p.strip() for p in self.preserve_prompts):
             raise FmnError("a preserve prompt is empty: pass prompts like 'a photo of a cat'")
+        if self.hold_weight is not None and not (
+            math.isfinite(self.hold_weight) and self.hold_weight >= 0
+        ):
+            raise FmnError(f"hold_weight must be >= 0, got {self.hold_weight}")
         if self.transparent_weight is not None and not (
             math.isfinite(self.transparent_weight) and self.transparent_weight >= 0
         ):
@@ -238,6 +256,9 @@ class ResteerConfig:
         if not self.lora_targets or bad:
             raise FmnError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}: {bad}")
         self.lora_targets = tuple(self.lora_targets)
+        self.also_avoid = tuple(self.also_avoid)
+        self.compare_without = tuple(self.compare_without)
+        self.hold_prompts = tuple(self.hold_prompts)
 
     @property
     def learning_rate(self) -> float:
@@ -264,6 +285,7 @@ class ResteerConfig:
             "text_keep_weight": 0.0,
             "transparent_weight": 1.0,
             "concept_anchor_weight": 1.0,
+            "hold_weight": None,  # None -> the preserve weight (1 with the regulariser off)
         }
         base.update(FAMILY_DEFAULTS.get(family or "", {}).get(self.train, {}))
         if anchored:
@@ -276,7 +298,8 @@ class ResteerConfig:
             filled["steps"] = base["steps"] * max(1, len(targets))
         prompts_for = FAMILY_PRESERVE_PROMPTS.get(family or "")
         if filled["preserve_weight"] > 0 and not self.preserve_prompts and prompts_for:
-            filled["preserve_prompts"] = prompts_for(targets)
+            avoid = list(dict.fromkeys([*targets, *self.also_avoid]))
+            filled["preserve_prompts"] = prompts_for(avoid)
         if filled["preserve_weight"] > 0 and not filled.get(
             "preserve_prompts", self.preserve_prompts
         ):
@@ -350,18 +373,28 @@ def resteer(
         if paired
         else None
     )
+    # The earlier patches' concepts, on images the patched model draws for them.
+    holds = _encode_plain(pipe, config.hold_prompts)
+    hold_latents = (
+        _draw_latents(pipe, config.hold_prompts, config.preserve_steps, config.seed + 3)
+        if holds
+        else None
+    )
+    hold_weight = config.hold_weight
+    if hold_weight is None:
+        hold_weight = config.preserve_weight if config.preserve_weight > 0 else 1.0
     references = _references(pipe, concepts, config, resolution, gen)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = noise_scheduler.config.num_train_timesteps
 
     trainer = _Trainable(unet, config)
 
-    def predict(x, timesteps, hidden, cond, *, base: bool = False) -> torch.Tensor:
+    def predict(x, timesteps, hidden, cond, *, base: bool = False, original: bool = True):
         """The UNet's noise prediction; `base`: of the untouched model, without a graph."""
         with contextlib.ExitStack() as stack:
             if base:
                 stack.enter_context(torch.no_grad())
-                stack.enter_context(trainer.base_weights())
+                stack.enter_context(trainer.base_weights(original))
             stack.enter_context(_autocast(device, config.mixed_precision))
             return unet(
                 x,
@@ -395,6 +428,7 @@ def resteer(
     anchor_losses: list[float] = []
     concept_anchor_losses: list[float] = []
     text_keep_losses: list[float] = []
+    held_patch_losses: list[float] = []
     started = time.perf_counter()
     try:
         params = trainer.setup()
@@ -450,6 +484,13 @@ def resteer(
                 )
                 anchor_base = predict(anchor_noisy, t, anchor_embeds, anchor_cond, base=True)
 
+            if holds:
+                # An earlier patch's concept, as the model with the earlier patches draws it.
+                held_index = [(step * len(batch) + r) % len(holds) for r in range(len(batch))]
+                held_noisy, held_embeds, held_cond = noised(holds, held_index, hold_latents, t)
+                held_base = predict(held_noisy, t, held_embeds, held_cond, base=True,
+                                    original=False)
+
             to_pull = [r for r, i in enumerate(index) if i in pair_of]
             if to_pull:
                 # Each anchored row's anchor prompt, on its own image, by the base model.
@@ -482,6 +523,10 @@ def resteer(
                 preserve = matched(keep_noisy, keep_t, keep_embeds, keep_cond, base)
                 preserve_losses.append(preserve.item())
                 loss = loss + config.preserve_weight * preserve
+            if holds:
+                kept = matched(held_noisy, t, held_embeds, held_cond, held_base)
+                held_patch_losses.append(kept.item())
+                loss = loss + hold_weight * kept
             if text_keep is not None:
                 kept_text = text_keep.penalty()
                 text_keep_losses.append(kept_text.item())
@@ -521,6 +566,7 @@ def resteer(
         **({"anchor_losses": anchor_losses} if anchor_losses else {}),
         **({"concept_anchor_losses": concept_anchor_losses} if concept_anchor_losses else {}),
         **({"text_keep_losses": text_keep_losses} if text_keep_losses else {}),
+        **({"held_patch_losses": held_patch_losses} if held_patch_losses else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     # Adapter name: readable, and unique per run so patches stack under their own names.
@@ -825,23 +871,29 @@ class _Trainable:
                 self.params[name] = p
 
     @contextlib.contextmanager
-    def base_weights(self) -> Iterator[None]:
-        """Within: the UNet computes as the base model (the trained delta switched off)."""
+    def base_weights(self, original: bool = True) -> Iterator[None]:
+        """Within: the UNet computes as the base model (the trained delta switched off).
+
+        `original`: the patches named in `compare_without` are switched off as well.
+        """
         if self.adapter is not None:
             # peft adds scaling[adapter] * B(A(x)); a zero scaling gives exactly the base output.
-            layers = [
-                m
+            names = [self.adapter, *(self.config.compare_without if original else ())]
+            switched = [
+                (m, name)
                 for m in self.unet.modules()
-                if isinstance(getattr(m, "scaling", None), dict) and self.adapter in m.scaling
+                if isinstance(getattr(m, "scaling", None), dict)
+                for name in names
+                if name in m.scaling
             ]
-            saved = [m.scaling[self.adapter] for m in layers]
-            for m in layers:
-                m.scaling[self.adapter] = 0.0
+            saved = [m.scaling[name] for m, name in switched]
+            for m, name in switched:
+                m.scaling[name] = 0.0
             try:
                 yield
             finally:
-                for m, value in zip(layers, saved, strict=True):
-                    m.scaling[self.adapter] = value
+                for (m, name), value in zip(switched, saved, strict=True):
+                    m.scaling[name] = value
             return
         with torch.no_grad():
             trained = {n: p.detach().clone() for n, p in self.params.items()}

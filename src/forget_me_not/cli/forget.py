@@ -30,8 +30,15 @@ def forget(
     separately: Annotated[
         bool | None,
         typer.Option("--separately/--jointly",
-                     help="Several concepts: one run each, patches stacked; or one run for all "
-                          "(default: jointly; --preset unsafe: separately)."),
+                     help="Several concepts: one run each, each on top of the ones before, "
+                          "patches stacked; or one run for all (default: jointly; --preset "
+                          "unsafe: separately)."),
+    ] = None,
+    on_top_of: Annotated[
+        list[Path] | None,
+        typer.Option(help="A LoRA patch the new one will be stacked with (repeatable): it is "
+                          "applied while training, and retention is kept against the model "
+                          "without it. Stack them afterwards with `fmn patch stack`."),
     ] = None,
     model: opt.Model = "embedded",
     category: Annotated[str, typer.Option(help="id, object, style or nsfw.")] = "object",
@@ -173,6 +180,14 @@ def forget(
 
         files = tuple(image_files(images))
         load_images(files)  # unreadable files are reported now, sizes after loading
+    earlier = []
+    if on_top_of:
+        from forget_me_not.patch import load_patch
+
+        earlier = [load_patch(path) for path in on_top_of]
+        if train != "lora" or any(p.kind != "lora" for p in earlier):
+            raise FmnError("--on-top-of needs LoRA patches and --train lora: stack the patches "
+                           "afterwards with `fmn patch stack` instead")
     emb = None
     if embedding is not None:
         from forget_me_not.inversion import load_embedding
@@ -193,7 +208,7 @@ def forget(
                 from forget_me_not.presets import get_preset
 
                 separately = preset is not None and get_preset(preset).separately
-            patch = run_forget(pipe, concepts, cfg, separately=separately)
+            patch = run_forget(pipe, concepts, cfg, separately=separately, on_top_of=earlier)
         except KeyboardInterrupt:
             raise FmnError("interrupted: nothing was written; run the command again") from None
     if preset is not None:
