@@ -259,6 +259,9 @@ class ResteerConfig:
         self.also_avoid = tuple(self.also_avoid)
         self.compare_without = tuple(self.compare_without)
         self.hold_prompts = tuple(self.hold_prompts)
+        if self.compare_without and self.train != "lora":
+            raise FmnError("training on top of other patches needs --train lora: stack the "
+                           "patches afterwards with `fmn patch stack` instead")
 
     @property
     def learning_rate(self) -> float:
