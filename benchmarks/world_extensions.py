@@ -1,8 +1,8 @@
 """The paper's promises beyond plain forgetting, measured on ConceptWorld with the judge.
 
-1. Stacking: patches forgetting two concepts, stacked into one file, applied together (as
-   `fmn forget --separately`: the second trained on top of the first; `--stack-independent`:
-   each trained alone).
+1. Stacking: patches forgetting two concepts, each trained alone, stacked into one file,
+   applied together (`--stack-on-top`: the second trained on top of the first, as
+   `fmn forget --on-top-of`).
 2. Unsafe preset: every unsafe world concept forgotten in one run.
 3. Correction: the role word ("wizard") moved away from its entangled ID ("milka"), by its
    token embedding (the default) or by re-steering (`--method resteer`).
@@ -66,8 +66,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--stack", default="star,tavi")
     ap.add_argument("--only", default="stack,unsafe,correct")
-    ap.add_argument("--stack-independent", action="store_true",
-                    help="train the stacked patches each on its own (not on top of the first)")
+    ap.add_argument("--stack-on-top", action="store_true",
+                    help="train each later stacked patch on top of the ones before it")
     ap.add_argument("--preserve-weight", type=float, default=None)
     ap.add_argument("--method", default="embedding", help="correction method: embedding|resteer")
     ap.add_argument("--preserve-t-min", type=int, default=None, help="forgetting runs' setting")
@@ -96,19 +96,19 @@ def main() -> None:
         if "stack" in todo:
             names = a.stack.split(",")
             t0 = time.perf_counter()
-            concepts = [wc.fmn_concept(x, Path(refs) / x) for x in names]
-            if a.stack_independent:
-                stacked = stack_patches([forget(pipe, c, forgetting, progress=False)
-                                         for c in concepts])
-            else:  # as `fmn forget --separately`: each part on top of the ones before it
-                stacked = forget(pipe, concepts, forgetting, separately=True, progress=False)
+            parts = []
+            for x in names:
+                earlier = parts if a.stack_on_top else []
+                parts.append(forget(pipe, wc.fmn_concept(x, Path(refs) / x), forgetting,
+                                    on_top_of=earlier, progress=False))
+            stacked = stack_patches(parts)
             seconds = time.perf_counter() - t0
             stacked.save(a.out / "stacked.safetensors")
             stacked.apply(pipe)
             after = score()
             stacked.remove(pipe)
             results["stack"] = summarise("stack", base, after, set(names), seconds)
-            results["stack"]["trained_on_top_of_the_first"] = not a.stack_independent
+            results["stack"]["trained_on_top_of_the_first"] = a.stack_on_top
             sheet = before_after_sheet(names + ["circle", "milka"], base, after, names[0])
             sheet.save(a.out / "stack.png")
         if "unsafe" in todo:

@@ -83,19 +83,16 @@ def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, t
     assert [c["name"] for c in meta["concepts"]] == ["skull", "gun"]
     assert meta["reference_source"] == "world renders"
     assert meta["settings"]["reference"] == "images"
-    # one run per concept, stacked: each run owns its rank slice; the gun's run re-steers the
-    # skull once more, on top of the skull's patch
+    # one run per concept, stacked: each concept owns its rank slice
     assert meta["separately"] is True
-    assert [p["concepts"] for p in meta["parts"]] == [["skull"], ["gun", "skull"]]
+    assert [p["concepts"] for p in meta["parts"]] == [["skull"], ["gun"]]
     joint = tmp_path / "joint.safetensors"
     assert _forget(world_dir, joint, "--preset", "unsafe", "--jointly").exit_code == 0
     assert "separately" not in load_patch(joint).metadata
     _err(_forget(world_dir, tmp_path / "n.safetensors", "--preset", "nsfw"), "--preset unsafe")
 
 
-def test_forget_separately_trains_each_part_on_top_of_the_earlier_ones():
-    import dataclasses
-
+def test_forget_separately_equals_stacking_single_runs():
     import torch
 
     from forget_me_not.api import forget
@@ -106,20 +103,30 @@ def test_forget_separately_trains_each_part_on_top_of_the_earlier_ones():
     cfg = ResteerConfig(steps=2, reference="noise", lr=1e-2)
     pipe = make_tiny_pipeline("sd1")
     both = forget(pipe, ["star", "moon"], cfg, separately=True, progress=False)
+    alone = stack_patches([forget(pipe, name, cfg, progress=False) for name in ("star", "moon")])
     assert both.rank == 8 and len(both.metadata["losses"]) == 4
     assert [c["name"] for c in both.metadata["concepts"]] == ["star", "moon"]
-    assert not getattr(pipe.unet, "peft_config", None)  # the parts were removed again
+    assert all(torch.equal(both.tensors[k], alone.tensors[k]) for k in alone.tensors)
 
-    star = forget(pipe, "star", dataclasses.replace(cfg, also_avoid=("star", "moon")),
-                  progress=False)
-    # The later part re-steers the earlier concept once more, beside its own.
-    moon = forget(pipe, ["moon", "star"], dataclasses.replace(cfg, also_avoid=("star", "moon")),
-                  on_top_of=[star], progress=False)
+
+def test_forget_on_top_of_trains_with_the_earlier_patch_applied():
+    import torch
+
+    from forget_me_not.api import forget
+    from forget_me_not.resteer import ResteerConfig
+    from tiny_pipelines import make_tiny_pipeline
+
+    cfg = ResteerConfig(steps=2, reference="noise", lr=1e-2)
+    pipe = make_tiny_pipeline("sd1")
+    star = forget(pipe, "star", cfg, progress=False)
+    moon = forget(pipe, "moon", cfg, on_top_of=[star], progress=False)
     assert moon.metadata["trained_on_top_of"] == [star.name]
-    assert not getattr(pipe.unet, "peft_config", None)
-    by_hand = stack_patches([star, moon])
-    assert all(torch.equal(both.tensors[k], by_hand.tensors[k]) for k in by_hand.tensors)
-    independent = forget(pipe, "moon", cfg, progress=False)  # the moon part saw the star's
+    settings = moon.metadata["settings"]
+    assert list(settings["compare_without"]) == [star.name]
+    assert list(settings["also_avoid"]) == ["star", "moon"]
+    assert list(settings["hold_prompts"]) == ["a photo of star"]  # the star's own prompts
+    assert not getattr(pipe.unet, "peft_config", None)  # the earlier patch was removed again
+    independent = forget(pipe, "moon", cfg, progress=False)  # the attention loss saw the star's
     assert not torch.equal(*(next(t for k, t in p.tensors.items() if "lora_B" in k)
                              for p in (moon, independent)))
 

@@ -30,13 +30,13 @@ def forget(
 
     `separately`: re-steer each concept in a run of its own and stack the patches (exactly, by
     rank) instead of one run cycling through all of them. On ConceptWorld's unsafe set the
-    joint run left the gun drawn (94%) where separate runs erased it (BENCHMARKS.md). With LoRA
-    training each run trains on top of the patches before it, its retention terms comparing
-    with the original model, so it also repairs what they did to the other concepts.
+    joint run left the gun drawn (94%) where separate runs erased it (BENCHMARKS.md).
 
     `on_top_of`: LoRA patches the new one will be stacked with. They are applied while it
-    trains, its retention terms compare with the model without them, and their concepts are
-    left out of its preserve prompts (take-down requests that arrive one at a time).
+    trains, its retention terms compare with the model without them, their concepts' prompts
+    are held to what the patches make of them and left out of its preserve prompts. On
+    ConceptWorld this kept the other concepts better and let the earlier ones come back more
+    (BENCHMARKS.md, "Patches trained to be stacked").
 
     `concepts` are `Concept`s or plain names (taken as objects). `images` gives reference
     images for every concept that has none of its own. Apply the result with
@@ -59,7 +59,7 @@ def forget(
         return _on_top_of(pipe, list(on_top_of), items, config, progress)
     from forget_me_not.patch import stack_patches
 
-    parts = _one_after_another(pipe, list(on_top_of), items, config, progress)
+    parts = [_on_top_of(pipe, list(on_top_of), [c], config, progress) for c in items]
     stacked = stack_patches(parts)
     first = parts[0].metadata
     stacked.metadata.update({
@@ -76,18 +76,9 @@ def forget(
 
 
 def _on_top_of(
-    pipe: Any,
-    earlier: list[Patch],
-    items: list[Concept],
-    config: ResteerConfig,
-    progress: bool,
-    again: Sequence[Concept] = (),
+    pipe: Any, earlier: list[Patch], items: list[Concept], config: ResteerConfig, progress: bool
 ) -> Patch:
-    """Re-steer `items` with the `earlier` patches applied, retention against the model alone.
-
-    `again`: the earlier patches' concepts, with their references, re-steered once more beside
-    `items` so the new patch keeps them down as well (known only within one `forget` call).
-    """
+    """Re-steer `items` with the `earlier` patches applied, retention against the model alone."""
     if not earlier:
         return resteer(pipe, items, config, progress=progress)
     if config.train != "lora" or any(p.kind != "lora" for p in earlier):
@@ -107,29 +98,12 @@ def _on_top_of(
         for p in earlier:
             p.apply(pipe)
             applied.append(p)
-        patch = resteer(pipe, [*items, *again], config, progress=progress)
+        patch = resteer(pipe, items, config, progress=progress)
     finally:
         for p in reversed(applied):
             p.remove(pipe)
     patch.metadata["trained_on_top_of"] = [p.name for p in earlier]
     return patch
-
-
-def _one_after_another(
-    pipe: Any, earlier: list[Patch], items: list[Concept], config: ResteerConfig, progress: bool
-) -> list[Patch]:
-    """One re-steering run per concept; LoRA runs train on top of the parts before them."""
-    if config.train != "lora":
-        return [_on_top_of(pipe, earlier, [c], config, progress) for c in items]
-    # Every part's preserve prompts leave out all the concepts, the later ones included.
-    config = dataclasses.replace(
-        config, also_avoid=tuple(dict.fromkeys([*config.also_avoid, *(c.words for c in items)]))
-    )
-    parts: list[Patch] = []
-    for k, concept in enumerate(items):
-        parts.append(_on_top_of(pipe, [*earlier, *parts], [concept], config, progress,
-                                again=items[:k]))
-    return parts
 
 
 def invert(

@@ -172,7 +172,7 @@ class ResteerConfig:
     # Images the base model draws per anchor prompt; the pull cycles through them so it holds
     # beyond one picture.
     concept_anchor_images: int = 4
-    # Patches trained one after another to be stacked (`forget(..., separately=True)`): the
+    # A patch trained on top of others it will be stacked with (`forget(..., on_top_of=...)`): the
     # retention terms compare with the model with these applied LoRA patches (adapter names)
     # switched off too, so a run also repairs what they did to the other concepts; and these
     # words (their targets) are left out of the preserve prompts, so it does not undo them.
