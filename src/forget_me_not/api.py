@@ -75,15 +75,20 @@ def forget(
     return stacked
 
 
+def check_on_top_of(train: str, earlier: Sequence[Patch]) -> None:
+    """Training on top of patches works for LoRA patches and LoRA training only."""
+    if train != "lora" or any(p.kind != "lora" for p in earlier):
+        raise FmnError("--on-top-of needs LoRA patches and --train lora: stack the patches "
+                       "afterwards with `fmn patch stack` instead")
+
+
 def _on_top_of(
     pipe: Any, earlier: list[Patch], items: list[Concept], config: ResteerConfig, progress: bool
 ) -> Patch:
     """Re-steer `items` with the `earlier` patches applied, retention against the model alone."""
     if not earlier:
         return resteer(pipe, items, config, progress=progress)
-    if config.train != "lora" or any(p.kind != "lora" for p in earlier):
-        raise FmnError("training on top of other patches needs LoRA patches and --train lora: "
-                       "stack the patches afterwards with `fmn patch stack` instead")
+    check_on_top_of(config.train, earlier)
     done = [Concept.from_dict(c) for p in earlier for c in p.metadata.get("concepts", [])]
     config = dataclasses.replace(
         config,

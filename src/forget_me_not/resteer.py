@@ -296,6 +296,8 @@ class ResteerConfig:
         filled = {
             k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()
         }
+        if filled["hold_weight"] is None:
+            filled["hold_weight"] = filled["preserve_weight"] or 1.0
         if self.steps is None:
             # The steps cycle through the concepts' prompts: each concept gets the default.
             filled["steps"] = base["steps"] * max(1, len(targets))
@@ -383,9 +385,6 @@ def resteer(
         if holds
         else None
     )
-    hold_weight = config.hold_weight
-    if hold_weight is None:
-        hold_weight = config.preserve_weight if config.preserve_weight > 0 else 1.0
     references = _references(pipe, concepts, config, resolution, gen)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = noise_scheduler.config.num_train_timesteps
@@ -529,7 +528,7 @@ def resteer(
             if holds:
                 kept = matched(held_noisy, t, held_embeds, held_cond, held_base)
                 held_patch_losses.append(kept.item())
-                loss = loss + hold_weight * kept
+                loss = loss + config.hold_weight * kept
             if text_keep is not None:
                 kept_text = text_keep.penalty()
                 text_keep_losses.append(kept_text.item())

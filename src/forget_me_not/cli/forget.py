@@ -30,9 +30,8 @@ def forget(
     separately: Annotated[
         bool | None,
         typer.Option("--separately/--jointly",
-                     help="Several concepts: one run each, each on top of the ones before, "
-                          "patches stacked; or one run for all (default: jointly; --preset "
-                          "unsafe: separately)."),
+                     help="Several concepts: one run each, patches stacked; or one run for all "
+                          "(default: jointly; --preset unsafe: separately)."),
     ] = None,
     on_top_of: Annotated[
         list[Path] | None,
@@ -182,12 +181,11 @@ def forget(
         load_images(files)  # unreadable files are reported now, sizes after loading
     earlier = []
     if on_top_of:
+        from forget_me_not.api import check_on_top_of
         from forget_me_not.patch import load_patch
 
         earlier = [load_patch(path) for path in on_top_of]
-        if train != "lora" or any(p.kind != "lora" for p in earlier):
-            raise FmnError("--on-top-of needs LoRA patches and --train lora: stack the patches "
-                           "afterwards with `fmn patch stack` instead")
+        check_on_top_of(train, earlier)  # before the model loads
     emb = None
     if embedding is not None:
         from forget_me_not.inversion import load_embedding
