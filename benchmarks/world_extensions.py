@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--stack-on-top", action="store_true",
                     help="train each later stacked patch on top of the ones before it")
     ap.add_argument("--preserve-weight", type=float, default=None)
+    ap.add_argument("--train", default=None,
+                    help="forgetting runs' trainable set (default: the library's; tokens)")
     ap.add_argument("--method", default="embedding", help="correction method: embedding|resteer")
     ap.add_argument("--preserve-t-min", type=int, default=None, help="forgetting runs' setting")
     ap.add_argument("--out", type=Path, default=Path("runs/world_extensions"))
@@ -91,7 +93,9 @@ def main() -> None:
         "base": {k: v["rate"] for k, v in base.items()},
     }
     todo = a.only.split(",")
-    forgetting = ResteerConfig(preserve_t_min=a.preserve_t_min)
+    # Training on top of earlier patches is a LoRA feature; otherwise the library's default.
+    forgetting = ResteerConfig(preserve_t_min=a.preserve_t_min,
+                               train=a.train or ("lora" if a.stack_on_top else None))
     with tempfile.TemporaryDirectory() as refs:
         if "stack" in todo:
             names = a.stack.split(",")

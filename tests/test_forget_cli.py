@@ -137,6 +137,33 @@ def test_forget_on_top_of_an_earlier_patch(inputs, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_forget_the_token_rows(inputs, tmp_path):
+    out = tmp_path / "rows.safetensors"
+    result = _forget(inputs, out, "--no-real-image", "--train", "tokens")
+    assert result.exit_code == 0, result.output
+    assert "(embedding, 2 tensors" in result.output
+    patch = load_patch(out)
+    assert patch.kind == "embedding" and patch.metadata["train"] == "tokens"
+    assert set(patch.tensors) == {"text_encoder.token_ids", "text_encoder.token_delta"}
+    # generate applies it like any patch
+    grid = tmp_path / "grid.png"
+    result = runner.invoke(app, ["generate", "--model", str(inputs["sd1"]), "--prompt", "a star",
+                                 "--steps", "1", "--n", "1", "--device", "cpu",
+                                 "--patch", str(out), "--out", str(grid)])
+    assert result.exit_code == 0, result.output
+    assert grid.is_file()
+    # Token rows cannot be trained on top of LoRA patches, nor used as the earlier patch.
+    lora = tmp_path / "lora.safetensors"
+    assert _forget(inputs, lora, "--no-real-image").exit_code == 0
+    _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--no-real-image", "--train",
+                          "tokens", "--on-top-of", str(lora)), "--on-top-of needs LoRA")
+    _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--no-real-image",
+                          "--on-top-of", str(out)), "--on-top-of needs LoRA")
+    _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--train", "rows"),
+                  "unknown train mode 'rows'")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_patch_on_another_family_is_refused(inputs, tmp_path):
     patch = tmp_path / "p.safetensors"
     assert _forget(inputs, patch, "--no-real-image").exit_code == 0

@@ -7,10 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
-from forget_me_not.attention import ProbeSet
-from forget_me_not.concepts import Concept
+from forget_me_not.attention import ProbeSet, install_probes
+from forget_me_not.concepts import Concept, TokenMask, locate_in_pipeline, merge_positions
 from forget_me_not.errors import FmnError
-from forget_me_not.resteer import FULL_LR, LORA_LR, ResteerConfig, resteer
+from forget_me_not.resteer import (
+    FULL_LR,
+    LORA_LR,
+    TOKENS_LR,
+    ResteerConfig,
+    encode_prompt,
+    resteer,
+)
+from forget_me_not.token_rows import word_token_ids
 from tiny_pipelines import make_tiny_pipeline
 
 
@@ -36,11 +44,11 @@ def test_config_defaults_and_validation():
     sd = cfg.resolved("sd1")  # the paper's recipe for Stable Diffusion
     assert (sd.steps, sd.train, sd.batch_size, sd.weight_decay) == (35, "lora", 1, 0.01)
     assert (sd.preserve_weight, sd.include_padding) == (0.0, False)
-    world = cfg.resolved("embedded")  # tuned by measurement on ConceptWorld
+    world = ResteerConfig(train="lora").resolved("embedded")  # tuned on ConceptWorld
     assert (world.steps, world.lr, world.preserve_weight) == (100, 1e-2, 30.0)
     assert (world.preserve_t_min, world.text_keep_weight) == (500, 100.0)
     assert (sd.preserve_t_min, sd.text_keep_weight) == (0, 0.0)
-    styled = cfg.resolved("embedded", anchored=True)  # styles keep their measured settings
+    styled = ResteerConfig(train="lora").resolved("embedded", anchored=True)  # measured too
     assert (styled.lr, styled.preserve_t_min, styled.text_keep_weight) == (3e-3, 0, 0.0)
     assert world.preserve_batch == 4 and sd.preserve_batch == 1
     assert (world.preserve_latents, world.preserve_steps) == ("own", 10)
@@ -237,3 +245,87 @@ def test_several_preserve_prompts_per_step():
     assert three.metadata["preserve_losses"][1] != one.metadata["preserve_losses"][1]
     with pytest.raises(FmnError, match="preserve_batch"):
         ResteerConfig(preserve_batch=0)
+
+
+def test_the_trainable_set_defaults_per_family():
+    # ConceptWorld re-steers the concept's token rows; Stable Diffusion a LoRA (the paper).
+    world = ResteerConfig().resolved("embedded")
+    assert (world.train, world.lr, world.steps, world.preserve_weight) == (
+        "tokens", TOKENS_LR, 100, 0.0)
+    assert ResteerConfig().resolved("embedded", ["star", "tavi"]).steps == 200
+    assert ResteerConfig().resolved("sd1").train == "lora"
+    assert ResteerConfig().resolved("sdxl").train == "lora"
+    # Training on top of LoRA patches needs a LoRA.
+    assert ResteerConfig(compare_without=("earlier",)).resolved("embedded").train == "lora"
+    with pytest.raises(FmnError, match="--train lora"):
+        ResteerConfig(train="tokens", compare_without=("earlier",))
+
+
+def _probe_loss(pipe, prompt, words):
+    """FMN's attention loss for `prompt` on one fixed noisy latent."""
+    embeds, pooled = encode_prompt(pipe, prompt)
+    kw = {}
+    if pooled is not None:
+        kw["added_cond_kwargs"] = {"text_embeds": pooled,
+                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    positions = merge_positions(locate_in_pipeline(pipe, prompt, words, False, False))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 4, 4, generator=g)
+    probes = install_probes(pipe.unet)
+    try:
+        probes.activate(TokenMask.from_positions([positions], embeds.shape[1]))
+        with torch.no_grad():
+            pipe.unet(x, torch.tensor([500]), encoder_hidden_states=embeds, **kw)
+        return float(probes.loss())
+    finally:
+        probes.remove()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_token_rows_train_only_the_words_and_lower_their_attention(family):
+    pipe = make_tiny_pipeline(family)
+    target, other = "a photo of a star", "a photo of a cat"
+    with torch.no_grad():
+        star_before, other_before = encode_prompt(pipe, target), encode_prompt(pipe, other)
+    loss_before = _probe_loss(pipe, target, "star")
+    unet_before = {n: p.detach().clone() for n, p in pipe.unet.state_dict().items()}
+    patch = resteer(pipe, [Concept("star")], _cfg(train="tokens", steps=20, lr=0.1),
+                    progress=False)
+
+    # An embedding patch: per text encoder, the rows of the word "star" and nothing else.
+    assert patch.kind == "embedding" and patch.metadata["train"] == "tokens"
+    ids = word_token_ids(pipe, "star")
+    encoders = ["text_encoder", "text_encoder_2"][: len(ids)]
+    assert set(patch.tensors) == {f"{e}.{k}" for e in encoders
+                                  for k in ("token_ids", "token_delta")}
+    for enc, want in zip(encoders, ids, strict=True):
+        assert patch.tensors[f"{enc}.token_ids"].tolist() == want
+        assert patch.tensors[f"{enc}.token_delta"].abs().sum() > 0
+    # The UNet and the text encoders are handed back unchanged.
+    assert all(torch.equal(unet_before[n], p) for n, p in pipe.unet.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(encode_prompt(pipe, target)[0], star_before[0])
+
+    patch.apply(pipe)
+    with torch.no_grad():
+        star_after, other_after = encode_prompt(pipe, target), encode_prompt(pipe, other)
+    assert not torch.equal(star_after[0], star_before[0])
+    # A prompt without the word keeps exactly its text states (and its pooled embedding).
+    assert torch.equal(other_after[0], other_before[0])
+    if family == "sdxl":
+        assert torch.equal(other_after[1], other_before[1])
+    # The UNet attends less to the word than before.
+    assert _probe_loss(pipe, target, "star") < 0.9 * loss_before
+    patch.remove(pipe)
+    with torch.no_grad():
+        assert torch.equal(encode_prompt(pipe, target)[0], star_before[0])
+
+
+def test_token_rows_are_deterministic_and_refuse_inverted_tokens():
+    a, b = (resteer(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(train="tokens", seed=2),
+                    progress=False) for _ in range(2))
+    assert a.metadata["losses"] == b.metadata["losses"]
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    with pytest.raises(FmnError, match="--train lora"):
+        resteer(make_tiny_pipeline("sd1"), [Concept("star", token_words="star")],
+                _cfg(train="tokens"), progress=False)

@@ -21,7 +21,8 @@ from forget_me_not.patch import (
     to_kohya,
 )
 from forget_me_not.resteer import encode_prompt
-from forget_me_not.token_pull import TokenPullConfig, pull_tokens, role_token_ids
+from forget_me_not.token_pull import TokenPullConfig, pull_tokens
+from forget_me_not.token_rows import word_token_ids
 from tiny_pipelines import make_tiny_pipeline
 
 runner = CliRunner()
@@ -60,7 +61,7 @@ def test_pull_trains_only_the_role_rows_and_leaves_other_prompts_identical(pulle
     pipe, patch = pulled
     assert patch.kind == "embedding"
     ids, delta = patch.token_rows()["text_encoder"]
-    assert ids.tolist() == role_token_ids(pipe, "wizard")[0] and delta.shape == (1, 32)
+    assert ids.tolist() == word_token_ids(pipe, "wizard")[0] and delta.shape == (1, 32)
     assert float(delta.abs().sum()) > 0
     assert len(patch.metadata["losses"]) == 20 and patch.metadata["tokens"] == [["wizard</w>"]]
     table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()

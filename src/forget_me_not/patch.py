@@ -8,7 +8,8 @@ Three kinds:
 - "delta": trained-minus-original tensors of full weights ("unet.<param name>"), for
   `train="xattn"` / `"unet"`. Applying adds them; the originals are kept, so removal is exact.
 - "embedding": changes to a few rows of the text encoder(s)' token-embedding table (what
-  `fmn correct` trains by default): "<encoder>.token_ids" (k,) and "<encoder>.token_delta"
+  `fmn correct` trains by default, and `fmn forget --train tokens`, the embedded model's
+  default): "<encoder>.token_ids" (k,) and "<encoder>.token_delta"
   (k, dim) per text encoder ("text_encoder", "text_encoder_2"). Every prompt without those
   tokens is untouched; applying adds the rows, removal restores them exactly.
 
@@ -629,9 +630,9 @@ def stack_patches(patches: Sequence[Patch], strengths: Sequence[float] | None = 
     if any(embedding):
         if not all(embedding):
             raise FmnError(
-                "a token-embedding patch (from `fmn correct`) cannot share one file with UNet "
-                "patches: apply them together (`fmn generate --patch A --patch B`) or merge them "
-                "all into a pipeline (`fmn patch merge`)"
+                "a token-embedding patch (`fmn correct`, `--train tokens`) cannot share one "
+                "file with UNet patches: apply them together (`fmn generate --patch A --patch "
+                "B`) or merge them all into a pipeline (`fmn patch merge`)"
             )
         parts = [{**part, "strength": part.get("strength", 1.0) * s}
                  for p, s in zip(patches, strengths, strict=True)

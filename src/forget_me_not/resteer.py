@@ -30,7 +30,9 @@ from forget_me_not.data import load_images, model_resolution, resize_random_crop
 from forget_me_not.errors import FmnError
 from forget_me_not.patch import Patch, family_of, library_versions, model_hash
 
-TRAIN_MODES = ("lora", "xattn", "unet")
+# "tokens": only the rows of the concept's words in the text encoder(s)' token-embedding
+# table train (an "embedding" patch); every prompt without those words is left untouched.
+TRAIN_MODES = ("lora", "xattn", "unet", "tokens")
 REFERENCES = ("images", "self", "noise")
 PRECISIONS = ("no", "fp16", "bf16")
 # What the retention regulariser's prompts are evaluated on: the target's own noisy latent
@@ -47,6 +49,14 @@ FULL_LR = 2e-6
 # push get their own entry in FAMILY_DEFAULTS, tuned there by measurement.
 LORA_LR = 1e-4
 LORA_RANK = 4
+# A token row is one vector per word: a textual-inversion-sized step (the correction's 5e-3).
+TOKENS_LR = 5e-3
+# The trainable set where `train` is left unset: LoRA on cross-attention, the paper's place,
+# except where a family measured better. ConceptWorld (BENCHMARKS.md, "Re-steering the
+# concept's token rows"): every LoRA setting that erased the star, tavi or outlined cost
+# purple or checkered more than 10% of their samples; the token rows erase all three and leave
+# every prompt without the word bit-identical.
+FAMILY_TRAIN: dict[str, str] = {"embedded": "tokens"}
 
 
 def _world_retention_prompts(targets: Sequence[str]) -> tuple[str, ...]:
@@ -92,6 +102,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "xattn": {},
         "unet": {},
+        # FMN's attention loss alone, 100 steps at 5e-3: star, tavi 100% -> 0% (32 samples).
+        "tokens": {"steps": 100},
     },
 }
 # Defaults for runs where a concept names an anchor (`Concept.anchor`), on top of the above.
@@ -117,7 +129,9 @@ class ResteerConfig:
 
     steps: int | None = None  # None -> the family's default (35, the paper) per concept
     lr: float | None = None  # None -> the family's default (FULL_LR, LORA_LR)
-    train: str = "lora"  # "lora" (patch), "xattn" (attn2 weights), "unet" (every UNet weight)
+    # "lora" (patch), "xattn" (attn2 weights), "unet" (every UNet weight), "tokens" (the
+    # concept's token-embedding rows); None -> the family's (FAMILY_TRAIN; else "lora")
+    train: str | None = None
     lora_rank: int | None = None  # None -> the family's default (LORA_RANK)
     lora_alpha: float | None = None  # None -> equal to the rank (scale 1)
     lora_targets: tuple[str, ...] = LORA_TARGETS  # projections of each attn2 that get LoRA
@@ -185,7 +199,7 @@ class ResteerConfig:
     hold_weight: float | None = None
 
     def __post_init__(self) -> None:
-        if self.train not in TRAIN_MODES:
+        if self.train is not None and self.train not in TRAIN_MODES:
             raise FmnError(f"unknown train mode {self.train!r}: use one of {TRAIN_MODES}")
         if self.reference not in REFERENCES:
             raise FmnError(f"unknown reference {self.reference!r}: use one of {REFERENCES}")
@@ -259,7 +273,7 @@ class ResteerConfig:
         self.also_avoid = tuple(self.also_avoid)
         self.compare_without = tuple(self.compare_without)
         self.hold_prompts = tuple(self.hold_prompts)
-        if self.compare_without and self.train != "lora":
+        if self.compare_without and self.train not in (None, "lora"):
             raise FmnError("training on top of other patches needs --train lora: stack the "
                            "patches afterwards with `fmn patch stack` instead")
 
@@ -275,8 +289,10 @@ class ResteerConfig:
 
         `anchored`: some concept names an anchor, and the family has defaults for such runs.
         """
+        train = self.train or ("lora" if self.compare_without
+                               else FAMILY_TRAIN.get(family or "", "lora"))
         base = {
-            "lr": LORA_LR if self.train == "lora" else FULL_LR,
+            "lr": {"lora": LORA_LR, "tokens": TOKENS_LR}.get(train, FULL_LR),
             "lora_rank": LORA_RANK,
             "include_padding": False,
             "steps": 35,
@@ -290,9 +306,9 @@ class ResteerConfig:
             "concept_anchor_weight": 1.0,
             "hold_weight": None,  # None -> the preserve weight (1 with the regulariser off)
         }
-        base.update(FAMILY_DEFAULTS.get(family or "", {}).get(self.train, {}))
+        base.update(FAMILY_DEFAULTS.get(family or "", {}).get(train, {}))
         if anchored:
-            base.update(FAMILY_ANCHORED_DEFAULTS.get(family or "", {}).get(self.train, {}))
+            base.update(FAMILY_ANCHORED_DEFAULTS.get(family or "", {}).get(train, {}))
         filled = {
             k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()
         }
@@ -312,7 +328,7 @@ class ResteerConfig:
                 "preserve_weight > 0 needs prompts to preserve: pass --preserve PROMPT "
                 "(repeatable), or set the weight to 0"
             )
-        return replace(self, **filled)
+        return replace(self, train=train, **filled)
 
 
 @dataclass
@@ -323,6 +339,7 @@ class _Row:
     embeds: torch.Tensor  # (1, T, D) text encoder states
     pooled: torch.Tensor | None  # (1, P) SDXL pooled embedding
     positions: list[int]  # concept token positions in the T-token sequence
+    prompt: str = ""  # re-encoded each step when the token rows train
 
 
 def resteer(
@@ -342,7 +359,14 @@ def resteer(
         raise FmnError("no concept to forget: pass at least one concept")
     unet, device = pipe.unet, pipe.unet.device
     family = family_of(pipe)
-    config = (config or ResteerConfig()).resolved(
+    config = config or ResteerConfig()
+    if any(c.token_words for c in concepts):
+        # Inverted placeholder tokens exist only beside their embedding file: re-steer the UNet.
+        if config.train == "tokens":
+            raise FmnError("--train tokens changes the rows of words the tokenizer knows; for "
+                           "tokens learnt by `fmn invert` use --train lora")
+        config = replace(config, train=config.train or "lora")
+    config = config.resolved(
         family, [c.words for c in concepts], anchored=any(c.anchor for c in concepts)
     )
     base_hash = model_hash(pipe)
@@ -389,7 +413,7 @@ def resteer(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = noise_scheduler.config.num_train_timesteps
 
-    trainer = _Trainable(unet, config)
+    trainer = _Trainable(pipe, config, [c.words for c in concepts])
 
     def predict(x, timesteps, hidden, cond, *, base: bool = False, original: bool = True):
         """The UNet's noise prediction; `base`: of the untouched model, without a graph."""
@@ -416,6 +440,15 @@ def resteer(
         clean = pool[index].to(device, unet.dtype)
         noise = torch.randn(clean.shape, generator=gen).to(device, unet.dtype)
         return noise_scheduler.add_noise(clean, noise, timesteps), embeds, cond
+
+    def live(chosen: list[_Row]) -> tuple[torch.Tensor, dict | None, list[_Row]]:
+        """The rows' text states as the model in training computes them: re-encoded (with a
+        graph) when the token rows train, else as encoded once. (embeds, cond, rows)."""
+        if config.train == "tokens":
+            chosen = [_Row(r.concept, *encode_prompt(pipe, r.prompt), r.positions, r.prompt)
+                      for r in chosen]
+        embeds = torch.cat([row.embeds for row in chosen]).to(device)
+        return embeds, _added_cond(pipe, chosen, resolution, device), chosen
 
     def matched(x, timesteps, hidden, cond, target: torch.Tensor) -> torch.Tensor:
         """MSE of the trained prediction to `target`, with the probes off (not re-steered)."""
@@ -505,6 +538,7 @@ def resteer(
                 )
                 pull_base = predict(pull_noisy, pull_t, pull_embeds, pull_cond, base=True)
 
+            embeds, cond, trained_rows = live(batch)
             probes.activate(mask)
             own = predict(noisy, t, embeds, cond)
             loss = probes.loss(pixel_weights)
@@ -513,7 +547,8 @@ def resteer(
                 anchor_losses.append(pulled.item())
                 loss = loss + config.anchor_weight * pulled
             if to_pull:
-                rows_cond = _added_cond(pipe, [batch[r] for r in to_pull], resolution, device)
+                rows_cond = _added_cond(pipe, [trained_rows[r] for r in to_pull], resolution,
+                                        device)
                 pulled = matched(pull_noisy, pull_t, embeds[to_pull], rows_cond, pull_base)
                 concept_anchor_losses.append(pulled.item())
                 loss = loss + config.concept_anchor_weight * pulled
@@ -522,10 +557,12 @@ def resteer(
                 hold_losses.append(held.item())
                 loss = loss + config.transparent_weight * held
             if keep:
+                keep_embeds, keep_cond, _ = live([keep[i] for i in keep_index])
                 preserve = matched(keep_noisy, keep_t, keep_embeds, keep_cond, base)
                 preserve_losses.append(preserve.item())
                 loss = loss + config.preserve_weight * preserve
             if holds:
+                held_embeds, held_cond, _ = live([holds[i] for i in held_index])
                 kept = matched(held_noisy, t, held_embeds, held_cond, held_base)
                 held_patch_losses.append(kept.item())
                 loss = loss + config.hold_weight * kept
@@ -604,9 +641,8 @@ def _encode_rows(pipe: Any, concepts: Sequence[Concept], config: ResteerConfig) 
             )
             with torch.no_grad():
                 embeds, pooled = encode_prompt(pipe, prompt)
-            rows.append(
-                _Row(ci, embeds.detach(), None if pooled is None else pooled.detach(), positions)
-            )
+            rows.append(_Row(ci, embeds.detach(), None if pooled is None else pooled.detach(),
+                             positions, prompt))
     return rows
 
 
@@ -623,7 +659,9 @@ def _encode_plain(pipe: Any, prompts: Sequence[str]) -> list[_Row]:
     for prompt in prompts:
         with torch.no_grad():
             embeds, pooled = encode_prompt(pipe, prompt)
-        rows.append(_Row(-1, embeds.detach(), None if pooled is None else pooled.detach(), []))
+        rows.append(
+            _Row(-1, embeds.detach(), None if pooled is None else pooled.detach(), [], prompt)
+        )
     return rows
 
 
@@ -815,7 +853,10 @@ class _TextKeep:
 class _Trainable:
     """Sets up the trainable tensors, reads out the result, and puts the UNet back."""
 
-    def __init__(self, unet: torch.nn.Module, config: ResteerConfig) -> None:
+    def __init__(self, pipe: Any, config: ResteerConfig, words: Sequence[str]) -> None:
+        unet = pipe.unet
+        self.pipe, self.words = pipe, list(words)
+        self.rows: Any = None  # token_rows.RowDeltas with train="tokens"
         self.unet = unet
         self.config = config
         self.originals: dict[str, torch.Tensor] = {}
@@ -826,6 +867,8 @@ class _Trainable:
 
     def setup(self) -> list[torch.nn.Parameter]:
         cfg, unet = self.config, self.unet
+        if cfg.train == "tokens":
+            return self._add_rows()
         if cfg.train == "lora":
             self._add_lora()
         else:
@@ -848,6 +891,16 @@ class _Trainable:
         if not self.params:
             raise FmnError("nothing to train: the UNet has no cross-attention weights")
         return list(self.params.values())
+
+    def _add_rows(self) -> list[torch.Tensor]:
+        from forget_me_not.token_rows import RowDeltas, word_token_ids
+
+        per_word = [word_token_ids(self.pipe, w) for w in self.words]
+        ids = [list(dict.fromkeys(i for word in per_word for i in word[e]))
+               for e in range(len(per_word[0]))]
+        self.rows = RowDeltas(self.pipe, ids)
+        self.rows.attach()
+        return list(self.rows.deltas)
 
     def _add_lora(self) -> None:
         from peft import LoraConfig
@@ -878,6 +931,9 @@ class _Trainable:
 
         `original`: the patches named in `compare_without` are switched off as well.
         """
+        if self.rows is not None:
+            yield  # the UNet is untouched; base predictions take the rows' base encodings
+            return
         if self.adapter is not None:
             # peft adds scaling[adapter] * B(A(x)); a zero scaling gives exactly the base output.
             names = [self.adapter, *(self.config.compare_without if original else ())]
@@ -918,6 +974,8 @@ class _Trainable:
         }
 
     def result(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any] | None]:
+        if self.rows is not None:
+            return "embedding", self.rows.tensors(), None
         if self.config.train == "lora":
             from peft import get_peft_model_state_dict
 
@@ -934,6 +992,8 @@ class _Trainable:
         return "delta", tensors, None
 
     def restore(self) -> None:
+        if self.rows is not None:
+            self.rows.detach()
         unet = self.unet
         for p in unet.parameters():
             p.requires_grad_(False)

@@ -13,11 +13,10 @@ correction could not move the role without costing milka; this one moves it and 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from forget_me_not.data import model_resolution
 from forget_me_not.errors import FmnError
 from forget_me_not.patch import Patch, family_of, library_versions, model_hash
 from forget_me_not.resteer import _added_cond, _draw_latents, _Row, encode_prompt
+from forget_me_not.token_rows import RowDeltas, word_token_ids
 
 # Set on ConceptWorld's wizard -> milka (n=16): 100 steps at lr 5e-3 took the role from 100% to
 # 0% milka in 10 s with the hat kept; 300 steps gave the same rates.
@@ -53,66 +53,6 @@ class TokenPullConfig:
             raise FmnError(f"the learning rate must be positive, got {self.lr}")
         if self.anchor_steps < 1 or self.anchor_images < 1:
             raise FmnError("anchor_steps and anchor_images must be at least 1")
-
-
-def role_token_ids(pipe: Any, words: str) -> list[list[int]]:
-    """Per tokenizer (text-encoder order), the ids that spell `words`; unknown words refused."""
-    out = []
-    for tok in pipeline_tokenizers(pipe):
-        ids = list(tok(words, add_special_tokens=False)["input_ids"])
-        unk = getattr(tok, "unk_token_id", None)
-        if not ids or (unk is not None and unk in ids and tok.unk_token not in words):
-            raise FmnError(
-                f"the tokenizer does not know {words!r}: learn a token for it with `fmn invert` "
-                "and correct that, or use other words"
-            )
-        out.append(list(dict.fromkeys(ids)))
-    return out
-
-
-class _RowDeltas:
-    """A trainable delta per role token, added to the embedding output wherever the token is."""
-
-    def __init__(self, pipe: Any, ids: Sequence[Sequence[int]]) -> None:
-        from forget_me_not.inversion import _text_encoders
-
-        encoders = _text_encoders(pipe)
-        self.names = ["text_encoder", "text_encoder_2"][: len(encoders)]
-        self.ids = [torch.tensor(list(i), dtype=torch.int64) for i in ids]
-        self.deltas = [
-            torch.zeros(len(i), e.get_input_embeddings().weight.shape[1],
-                        device=e.device, requires_grad=True)
-            for i, e in zip(ids, encoders, strict=True)
-        ]
-        self.encoders = encoders
-        self.handles: list[Any] = []
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        for enc, ids, delta in zip(self.encoders, self.ids, self.deltas, strict=True):
-            self.handles.append(enc.get_input_embeddings().register_forward_hook(
-                _adder(ids.to(delta.device), delta)))
-        try:
-            yield
-        finally:
-            for h in self.handles:
-                h.remove()
-            self.handles.clear()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, ids, delta in zip(self.names, self.ids, self.deltas, strict=True):
-            out[f"{name}.token_ids"] = ids.clone()
-            out[f"{name}.token_delta"] = delta.detach().to("cpu", torch.float32).clone()
-        return out
-
-
-def _adder(ids: torch.Tensor, delta: torch.Tensor):
-    def hook(module, inputs, output):
-        hits = (inputs[0].unsqueeze(-1) == ids).to(delta.dtype)  # (B, T, k)
-        return output + (hits @ delta).to(output.dtype)
-
-    return hook
 
 
 def pull_tokens(
@@ -141,7 +81,7 @@ def pull_tokens(
                        "must show the role's look without its name")
     started = time.perf_counter()
     family, base_hash = family_of(pipe), model_hash(pipe)
-    ids = role_token_ids(pipe, role.words)
+    ids = word_token_ids(pipe, role.words)
     unet, device = pipe.unet, pipe.unet.device
     for part in ("vae", "text_encoder", "text_encoder_2", "unet"):
         module = getattr(pipe, part, None)
@@ -158,7 +98,7 @@ def pull_tokens(
     resolution = model_resolution(pipe)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator("cpu").manual_seed(config.seed)
-    rows = _RowDeltas(pipe, ids)
+    rows = RowDeltas(pipe, ids)
     optimizer = torch.optim.Adam(rows.deltas, lr=config.lr)
     losses: list[float] = []
     bar = tqdm(range(config.steps), desc=f"correcting {role.words!r}", disable=not progress)

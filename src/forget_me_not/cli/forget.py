@@ -55,7 +55,12 @@ def forget(
         Path | None,
         typer.Option(help="Forget the tokens learnt by `fmn invert` instead of the words."),
     ] = None,
-    train: Annotated[str, typer.Option(help="lora (patch), xattn or unet.")] = "lora",
+    train: Annotated[
+        str | None,
+        typer.Option(help="lora (LoRA on cross-attention), xattn, unet, or tokens (the "
+                          "concept's token-embedding rows) (default: the model's: tokens on "
+                          "the embedded model, else lora)."),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(help="Optimiser steps (default: 35, the paper; model-tuned).")
     ] = None,
@@ -148,7 +153,7 @@ def forget(
         opt.require_positive("--self-generate", self_generate)
     reference = "images" if images is not None else "noise" if no_real_image else "self"
     out = check_output_path(out, suffix=".safetensors")
-    if train != "lora" and dtype is None:
+    if train in ("xattn", "unet") and dtype is None:
         dtype = "float32"  # full-weight training keeps float32 weights
     resolve_dtype(dtype, resolve_device(device))
     cfg = ResteerConfig(
