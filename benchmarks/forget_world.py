@@ -3,7 +3,8 @@
 For each target: re-steer with the given settings (default: the library defaults), apply the
 patch, score every world concept with the same seeds as the base model, remove the patch.
 Writes JSON and prints a Markdown table (target before -> after, every other concept's
-after/before ratio).
+after/before ratio, and on prompts that name the target beside another concept, e.g. "a
+purple star", how often that other concept is still drawn).
 
     python benchmarks/forget_world.py --targets star,tavi,dotted --n 32
 """
@@ -24,12 +25,51 @@ from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.resteer import ResteerConfig
 from forget_me_not.world import concepts as wc
+from forget_me_not.world import vocab
+from forget_me_not.world.captions import HELD_OUT
 from forget_me_not.world.defaults import default_guidance
-from forget_me_not.world.scoring import score_concepts
+from forget_me_not.world.scoring import judge_labels, sample_many, score_concepts
 
 
 def rates(scores: dict) -> dict[str, float]:
     return {k: v["rate"] for k, v in scores.items()}
+
+
+def companions(target: str, n: int) -> list[tuple[str, str, str]]:
+    """`n` (prompt, judge head, label) where the prompt names the target beside another
+    concept, which should still be drawn once the target is forgotten: an object's colour
+    and style, an ID's style and hat, a style's subject and colour (trained pairs only)."""
+    kind = wc.get(target).kind
+    colours, shapes = list(vocab.COLOURS), ["circle", "square", "heart", "moon"]
+    out: list[tuple[str, str, str]] = []
+    i = 0
+    while len(out) < n:
+        colour = colours[i % len(colours)]
+        style = [s for s in vocab.STYLES if (target, s) not in HELD_OUT][i % 4]
+        if kind in ("object", "nsfw"):
+            out += [(f"a {colour} {target}", "colour", colour),
+                    (f"a {target} in {style} style", "style", style)]
+        elif kind == "id":
+            out += [(f"{target} in {style} style", "style", style),
+                    (f"{target} wearing a hat", "hat", "yes")]
+        else:  # a style: the subject and its colour stay
+            shape = [x for x in shapes if (x, target) not in HELD_OUT][i % 3]
+            prompt = f"a {colour} {shape} in {target} style"
+            out += [(prompt, "subject", shape), (prompt, "colour", colour)]
+        i += 1
+    return out[:n]
+
+
+def companion_rates(pipe, judge, items, seed: int, guidance: float) -> dict[str, float]:
+    """Per head, the share of the prompts whose other concept the judge reads."""
+    images = sample_many(pipe, [p for p, _, _ in items], [seed + i for i in range(len(items))],
+                         guidance=guidance, progress=False)
+    probs = judge.heads(images)
+    hits: dict[str, list[bool]] = {}
+    for i, (_, head, label) in enumerate(items):
+        read = judge_labels(head)[int(probs[head][i].argmax())]
+        hits.setdefault(head, []).append(read == label)
+    return {head: sum(v) / len(v) for head, v in hits.items()}
 
 
 def main() -> None:
@@ -82,6 +122,8 @@ def main() -> None:
             }.items()
             if v is not None
         }
+        named = companions(target, a.n * 2)
+        named_before = companion_rates(pipe, judge, named, a.seed, guidance)
         with tempfile.TemporaryDirectory() as refs:
             concept = wc.fmn_concept(target, refs)
             t1 = time.perf_counter()
@@ -91,6 +133,7 @@ def main() -> None:
         after = rates(
             score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance, avoid=avoid)
         )
+        named_after = companion_rates(pipe, judge, named, a.seed, guidance)
         patch.remove(pipe)
         others = {k: (after[k] / base[k] if base[k] > 0 else None) for k in base if k != target}
         kept = [v for v in others.values() if v is not None]
@@ -104,10 +147,15 @@ def main() -> None:
             "retention_mean": sum(kept) / len(kept),
             "below_90": {k: v for k, v in others.items() if v is not None and v < 0.9},
             "settings": patch.metadata["settings"],
+            # prompts naming the target beside another concept: is that one still drawn?
+            "named_with_target": {h: [named_before[h], named_after[h]] for h in named_before},
         }
         print(
             f"| {target} lr={lr} | {base[target]:.2f} -> {after[target]:.2f} | "
-            f"min {min(kept):.2f} / mean {sum(kept) / len(kept):.2f} | {seconds:.1f} s |",
+            f"min {min(kept):.2f} / mean {sum(kept) / len(kept):.2f} | "
+            + ", ".join(f"{h} {named_before[h]:.2f} -> {named_after[h]:.2f}"
+                        for h in named_before)
+            + f" | {seconds:.1f} s |",
             flush=True,
         )
     a.out.parent.mkdir(parents=True, exist_ok=True)

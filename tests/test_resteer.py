@@ -253,6 +253,9 @@ def test_the_trainable_set_defaults_per_family():
     assert (world.train, world.lr, world.steps, world.preserve_weight) == (
         "tokens", TOKENS_LR, 100, 0.0)
     assert ResteerConfig().resolved("embedded", ["star", "tavi"]).steps == 200
+    styled = ResteerConfig().resolved("embedded", anchored=True)  # the pull toward solid
+    assert (styled.train, styled.lr, styled.steps, styled.concept_anchor_weight) == (
+        "tokens", 1e-2, 150, 1000.0)
     assert ResteerConfig().resolved("sd1").train == "lora"
     assert ResteerConfig().resolved("sdxl").train == "lora"
     # Training on top of LoRA patches needs a LoRA.
