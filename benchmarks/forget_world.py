@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="re-steering steps (default: library)")
     ap.add_argument("--lr", default=None, help="learning rate, or several: 1e-4,1e-3")
     ap.add_argument("--train", default=None,
-                    help="lora, xattn, unet or tokens (default: the model's; embedded: tokens)")
+                    help="lora, xattn, unet or tokens (default: the library's, lora)")
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--include-padding", action="store_true")
     ap.add_argument("--preserve-t-min", type=int, default=None)

@@ -70,7 +70,7 @@ def main() -> None:
                     help="train each later stacked patch on top of the ones before it")
     ap.add_argument("--preserve-weight", type=float, default=None)
     ap.add_argument("--train", default=None,
-                    help="forgetting runs' trainable set (default: the library's; tokens)")
+                    help="forgetting runs' trainable set (default: the library's, lora)")
     ap.add_argument("--method", default="embedding", help="correction method: embedding|resteer")
     ap.add_argument("--preserve-t-min", type=int, default=None, help="forgetting runs' setting")
     ap.add_argument("--out", type=Path, default=Path("runs/world_extensions"))
@@ -93,9 +93,8 @@ def main() -> None:
         "base": {k: v["rate"] for k, v in base.items()},
     }
     todo = a.only.split(",")
-    # Training on top of earlier patches is a LoRA feature; otherwise the library's default.
     forgetting = ResteerConfig(preserve_t_min=a.preserve_t_min,
-                               train=a.train or ("lora" if a.stack_on_top else None))
+                               **({"train": a.train} if a.train else {}))
     with tempfile.TemporaryDirectory() as refs:
         if "stack" in todo:
             names = a.stack.split(",")

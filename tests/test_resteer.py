@@ -44,11 +44,11 @@ def test_config_defaults_and_validation():
     sd = cfg.resolved("sd1")  # the paper's recipe for Stable Diffusion
     assert (sd.steps, sd.train, sd.batch_size, sd.weight_decay) == (35, "lora", 1, 0.01)
     assert (sd.preserve_weight, sd.include_padding) == (0.0, False)
-    world = ResteerConfig(train="lora").resolved("embedded")  # tuned on ConceptWorld
+    world = cfg.resolved("embedded")  # tuned by measurement on ConceptWorld
     assert (world.steps, world.lr, world.preserve_weight) == (100, 1e-2, 30.0)
     assert (world.preserve_t_min, world.text_keep_weight) == (500, 100.0)
     assert (sd.preserve_t_min, sd.text_keep_weight) == (0, 0.0)
-    styled = ResteerConfig(train="lora").resolved("embedded", anchored=True)  # measured too
+    styled = cfg.resolved("embedded", anchored=True)  # styles keep their measured settings
     assert (styled.lr, styled.preserve_t_min, styled.text_keep_weight) == (3e-3, 0, 0.0)
     assert world.preserve_batch == 4 and sd.preserve_batch == 1
     assert (world.preserve_latents, world.preserve_steps) == ("own", 10)
@@ -247,20 +247,18 @@ def test_several_preserve_prompts_per_step():
         ResteerConfig(preserve_batch=0)
 
 
-def test_the_trainable_set_defaults_per_family():
-    # ConceptWorld re-steers the concept's token rows; Stable Diffusion a LoRA (the paper).
-    world = ResteerConfig().resolved("embedded")
-    assert (world.train, world.lr, world.steps, world.preserve_weight) == (
-        "tokens", TOKENS_LR, 100, 0.0)
-    assert ResteerConfig().resolved("embedded", ["star", "tavi"]).steps == 200
-    styled = ResteerConfig().resolved("embedded", anchored=True)  # the pull toward solid
-    assert (styled.train, styled.lr, styled.steps, styled.concept_anchor_weight) == (
-        "tokens", 1e-2, 150, 1000.0)
-    assert ResteerConfig().resolved("sd1").train == "lora"
-    assert ResteerConfig().resolved("sdxl").train == "lora"
-    # Training on top of LoRA patches needs a LoRA.
-    assert ResteerConfig(compare_without=("earlier",)).resolved("embedded").train == "lora"
-    with pytest.raises(FmnError, match="--train lora"):
+def test_token_rows_settings():
+    # LoRA stays the default everywhere; the token rows have their own measured settings.
+    assert ResteerConfig().resolved("embedded").train == "lora"
+    rows = ResteerConfig(train="tokens")
+    world = rows.resolved("embedded")
+    assert (world.lr, world.steps, world.preserve_weight, world.preserve_steps) == (
+        TOKENS_LR, 100, 0.0, 10)
+    assert rows.resolved("embedded", ["star", "tavi"]).steps == 200
+    styled = rows.resolved("embedded", anchored=True)  # the pull toward solid
+    assert (styled.lr, styled.steps, styled.concept_anchor_weight) == (1e-2, 150, 1000.0)
+    assert (rows.resolved("sd1").lr, rows.resolved("sd1").steps) == (TOKENS_LR, 35)
+    with pytest.raises(FmnError, match="--train lora"):  # no training on top of LoRA patches
         ResteerConfig(train="tokens", compare_without=("earlier",))
 
 

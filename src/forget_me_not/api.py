@@ -75,9 +75,9 @@ def forget(
     return stacked
 
 
-def check_on_top_of(train: str | None, earlier: Sequence[Patch]) -> None:
-    """Training on top of patches works for LoRA patches and LoRA training (None: LoRA) only."""
-    if train not in (None, "lora") or any(p.kind != "lora" for p in earlier):
+def check_on_top_of(train: str, earlier: Sequence[Patch]) -> None:
+    """Training on top of patches works for LoRA patches and LoRA training only."""
+    if train != "lora" or any(p.kind != "lora" for p in earlier):
         raise FmnError("--on-top-of needs LoRA patches and --train lora: stack the patches "
                        "afterwards with `fmn patch stack` instead")
 

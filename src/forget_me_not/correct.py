@@ -149,8 +149,6 @@ def correct(
         return _correct_tokens(pipe, role, away_from, anchors, config, rate, judge, n_check,
                                progress)
 
-    # The resteer method re-steers the UNet: a LoRA unless another UNet set is asked for.
-    config = dataclasses.replace(config, train=config.train or "lora")
     if not config.preserve_weight and preserve:
         config = dataclasses.replace(
             config, preserve_weight=DEFAULT_PRESERVE_WEIGHT,

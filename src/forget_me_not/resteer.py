@@ -10,9 +10,9 @@ pipeline is left as it was.
 What trains: a LoRA on the cross-attention projections (the default), the cross-attention
 weights, the whole UNet, or (`train="tokens"`) only the rows of the concept's words in the
 text encoder(s)' token-embedding table, the same loss reaching them through the frozen UNet
-and text encoder. The last leaves every prompt without those words exactly as it was; it is
-the embedded ConceptWorld model's default, where every UNet-side setting measured cost some
-unrelated concept more than 10% of its samples.
+and text encoder. The last leaves every prompt without those words exactly as it was, but
+the UNet still draws the concept from any other embedding of it (a learnt token brings it
+back: BENCHMARKS.md, "Re-steering the concept's token rows").
 """
 
 from __future__ import annotations
@@ -58,12 +58,6 @@ LORA_LR = 1e-4
 LORA_RANK = 4
 # A token row is one vector per word: a textual-inversion-sized step (the correction's 5e-3).
 TOKENS_LR = 5e-3
-# The trainable set where `train` is left unset: LoRA on cross-attention, the paper's place,
-# except where a family measured better. ConceptWorld (BENCHMARKS.md, "Re-steering the
-# concept's token rows"): every LoRA setting that erased the star, tavi or outlined cost
-# purple or checkered more than 10% of their samples; the token rows erase all three and leave
-# every prompt without the word bit-identical.
-FAMILY_TRAIN: dict[str, str] = {"embedded": "tokens"}
 
 
 def _world_retention_prompts(targets: Sequence[str]) -> tuple[str, ...]:
@@ -110,7 +104,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "xattn": {},
         "unet": {},
         # FMN's attention loss alone, 100 steps at 5e-3: star, tavi 100% -> 0% (32 samples).
-        "tokens": {"steps": 100},
+        # Anchor images drawn in 10 steps: outlined 6% as with 25, the run 33 s against 53 s.
+        "tokens": {"steps": 100, "preserve_steps": 10},
     },
 }
 # Defaults for runs where a concept names an anchor (`Concept.anchor`), on top of the above.
@@ -140,8 +135,8 @@ class ResteerConfig:
     steps: int | None = None  # None -> the family's default (35, the paper) per concept
     lr: float | None = None  # None -> the family's default (FULL_LR, LORA_LR)
     # "lora" (patch), "xattn" (attn2 weights), "unet" (every UNet weight), "tokens" (the
-    # concept's token-embedding rows); None -> the family's (FAMILY_TRAIN; else "lora")
-    train: str | None = None
+    # concept's token-embedding rows: no other prompt changes, but the UNet keeps the concept)
+    train: str = "lora"
     lora_rank: int | None = None  # None -> the family's default (LORA_RANK)
     lora_alpha: float | None = None  # None -> equal to the rank (scale 1)
     lora_targets: tuple[str, ...] = LORA_TARGETS  # projections of each attn2 that get LoRA
@@ -209,7 +204,7 @@ class ResteerConfig:
     hold_weight: float | None = None
 
     def __post_init__(self) -> None:
-        if self.train is not None and self.train not in TRAIN_MODES:
+        if self.train not in TRAIN_MODES:
             raise FmnError(f"unknown train mode {self.train!r}: use one of {TRAIN_MODES}")
         if self.reference not in REFERENCES:
             raise FmnError(f"unknown reference {self.reference!r}: use one of {REFERENCES}")
@@ -283,7 +278,7 @@ class ResteerConfig:
         self.also_avoid = tuple(self.also_avoid)
         self.compare_without = tuple(self.compare_without)
         self.hold_prompts = tuple(self.hold_prompts)
-        if self.compare_without and self.train not in (None, "lora"):
+        if self.compare_without and self.train != "lora":
             raise FmnError("training on top of other patches needs --train lora: stack the "
                            "patches afterwards with `fmn patch stack` instead")
 
@@ -299,8 +294,7 @@ class ResteerConfig:
 
         `anchored`: some concept names an anchor, and the family has defaults for such runs.
         """
-        train = self.train or ("lora" if self.compare_without
-                               else FAMILY_TRAIN.get(family or "", "lora"))
+        train = self.train
         base = {
             "lr": {"lora": LORA_LR, "tokens": TOKENS_LR}.get(train, FULL_LR),
             "lora_rank": LORA_RANK,
@@ -370,12 +364,10 @@ def resteer(
     unet, device = pipe.unet, pipe.unet.device
     family = family_of(pipe)
     config = config or ResteerConfig()
-    if any(c.token_words for c in concepts):
-        # Inverted placeholder tokens exist only beside their embedding file: re-steer the UNet.
-        if config.train == "tokens":
-            raise FmnError("--train tokens changes the rows of words the tokenizer knows; for "
-                           "tokens learnt by `fmn invert` use --train lora")
-        config = replace(config, train=config.train or "lora")
+    if config.train == "tokens" and any(c.token_words for c in concepts):
+        # Inverted placeholder tokens exist only beside their embedding file.
+        raise FmnError("--train tokens changes the rows of words the tokenizer knows; for "
+                       "tokens learnt by `fmn invert` use --train lora")
     config = config.resolved(
         family, [c.words for c in concepts], anchored=any(c.anchor for c in concepts)
     )

@@ -56,11 +56,11 @@ def forget(
         typer.Option(help="Forget the tokens learnt by `fmn invert` instead of the words."),
     ] = None,
     train: Annotated[
-        str | None,
-        typer.Option(help="lora (LoRA on cross-attention), xattn, unet, or tokens (the "
-                          "concept's token-embedding rows) (default: the model's: tokens on "
-                          "the embedded model, else lora)."),
-    ] = None,
+        str,
+        typer.Option(help="lora (a LoRA on cross-attention), xattn, unet, or tokens (only "
+                          "the concept's token-embedding rows: no other prompt changes, but "
+                          "the UNet still draws the concept from a learnt token)."),
+    ] = "lora",
     steps: Annotated[
         int | None, typer.Option(help="Optimiser steps (default: 35, the paper; model-tuned).")
     ] = None,
