@@ -8,9 +8,10 @@ Three kinds:
 - "delta": trained-minus-original tensors of full weights ("unet.<param name>"), for
   `train="xattn"` / `"unet"`. Applying adds them; the originals are kept, so removal is exact.
 - "embedding": changes to a few rows of the text encoder(s)' token-embedding table (what
-  `fmn correct` trains by default, and `fmn forget --train tokens`): "<encoder>.token_ids" (k,) and "<encoder>.token_delta"
-  (k, dim) per text encoder ("text_encoder", "text_encoder_2"). Every prompt without those
-  tokens is untouched; applying adds the rows, removal restores them exactly.
+  `fmn correct` trains by default, and `fmn forget --train tokens`): "<encoder>.token_ids"
+  (k,) and "<encoder>.token_delta" (k, dim) per text encoder ("text_encoder",
+  "text_encoder_2"). Every prompt without those tokens is untouched; applying adds the rows,
+  removal restores them exactly.
 
 Our own metadata (concepts, family, base hash, settings, versions) is JSON in the header under
 "forget_me_not".
