@@ -294,9 +294,8 @@ class ResteerConfig:
 
         `anchored`: some concept names an anchor, and the family has defaults for such runs.
         """
-        train = self.train
         base = {
-            "lr": {"lora": LORA_LR, "tokens": TOKENS_LR}.get(train, FULL_LR),
+            "lr": {"lora": LORA_LR, "tokens": TOKENS_LR}.get(self.train, FULL_LR),
             "lora_rank": LORA_RANK,
             "include_padding": False,
             "steps": 35,
@@ -310,9 +309,9 @@ class ResteerConfig:
             "concept_anchor_weight": 1.0,
             "hold_weight": None,  # None -> the preserve weight (1 with the regulariser off)
         }
-        base.update(FAMILY_DEFAULTS.get(family or "", {}).get(train, {}))
+        base.update(FAMILY_DEFAULTS.get(family or "", {}).get(self.train, {}))
         if anchored:
-            base.update(FAMILY_ANCHORED_DEFAULTS.get(family or "", {}).get(train, {}))
+            base.update(FAMILY_ANCHORED_DEFAULTS.get(family or "", {}).get(self.train, {}))
         filled = {
             k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()
         }
@@ -332,7 +331,7 @@ class ResteerConfig:
                 "preserve_weight > 0 needs prompts to preserve: pass --preserve PROMPT "
                 "(repeatable), or set the weight to 0"
             )
-        return replace(self, train=train, **filled)
+        return replace(self, **filled)
 
 
 @dataclass
