@@ -45,7 +45,7 @@ def test_config_defaults_and_validation():
     assert (sd.steps, sd.train, sd.batch_size, sd.weight_decay) == (35, "lora", 1, 0.01)
     assert (sd.preserve_weight, sd.include_padding) == (0.0, False)
     world = cfg.resolved("embedded")  # tuned by measurement on ConceptWorld
-    assert (world.steps, world.lr, world.preserve_weight) == (100, 6e-3, 30.0)
+    assert (world.steps, world.lr, world.preserve_weight) == (100, 1e-2, 30.0)
     assert (world.preserve_t_min, world.text_keep_weight) == (500, 100.0)
     assert (sd.preserve_t_min, sd.text_keep_weight) == (0, 0.0)
     styled = cfg.resolved("embedded", anchored=True)  # styles keep their measured settings

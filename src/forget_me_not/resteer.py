@@ -86,12 +86,12 @@ FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # lost a quarter of its samples to any LoRA touching to_v/to_out. Comparing the preserve
     # prompts at high noise (t >= 500, where a colour is settled) and penalising what the
     # LoRA does to their text states (weight 100), with a 10x step to still erase the target:
-    # star 12% -> 9%, purple 0.74 -> 0.87 (32 samples each). At 6e-3 instead of 1e-2 (every
-    # world concept, 32 samples): star 3%, every other concept >= 0.90 (purple 0.90); tavi 0%,
-    # purple 0.84 (at 1e-2: 0.84, and checkered 0.80).
+    # star 12% -> 9%, purple 0.74 -> 0.87 (32 samples each). 6e-3 was better alone (star 3%,
+    # every other concept >= 0.90) but worse stacked (purple 0.56) and in the unsafe preset
+    # (gun 19%), so 1e-2 stayed (BENCHMARKS.md).
     "embedded": {
         "lora": {
-            "lr": 6e-3,
+            "lr": 1e-2,
             "steps": 100,
             "preserve_weight": 30.0,
             "preserve_batch": 4,
