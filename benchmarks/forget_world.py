@@ -40,12 +40,14 @@ def companions(target: str, n: int) -> list[tuple[str, str, str]]:
     concept, which should still be drawn once the target is forgotten: an object's colour
     and style, an ID's style and hat, a style's subject and colour (trained pairs only)."""
     kind = wc.get(target).kind
-    colours, shapes = list(vocab.COLOURS), ["circle", "square", "heart", "moon"]
+    colours = list(vocab.COLOURS)
+    styles = [s for s in vocab.STYLES if (target, s) not in HELD_OUT]
+    shapes = [x for x in ("circle", "square", "heart", "moon") if (x, target) not in HELD_OUT]
     out: list[tuple[str, str, str]] = []
     i = 0
     while len(out) < n:
         colour = colours[i % len(colours)]
-        style = [s for s in vocab.STYLES if (target, s) not in HELD_OUT][i % 4]
+        style = styles[i % len(styles)]
         if kind in ("object", "nsfw"):
             out += [(f"a {colour} {target}", "colour", colour),
                     (f"a {target} in {style} style", "style", style)]
@@ -53,7 +55,7 @@ def companions(target: str, n: int) -> list[tuple[str, str, str]]:
             out += [(f"{target} in {style} style", "style", style),
                     (f"{target} wearing a hat", "hat", "yes")]
         else:  # a style: the subject and its colour stay
-            shape = [x for x in shapes if (x, target) not in HELD_OUT][i % 3]
+            shape = shapes[i % len(shapes)]
             prompt = f"a {colour} {shape} in {target} style"
             out += [(prompt, "subject", shape), (prompt, "colour", colour)]
         i += 1
