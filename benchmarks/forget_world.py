@@ -4,9 +4,10 @@ For each target: re-steer with the given settings (default: the library defaults
 patch, score every world concept with the same seeds as the base model, remove the patch.
 Writes JSON and prints a Markdown table (target before -> after, every other concept's
 after/before ratio, and on prompts that name the target beside another concept, e.g. "a
-purple star", how often that other concept is still drawn).
+purple star", how often that other concept is still drawn). With `--placebo K`, also K control
+patches of the same size per layer in random directions (`forget_me_not.placebo`).
 
-    python benchmarks/forget_world.py --targets star,tavi,dotted --n 32
+    python benchmarks/forget_world.py --targets star,tavi,dotted --n 32 --placebo 2
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from forget_me_not.api import forget
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
+from forget_me_not.placebo import placebo
 from forget_me_not.resteer import ResteerConfig
 from forget_me_not.world import concepts as wc
 from forget_me_not.world import vocab
@@ -74,6 +76,31 @@ def companion_rates(pipe, judge, items, seed: int, guidance: float) -> dict[str,
     return {head: sum(v) / len(v) for head, v in hits.items()}
 
 
+def retention(after: dict, base: dict, target: str) -> dict[str, float | None]:
+    """Every other concept's rate after / before (None where the base never drew it)."""
+    return {k: (after[k] / base[k] if base[k] > 0 else None) for k in base if k != target}
+
+
+def placebo_rates(pipe, judge, control, a, guidance: float, avoid: list[str]) -> dict[str, float]:
+    """Every world concept's rate with a placebo patch applied (the same seeds)."""
+    control.apply(pipe)
+    try:
+        return rates(score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance,
+                                    avoid=avoid, progress=False))
+    finally:
+        control.remove(pipe)
+
+
+def placebo_summary(controls: list[dict], base: dict, target: str) -> dict:
+    kept = [retention(c, base, target) for c in controls]
+    return {
+        "target": [c[target] for c in controls],
+        "retention_min": [min(v for v in r.values() if v is not None) for r in kept],
+        "below_90": [{k: v for k, v in r.items() if v is not None and v < 0.9} for r in kept],
+        "after_all": controls,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="embedded")
@@ -87,6 +114,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--include-padding", action="store_true")
     ap.add_argument("--preserve-t-min", type=int, default=None)
+    ap.add_argument("--placebo", type=int, default=0,
+                    help="also score K placebo patches per target: the patch's size per layer in "
+                         "random directions (what the size of the change alone costs)")
     ap.add_argument("--out", type=Path, default=Path("runs/forget_world.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -137,8 +167,12 @@ def main() -> None:
         )
         named_after = companion_rates(pipe, judge, named, a.seed, guidance)
         patch.remove(pipe)
-        others = {k: (after[k] / base[k] if base[k] > 0 else None) for k in base if k != target}
+        others = retention(after, base, target)
         kept = [v for v in others.values() if v is not None]
+        controls = [
+            placebo_rates(pipe, judge, placebo(patch, seed), a, guidance, avoid)
+            for seed in range(1, a.placebo + 1)
+        ]
         result["runs"][f"{target}@{lr}"] = {
             "seconds": seconds,
             "before": base[target],
@@ -151,6 +185,7 @@ def main() -> None:
             "settings": patch.metadata["settings"],
             # prompts naming the target beside another concept: is that one still drawn?
             "named_with_target": {h: [named_before[h], named_after[h]] for h in named_before},
+            **({"placebo": placebo_summary(controls, base, target)} if controls else {}),
         }
         print(
             f"| {target} lr={lr} | {base[target]:.2f} -> {after[target]:.2f} | "
@@ -160,6 +195,11 @@ def main() -> None:
             + f" | {seconds:.1f} s |",
             flush=True,
         )
+        for seed, control in enumerate(controls, start=1):
+            kept_p = retention(control, base, target)
+            worst = min((v, k) for k, v in kept_p.items() if v is not None)
+            print(f"|   placebo {seed} | {base[target]:.2f} -> {control[target]:.2f} | "
+                  f"min {worst[0]:.2f} ({worst[1]}) |", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
 

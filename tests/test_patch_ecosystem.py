@@ -27,6 +27,7 @@ from forget_me_not.patch import (
     stack_patches,
     unstack,
 )
+from forget_me_not.placebo import placebo
 from forget_me_not.resteer import LORA_RANK, LORA_TARGETS, ResteerConfig, resteer
 from tiny_pipelines import make_tiny_pipeline
 
@@ -322,3 +323,50 @@ def test_cli_apply_extract_merge(star, delta, tiny_pipeline_dir, tmp_path):
     sdxl = str(tiny_pipeline_dir("sdxl"))
     _err(runner.invoke(app, ["patch", "apply", "--model", sdxl, "--patch", str(p1),
                              "--device", "cpu"]), "made for a sd1 model but the pipeline is sdxl")
+
+
+def _lora_norms(patch):
+    return {k: float((patch.tensors[k.replace("lora_A", "lora_B")] @ a).norm())
+            for k, a in patch.tensors.items() if ".lora_A." in k}
+
+
+def test_placebo_keeps_each_layers_size_and_draws_new_directions(star, delta, tmp_path):
+    control = placebo(star, seed=3)
+    assert control.kind == "lora" and control.metadata["placebo_of"] == star.name
+    trained, drawn = _lora_norms(star), _lora_norms(control)
+    assert trained.keys() == drawn.keys()
+    for key, norm in trained.items():
+        assert drawn[key] == pytest.approx(norm, rel=1e-4)
+        if norm == 0:
+            continue  # a layer the two steps left untouched stays untouched
+        b_key = key.replace("lora_A", "lora_B")
+        a = star.tensors[b_key] @ star.tensors[key]
+        b = control.tensors[b_key] @ control.tensors[key]
+        cosine = float((a * b).sum() / (a.norm() * b.norm()))
+        assert abs(cosine) < 0.9, key  # another direction, not a rescaled copy
+    again, other = placebo(star, seed=3), placebo(star, seed=4)
+    assert all(torch.equal(again.tensors[k], v) for k, v in control.tensors.items())
+    assert not torch.equal(other.tensors[next(iter(trained))], control.tensors[next(iter(trained))])
+    full = placebo(delta, seed=1)
+    for key, value in delta.tensors.items():
+        assert float(full.tensors[key].norm()) == pytest.approx(float(value.norm()), rel=1e-4)
+    rows = _patch("star", train="tokens", lr=5e-3)
+    moved = placebo(rows, seed=1)
+    for encoder, (ids, delta_rows) in rows.token_rows().items():
+        new_ids, new_rows = moved.token_rows()[encoder]
+        assert torch.equal(new_ids, ids)
+        assert torch.allclose(new_rows.norm(dim=-1), delta_rows.norm(dim=-1), rtol=1e-4)
+        assert not torch.allclose(new_rows, delta_rows)
+    # It applies like the patch it imitates and comes off exactly.
+    pipe = make_tiny_pipeline("sd1")
+    before = _out(pipe)
+    control.apply(pipe)
+    assert not torch.equal(_out(pipe), before)
+    control.remove(pipe)
+    assert torch.equal(_out(pipe), before)
+    path = star.save(tmp_path / "s.safetensors")
+    r = runner.invoke(app, ["patch", "placebo", "--patch", str(path), "--seed", "3",
+                            "--out", str(tmp_path / "p.safetensors")])
+    assert r.exit_code == 0 and "seed 3" in r.output, r.output
+    loaded = load_patch(tmp_path / "p.safetensors")
+    assert torch.equal(loaded.tensors[next(iter(trained))], control.tensors[next(iter(trained))])

@@ -1,4 +1,5 @@
-"""`fmn patch ...`: inspect, check, rescale, stack, unstack, merge, convert and extract patches."""
+"""`fmn patch ...`: inspect, check, rescale, stack, unstack, merge, convert, extract patches and
+make placebo controls."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from forget_me_not.cli import options as opt
 from forget_me_not.errors import FmnError
 
 patch_app = typer.Typer(
-    help="Forgetting patches: info, apply (check), scale, stack, remove, merge, convert, extract.",
+    help="Forgetting patches: info, apply (check), scale, stack, remove, merge, convert, extract, "
+    "placebo.",
     no_args_is_help=True,
 )
 
@@ -265,6 +267,22 @@ def extract(
         f"wrote {out} (rank {rank}; relative Frobenius error {ex['overall_relative_error']:.4f} "
         f"overall, worst layer {worst[1]:.4f}; {len(ex['dropped'])} non-2-D tensors dropped)"
     )
+
+
+@patch_app.command("placebo")
+def placebo(
+    patch: PatchFile,
+    out: Out,
+    seed: Annotated[int, typer.Option(help="Seed of the random directions.")] = 1,
+) -> None:
+    """Write a control patch: --patch's size per layer, in random directions (score it beside
+    the real one to see what the size of the change alone costs the other concepts)."""
+    from forget_me_not.placebo import placebo as make_placebo
+
+    out = _out(out)
+    control = make_placebo(_load(patch), seed)
+    control.save(out)
+    typer.echo(f"wrote {out} ({control.kind}, same size per layer as {patch.name}, seed {seed})")
 
 
 def register(app: typer.Typer) -> None:
