@@ -73,6 +73,7 @@ def main() -> None:
                     help="forgetting runs' trainable set (default: the library's, lora)")
     ap.add_argument("--method", default="embedding", help="correction method: embedding|resteer")
     ap.add_argument("--preserve-t-min", type=int, default=None, help="forgetting runs' setting")
+    ap.add_argument("--weight-decay", type=float, default=None, help="forgetting runs' setting")
     ap.add_argument("--out", type=Path, default=Path("runs/world_extensions"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def main() -> None:
         "base": {k: v["rate"] for k, v in base.items()},
     }
     todo = a.only.split(",")
-    forgetting = ResteerConfig(preserve_t_min=a.preserve_t_min,
+    forgetting = ResteerConfig(preserve_t_min=a.preserve_t_min, weight_decay=a.weight_decay,
                                **({"train": a.train} if a.train else {}))
     with tempfile.TemporaryDirectory() as refs:
         if "stack" in todo:

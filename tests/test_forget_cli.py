@@ -67,11 +67,13 @@ def test_forget_writes_a_patch(inputs, tmp_path, source):
 
 def test_forget_with_an_anchor_pulls_toward_it(inputs, tmp_path):
     out = tmp_path / "p.safetensors"
-    result = _forget(inputs, out, "--no-real-image", "--anchor", "moon", "--anchor-weight", "5")
+    result = _forget(inputs, out, "--no-real-image", "--anchor", "moon", "--anchor-weight", "5",
+                     "--weight-decay", "0.5")
     assert result.exit_code == 0, result.output
     meta = load_patch(out).metadata
     assert meta["concepts"][0]["anchor"] == "moon"
     assert meta["settings"]["concept_anchor_weight"] == 5.0
+    assert meta["settings"]["weight_decay"] == 0.5
     assert len(meta["concept_anchor_losses"]) == 2
 
 
@@ -89,6 +91,7 @@ CASES = [
     ("bad train", ["--train", "everything"], "train mode"),
     ("zero steps", ["--steps", "0"], "steps must be at least 1"),
     ("bad lr", ["--lr", "-1"], "learning rate"),
+    ("negative weight decay", ["--weight-decay", "-1"], "weight_decay must be >= 0"),
     ("bad out suffix", ["--out", "{root}/p.bin"], ".safetensors"),
     ("missing out dir", ["--out", "{root}/none/p.safetensors"], "does not exist"),
 ]

@@ -47,9 +47,11 @@ def test_config_defaults_and_validation():
     world = cfg.resolved("embedded")  # tuned by measurement on ConceptWorld
     assert (world.steps, world.lr, world.preserve_weight) == (100, 1e-2, 30.0)
     assert (world.preserve_t_min, world.text_keep_weight) == (500, 100.0)
+    assert world.weight_decay == 3.0  # a small change: what purple loses scales with its size
     assert (sd.preserve_t_min, sd.text_keep_weight) == (0, 0.0)
     styled = cfg.resolved("embedded", anchored=True)  # styles keep their measured settings
     assert (styled.lr, styled.preserve_t_min, styled.text_keep_weight) == (3e-3, 0, 0.0)
+    assert styled.weight_decay == 0.01
     assert world.preserve_batch == 4 and sd.preserve_batch == 1
     assert (world.preserve_latents, world.preserve_steps) == ("own", 10)
     assert (sd.preserve_latents, sd.preserve_steps) == ("shared", 25)

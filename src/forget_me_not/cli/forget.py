@@ -68,6 +68,11 @@ def forget(
         float | None, typer.Option(help="Learning rate (default: 2e-6 full weights, LoRA tuned).")
     ] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank (default: 4, model-tuned).")] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(help="AdamW's decoupled weight decay (default: 0.01, model-tuned); a "
+                          "larger one keeps the trained change small."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per step.")] = 1,
     max_grad_norm: Annotated[
         float | None, typer.Option(help="Clip the gradient norm to this (off by default).")
@@ -161,6 +166,7 @@ def forget(
         lr=lr,
         train=train,
         lora_rank=rank,
+        weight_decay=weight_decay,
         batch_size=batch_size,
         max_grad_norm=max_grad_norm,
         reference=reference,
