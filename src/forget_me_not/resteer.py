@@ -71,8 +71,9 @@ def _world_retention_prompts(targets: Sequence[str]) -> tuple[str, ...]:
 FAMILY_PRESERVE_PROMPTS: dict[str, Callable[[Sequence[str]], tuple[str, ...]]] = {
     "embedded": _world_retention_prompts,
 }
-# Per-family defaults for settings left at None (lr, lora_rank). The embedded ConceptWorld
-# model's entry is set from its acceptance measurements (see the README / BENCHMARKS.md).
+# Per-family defaults for settings left at None (lr, lora_rank, weight_decay, the regulariser).
+# The embedded ConceptWorld model's entry is set from its acceptance measurements (see the
+# README / BENCHMARKS.md).
 FAMILY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # Measured on ConceptWorld (BENCHMARKS.md, "Tuning the embedded defaults"): on this small
     # model every setting strong enough to erase the target also erased unrelated concepts,
