@@ -368,5 +368,7 @@ def test_placebo_keeps_each_layers_size_and_draws_new_directions(star, delta, tm
     r = runner.invoke(app, ["patch", "placebo", "--patch", str(path), "--seed", "3",
                             "--out", str(tmp_path / "p.safetensors")])
     assert r.exit_code == 0 and "seed 3" in r.output, r.output
+    r = runner.invoke(app, ["patch", "info", str(tmp_path / "p.safetensors")])
+    assert r.exit_code == 0 and f"a control of {star.name} (seed 3)" in r.output, r.output
     loaded = load_patch(tmp_path / "p.safetensors")
     assert torch.equal(loaded.tensors[next(iter(trained))], control.tensors[next(iter(trained))])

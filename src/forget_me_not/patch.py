@@ -995,4 +995,7 @@ def describe(patch: Patch, path: str | Path | None = None) -> dict[str, Any]:
     for key in ("parts", "extraction", "correction", "preset", "tokens"):
         if key in patch.metadata:
             info[key] = patch.metadata[key]
+    if "placebo_of" in patch.metadata:
+        info["placebo"] = {"of": patch.metadata["placebo_of"],
+                           "seed": patch.metadata.get("placebo_seed")}
     return info

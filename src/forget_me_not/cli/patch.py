@@ -68,6 +68,10 @@ def info(
             value = ", ".join(value) or "-"
         typer.echo(f"{key:16s} {value}")
     typer.echo(f"{'size':16s} {record['bytes'] / 1e6:.3f} MB")
+    if record.get("placebo"):
+        control = record["placebo"]
+        typer.echo(f"{'placebo':16s} a control of {control['of']} (seed {control['seed']}): its "
+                   "size per layer in random directions, it forgets nothing on purpose")
     if record.get("tokens"):
         typer.echo(f"{'tokens':16s} {' | '.join(' '.join(t) for t in record['tokens'])}")
     for part in record.get("parts", []):
