@@ -81,21 +81,28 @@ def retention(after: dict, base: dict, target: str) -> dict[str, float | None]:
     return {k: (after[k] / base[k] if base[k] > 0 else None) for k in base if k != target}
 
 
+def world_rates(pipe, judge, a, guidance: float, avoid: list[str], progress: bool = True):
+    """Every world concept's rate with the pipeline as it is (the same seeds each time)."""
+    return rates(score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance, avoid=avoid,
+                                progress=progress))
+
+
 def placebo_rates(pipe, judge, control, a, guidance: float, avoid: list[str]) -> dict[str, float]:
-    """Every world concept's rate with a placebo patch applied (the same seeds)."""
+    """Every world concept's rate with a placebo patch applied."""
     control.apply(pipe)
     try:
-        return rates(score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance,
-                                    avoid=avoid, progress=False))
+        return world_rates(pipe, judge, a, guidance, avoid, progress=False)
     finally:
         control.remove(pipe)
 
 
 def placebo_summary(controls: list[dict], base: dict, target: str) -> dict:
     kept = [retention(c, base, target) for c in controls]
+    lowest = [min((v, k) for k, v in r.items() if v is not None) for r in kept]
     return {
         "target": [c[target] for c in controls],
-        "retention_min": [min(v for v in r.values() if v is not None) for r in kept],
+        "retention_min": [v for v, _ in lowest],
+        "lowest": [k for _, k in lowest],
         "below_90": [{k: v for k, v in r.items() if v is not None and v < 0.9} for r in kept],
         "after_all": controls,
     }
@@ -127,9 +134,7 @@ def main() -> None:
     # No concept's prompts name a target (its own excepted): "a blue star" must not count
     # against "blue" once the star is forgotten.
     avoid = a.targets.split(",")
-    base = rates(
-        score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance, avoid=avoid)
-    )
+    base = world_rates(pipe, judge, a, guidance, avoid)
     result = {
         "date": str(date.today()),
         "threads": torch.get_num_threads(),
@@ -162,9 +167,7 @@ def main() -> None:
             patch = forget(pipe, concept, ResteerConfig(**overrides), progress=False)
             seconds = time.perf_counter() - t1
         patch.apply(pipe)
-        after = rates(
-            score_concepts(pipe, judge, n=a.n, seed=a.seed, guidance=guidance, avoid=avoid)
-        )
+        after = world_rates(pipe, judge, a, guidance, avoid)
         named_after = companion_rates(pipe, judge, named, a.seed, guidance)
         patch.remove(pipe)
         others = retention(after, base, target)
@@ -173,6 +176,7 @@ def main() -> None:
             placebo_rates(pipe, judge, placebo(patch, seed), a, guidance, avoid)
             for seed in range(1, a.placebo + 1)
         ]
+        control_summary = placebo_summary(controls, base, target) if controls else None
         result["runs"][f"{target}@{lr}"] = {
             "seconds": seconds,
             "before": base[target],
@@ -185,7 +189,7 @@ def main() -> None:
             "settings": patch.metadata["settings"],
             # prompts naming the target beside another concept: is that one still drawn?
             "named_with_target": {h: [named_before[h], named_after[h]] for h in named_before},
-            **({"placebo": placebo_summary(controls, base, target)} if controls else {}),
+            **({"placebo": control_summary} if control_summary else {}),
         }
         print(
             f"| {target} lr={lr} | {base[target]:.2f} -> {after[target]:.2f} | "
@@ -195,11 +199,12 @@ def main() -> None:
             + f" | {seconds:.1f} s |",
             flush=True,
         )
-        for seed, control in enumerate(controls, start=1):
-            kept_p = retention(control, base, target)
-            worst = min((v, k) for k, v in kept_p.items() if v is not None)
-            print(f"|   placebo {seed} | {base[target]:.2f} -> {control[target]:.2f} | "
-                  f"min {worst[0]:.2f} ({worst[1]}) |", flush=True)
+        if control_summary:
+            rows = zip(control_summary["target"], control_summary["retention_min"],
+                       control_summary["lowest"], strict=True)
+            for seed, (drawn, low, lowest) in enumerate(rows, start=1):
+                print(f"|   placebo {seed} | {base[target]:.2f} -> {drawn:.2f} | "
+                      f"min {low:.2f} ({lowest}) |", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
 

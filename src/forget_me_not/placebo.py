@@ -11,57 +11,37 @@ from __future__ import annotations
 
 import torch
 
-from forget_me_not.errors import FmnError
-from forget_me_not.patch import Patch
+from forget_me_not.patch import Patch, _adapter_name
 
 
 def placebo(patch: Patch, seed: int) -> Patch:
     """A patch of `patch`'s kind and per-layer size whose directions are seeded Gaussian draws."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
+    # Sorted names fix the order of the draws, however the file lists the tensors.
     if patch.kind == "lora":
-        tensors = _lora_like(patch.tensors, gen)
+        tensors = {}
+        for module, (a, b) in sorted(patch.lora_pairs().items()):
+            ra, rb = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
+            trained = float((b.float() @ a.float()).norm())
+            drawn = float((rb @ ra).norm()) or 1.0
+            # Split the factor evenly between A and B so neither is far from its usual scale.
+            factor = (trained / drawn) ** 0.5
+            tensors[f"unet.{module}.lora_A.weight"] = (ra * factor).to(a.dtype)
+            tensors[f"unet.{module}.lora_B.weight"] = (rb * factor).to(b.dtype)
     elif patch.kind == "embedding":
         tensors = dict(patch.tensors)
-        for key, value in sorted(patch.tensors.items()):
-            if key.endswith(".token_delta"):
-                tensors[key] = _random_rows(value, gen)
+        for encoder, (_, rows) in sorted(patch.token_rows().items()):
+            tensors[f"{encoder}.token_delta"] = _same_norms(rows, gen, dim=-1)
     else:
-        tensors = {key: _random_like(value, gen) for key, value in sorted(patch.tensors.items())}
+        tensors = {key: _same_norms(value, gen) for key, value in sorted(patch.tensors.items())}
     meta = {**patch.metadata, "placebo_of": patch.name, "placebo_seed": int(seed)}
-    return Patch(patch.kind, tensors, meta, patch.lora_config, f"{patch.name}_placebo{seed}")
+    return Patch(patch.kind, tensors, meta, patch.lora_config,
+                 _adapter_name(f"{patch.name}_placebo{seed}"))
 
 
-def _lora_like(tensors: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random A and B per module, scaled so that ||B' A'|| equals the trained ||B A||."""
-    out: dict[str, torch.Tensor] = {}
-    for key, a in sorted(tensors.items()):  # key order fixes the draws, however the file lists them
-        if ".lora_A." not in key:
-            continue
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        if b_key not in tensors:
-            raise FmnError(f"LoRA patch holds {key} without its {b_key}: make the patch again")
-        b = tensors[b_key]
-        ra = torch.randn(a.shape, generator=gen)
-        rb = torch.randn(b.shape, generator=gen)
-        trained = float((b.float() @ a.float()).norm())
-        drawn = float((rb @ ra).norm()) or 1.0
-        # Split the factor evenly between A and B so neither is far from its usual scale.
-        factor = (trained / drawn) ** 0.5
-        out[key] = (ra * factor).to(a.dtype)
-        out[b_key] = (rb * factor).to(b.dtype)
-    leftover = [k for k in tensors if k not in out]
-    if leftover:
-        raise FmnError(f"LoRA patch holds tensors that are no LoRA factor: {leftover[:3]}")
-    return out
-
-
-def _random_like(value: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _same_norms(value: torch.Tensor, gen: torch.Generator, dim: int | None = None) -> torch.Tensor:
+    """A Gaussian draw of `value`'s shape with its norm (over `dim`, or over the whole)."""
     drawn = torch.randn(value.shape, generator=gen)
-    norm = float(drawn.norm()) or 1.0
-    return (drawn * (float(value.float().norm()) / norm)).to(value.dtype)
-
-
-def _random_rows(rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    drawn = torch.randn(rows.shape, generator=gen)
-    norms = rows.float().norm(dim=-1, keepdim=True)
-    return (drawn / drawn.norm(dim=-1, keepdim=True).clamp(min=1e-12) * norms).to(rows.dtype)
+    dims = None if dim is None else (dim,)
+    target = value.float().norm(dim=dims, keepdim=True)
+    return (drawn / drawn.norm(dim=dims, keepdim=True).clamp(min=1e-12) * target).to(value.dtype)
