@@ -117,7 +117,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="re-steering steps (default: library)")
     ap.add_argument("--lr", default=None, help="learning rate, or several: 1e-4,1e-3")
     ap.add_argument("--train", default=None,
-                    help="lora, xattn, unet or tokens (default: the library's, lora)")
+                    help="lora, xattn, unet, tokens or lora+tokens (default: the library's; "
+                         "the embedded model: lora+tokens)")
+    ap.add_argument("--lora-strength", type=float, default=None,
+                    help="lora+tokens: the LoRA's share of its trained size")
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--include-padding", action="store_true")
     ap.add_argument("--preserve-t-min", type=int, default=None)
@@ -154,6 +157,7 @@ def main() -> None:
                 "lr": lr,
                 "train": a.train,
                 "lora_rank": a.rank,
+                "lora_strength": a.lora_strength,
                 "include_padding": a.include_padding or None,
                 "preserve_t_min": a.preserve_t_min,
             }.items()

@@ -70,7 +70,10 @@ def main() -> None:
                     help="train each later stacked patch on top of the ones before it")
     ap.add_argument("--preserve-weight", type=float, default=None)
     ap.add_argument("--train", default=None,
-                    help="forgetting runs' trainable set (default: the library's, lora)")
+                    help="forgetting runs' trainable set (default: the library's; the "
+                         "embedded model: lora+tokens)")
+    ap.add_argument("--lora-strength", type=float, default=None,
+                    help="forgetting runs' setting (lora+tokens: the LoRA's share)")
     ap.add_argument("--method", default="embedding", help="correction method: embedding|resteer")
     ap.add_argument("--preserve-t-min", type=int, default=None, help="forgetting runs' setting")
     ap.add_argument("--weight-decay", type=float, default=None, help="forgetting runs' setting")
@@ -95,7 +98,7 @@ def main() -> None:
     }
     todo = a.only.split(",")
     forgetting = ResteerConfig(preserve_t_min=a.preserve_t_min, weight_decay=a.weight_decay,
-                               **({"train": a.train} if a.train else {}))
+                               lora_strength=a.lora_strength, train=a.train)
     with tempfile.TemporaryDirectory() as refs:
         if "stack" in todo:
             names = a.stack.split(",")

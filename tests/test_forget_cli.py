@@ -92,6 +92,7 @@ CASES = [
     ("zero steps", ["--steps", "0"], "steps must be at least 1"),
     ("bad lr", ["--lr", "-1"], "learning rate"),
     ("negative weight decay", ["--weight-decay", "-1"], "weight_decay must be >= 0"),
+    ("LoRA share above 1", ["--lora-strength", "1.5"], "lora_strength must be in (0, 1]"),
     ("bad out suffix", ["--out", "{root}/p.bin"], ".safetensors"),
     ("missing out dir", ["--out", "{root}/none/p.safetensors"], "does not exist"),
 ]

@@ -158,8 +158,9 @@ def test_embedding_patches_refuse_what_they_cannot_be(pulled, tmp_path):
     pipe, patch = pulled
     lora = resteer(make_tiny_pipeline("sd1"), [Concept("star")],
                    ResteerConfig(steps=1, reference="noise"), progress=False)
-    with pytest.raises(FmnError, match="cannot share one file"):
-        stack_patches([patch, lora])
+    mixed = stack_patches([patch, lora])  # one file: the LoRA carrying the role's rows
+    assert mixed.kind == "lora" and mixed.has_rows
+    assert torch.equal(mixed.token_rows()["text_encoder"][0], patch.token_rows()["text_encoder"][0])
     with pytest.raises(FmnError, match="kohya LoRA format cannot carry"):
         to_kohya(patch)
     with pytest.raises(FmnError, match="no LoRA form"):

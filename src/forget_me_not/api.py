@@ -75,11 +75,12 @@ def forget(
     return stacked
 
 
-def check_on_top_of(train: str, earlier: Sequence[Patch]) -> None:
-    """Training on top of patches works for LoRA patches and LoRA training only."""
-    if train != "lora" or any(p.kind != "lora" for p in earlier):
-        raise FmnError("--on-top-of needs LoRA patches and --train lora: stack the patches "
-                       "afterwards with `fmn patch stack` instead")
+def check_on_top_of(train: str | None, earlier: Sequence[Patch]) -> None:
+    """Training on top of patches works for plain LoRA patches and LoRA training only (the
+    default train mode becomes "lora" there)."""
+    if train not in (None, "lora") or any(p.kind != "lora" or p.has_rows for p in earlier):
+        raise FmnError("--on-top-of needs LoRA patches without token rows and --train lora: "
+                       "stack the patches afterwards with `fmn patch stack` instead")
 
 
 def _on_top_of(

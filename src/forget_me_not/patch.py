@@ -13,6 +13,10 @@ Three kinds:
   "text_encoder_2"). Every prompt without those tokens is untouched; applying adds the rows,
   removal restores them exactly.
 
+A LoRA or delta patch may carry token rows as well (`--train lora+tokens`): the UNet change
+and the rows go on and come off together. Such a file is no plain diffusers LoRA any more
+(diffusers refuses keys without "lora"); `to_kohya` keeps its UNet half.
+
 Our own metadata (concepts, family, base hash, settings, versions) is JSON in the header under
 "forget_me_not".
 
@@ -112,16 +116,27 @@ class Patch:
             raise FmnError(f"unknown patch kind {self.kind!r}: expected one of {KINDS}")
         if self.kind == "lora" and not self.lora_config:
             raise FmnError("a LoRA patch needs its LoRA config (rank, alpha, target modules)")
-        if self.kind == "embedding":
+        if self.kind == "embedding" or self.has_rows:
             self.token_rows()  # checks names and shapes
-            return
-        bad = [k for k in self.tensors if not k.startswith("unet.")]
+            if self.kind == "embedding":
+                return
+        bad = [k for k in self.tensors if not k.startswith("unet.") and not _is_row_key(k)]
         if bad:
             raise FmnError(f"patch tensor names must start with 'unet.': {bad[:3]}")
 
     @property
     def family(self) -> str | None:
         return self.metadata.get("family")
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether the patch changes token-embedding rows (all an embedding patch does)."""
+        return any(_is_row_key(k) for k in self.tensors)
+
+    @property
+    def unet_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that change the UNet (none for an embedding patch)."""
+        return {k: v for k, v in self.tensors.items() if k.startswith("unet.")}
 
     # -- files --
 
@@ -171,12 +186,19 @@ class Patch:
                 f"patch {self.name!r} is already applied to this pipeline: remove it first, "
                 "or give the second copy another name"
             )
+        if self.has_rows:  # checked before the UNet changes: a misfit changes nothing
+            _check_fit(pipe, self)
         if self.kind == "lora":
             self._apply_lora(unet, scale)
-        elif self.kind == "embedding":
-            self._apply_embedding(pipe, scale)
-        else:
+        elif self.kind == "delta":
             self._apply_delta(unet, scale)
+        else:
+            registry[self.name] = {"kind": "embedding", "scale": float(scale)}
+        if self.has_rows:
+            registry[self.name].update({
+                "row_stash": _add_rows(pipe, self, scale),
+                "patch_ids": {enc: ids for enc, (ids, _) in self.token_rows().items()},
+            })
 
     def remove(self, pipe: Any) -> None:
         """Take the patch off again; the base model's outputs come back exactly."""
@@ -184,12 +206,14 @@ class Patch:
         registry = _registry(unet)
         if self.name not in registry:
             raise FmnError(f"patch {self.name!r} is not applied to this pipeline")
+        if self.has_rows:
+            self._remove_rows(pipe)
         if self.kind == "lora":
             self._remove_lora(unet)
-        elif self.kind == "embedding":
-            self._remove_embedding(pipe)
-        else:
+        elif self.kind == "delta":
             self._remove_delta(unet)
+        else:
+            registry.pop(self.name)
 
     def is_applied(self, pipe: Any) -> bool:
         return self.name in _registry(pipe.unet)
@@ -212,7 +236,7 @@ class Patch:
         if self.kind != "lora":
             raise FmnError(f"patch {self.name!r} is a {self.kind} patch, not a LoRA")
         pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in self.tensors.items():
+        for key, value in self.unet_tensors.items():
             module, _, leaf = key.removeprefix("unet.").rpartition(".lora_")
             if leaf not in ("A.weight", "B.weight"):
                 raise FmnError(
@@ -231,11 +255,13 @@ class Patch:
         return out
 
     def token_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """text encoder -> (token ids (k,), row deltas (k, dim)) of an embedding patch."""
-        if self.kind != "embedding":
-            raise FmnError(f"patch {self.name!r} is a {self.kind} patch, not a token embedding")
+        """text encoder -> (token ids (k,), row deltas (k, dim)) of the rows the patch changes."""
+        if self.kind != "embedding" and not self.has_rows:
+            raise FmnError(f"patch {self.name!r} is a {self.kind} patch without token rows")
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in self.tensors.items():
+            if self.kind != "embedding" and key.startswith("unet."):
+                continue
             encoder, _, leaf = key.partition(".")
             if encoder not in TEXT_ENCODERS or leaf not in ("token_ids", "token_delta"):
                 raise FmnError(
@@ -275,14 +301,12 @@ class Patch:
     def scaled(self, strength: float) -> Patch:
         """A copy whose effect is `strength` times this one's (a new file to ship)."""
         strength = check_strength(strength)
-        if self.kind == "lora":
-            tensors = {k: (v * strength if ".lora_B." in k else v.clone())
-                       for k, v in self.tensors.items()}
-        elif self.kind == "embedding":
-            tensors = {k: (v * strength if k.endswith(".token_delta") else v.clone())
-                       for k, v in self.tensors.items()}
-        else:
-            tensors = {k: v * strength for k, v in self.tensors.items()}
+        def scales(key: str) -> bool:
+            if _is_row_key(key):
+                return key.endswith(".token_delta")
+            return self.kind == "delta" or ".lora_B." in key
+
+        tensors = {k: (v * strength if scales(k) else v.clone()) for k, v in self.tensors.items()}
         meta = {**self.metadata, "strength": float(self.metadata.get("strength", 1.0)) * strength}
         return Patch(self.kind, tensors, meta, dict(self.lora_config or {}) or None,
                      _adapter_name(f"{self.name}_x{strength:g}"))
@@ -299,8 +323,12 @@ class Patch:
         scaling = self.lora_scaling
         tensors = {f"unet.{m}.weight": (b.float() @ a.float()) * scaling  # (out, in)
                    for m, (a, b) in self.lora_pairs().items()}
+        tensors.update(self._row_tensors())
         meta = {**self.metadata, "converted_from": "lora"}
         return Patch("delta", tensors, meta, None, self.name)
+
+    def _row_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if _is_row_key(k)}
 
     def _check_family(self, pipe: Any) -> None:
         family = family_of(pipe)
@@ -358,7 +386,7 @@ class Patch:
 
     def _apply_delta(self, unet: Any, scale: float) -> None:
         stash: dict[str, torch.Tensor] = {}
-        params = [(_param(unet, k.removeprefix("unet.")), k) for k in self.tensors]
+        params = [(_param(unet, k.removeprefix("unet.")), k) for k in self.unet_tensors]
         for p, key in params:
             if tuple(p.shape) != tuple(self.tensors[key].shape):
                 raise FmnError(
@@ -395,19 +423,13 @@ class Patch:
                         e["stash"][key] = (e["stash"][key].float() - delta).to(
                             e["stash"][key].dtype)
 
-    def _apply_embedding(self, pipe: Any, scale: float) -> None:
-        stash = _add_rows(pipe, self, scale)
-        _registry(pipe.unet)[self.name] = {
-            "kind": "embedding", "scale": float(scale), "stash": stash,
-            "patch_ids": {enc: ids for enc, (ids, _) in self.token_rows().items()},
-        }
-
-    def _remove_embedding(self, pipe: Any) -> None:
+    def _remove_rows(self, pipe: Any) -> None:
+        """Put the token rows back (the registry entry stays: the UNet half comes off next)."""
         registry = _registry(pipe.unet)
         names = list(registry)
         later = [registry[n] for n in names[names.index(self.name) + 1 :]
-                 if registry[n]["kind"] == "embedding"]
-        entry = registry.pop(self.name)
+                 if "patch_ids" in registry[n]]
+        entry = registry[self.name]
         with torch.no_grad():
             for enc, (ids, delta) in self.token_rows().items():
                 table = _token_table(pipe, enc, self.name)
@@ -415,7 +437,7 @@ class Patch:
                 shared = [e for e in later if enc in e["patch_ids"]
                           and bool(torch.isin(ids, e["patch_ids"][enc]).any())]
                 if not shared:
-                    table[index] = entry["stash"][enc].to(table.device)  # exact: as they were
+                    table[index] = entry["row_stash"][enc].to(table.device)  # exact
                     continue
                 # A later embedding patch changed some of the same rows: take ours out
                 # arithmetically and fix what that patch will restore.
@@ -426,8 +448,14 @@ class Patch:
                     for row, token in enumerate(ids.tolist()):
                         hit = (their == token).nonzero().flatten()
                         if hit.numel():
-                            old = e["stash"][enc][hit[0]]
-                            e["stash"][enc][hit[0]] = (old.float() - change[row]).to(old.dtype)
+                            old = e["row_stash"][enc][hit[0]]
+                            e["row_stash"][enc][hit[0]] = (old.float() - change[row]).to(
+                                old.dtype)
+
+
+def _is_row_key(key: str) -> bool:
+    encoder, _, leaf = key.partition(".")
+    return encoder in TEXT_ENCODERS and leaf in ("token_ids", "token_delta")
 
 
 def _token_table(pipe: Any, encoder: str, patch_name: str) -> torch.Tensor:
@@ -444,10 +472,7 @@ def _token_table(pipe: Any, encoder: str, patch_name: str) -> torch.Tensor:
 def _add_rows(pipe: Any, patch: Patch, strength: float) -> dict[str, torch.Tensor]:
     """Add an embedding patch's row deltas to the pipeline's token tables (checked first, so a
     patch that does not fit changes nothing); returns the rows as they were, per encoder."""
-    rows = patch.token_rows()
-    tables = {enc: _token_table(pipe, enc, patch.name) for enc in rows}
-    for enc, (ids, delta) in rows.items():
-        _check_rows(tables[enc], ids, delta, enc, patch.name)
+    rows, tables = patch.token_rows(), _check_fit(pipe, patch)
     before: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for enc, (ids, delta) in rows.items():
@@ -456,6 +481,15 @@ def _add_rows(pipe: Any, patch: Patch, strength: float) -> dict[str, torch.Tenso
             moved = table[index].float() + delta.to(table.device, torch.float32) * strength
             table[index] = moved.to(table.dtype)
     return before
+
+
+def _check_fit(pipe: Any, patch: Patch) -> dict[str, torch.Tensor]:
+    """The token tables the patch's rows go into, once each row is checked to fit."""
+    rows = patch.token_rows()
+    tables = {enc: _token_table(pipe, enc, patch.name) for enc in rows}
+    for enc, (ids, delta) in rows.items():
+        _check_rows(tables[enc], ids, delta, enc, patch.name)
+    return tables
 
 
 def _check_rows(table: torch.Tensor, ids: torch.Tensor, delta: torch.Tensor, encoder: str,
@@ -626,31 +660,25 @@ def stack_patches(patches: Sequence[Patch], strengths: Sequence[float] | None = 
     }
     name = _adapter_name(name or "fmn_stack_" + "_".join(p.name.removeprefix("fmn_")[:24]
                                                          for p in patches))
-    embedding = [p.kind == "embedding" for p in patches]
-    if any(embedding):
-        if not all(embedding):
-            raise FmnError(
-                "a token-embedding patch (`fmn correct`, `--train tokens`) cannot share one "
-                "file with UNet patches: apply them together (`fmn generate --patch A --patch "
-                "B`) or merge them all into a pipeline (`fmn patch merge`)"
-            )
-        parts = [{**part, "strength": part.get("strength", 1.0) * s}
-                 for p, s in zip(patches, strengths, strict=True)
-                 for part in p.metadata.get("parts") or [_as_part(p)]]
-        return Patch("embedding", _summed_rows(patches, strengths), {**meta, "parts": parts},
-                     None, name)
-    if any(p.kind == "delta" for p in patches):
+    scaled_parts = [{**part, "strength": part.get("strength", 1.0) * s}
+                    for p, s in zip(patches, strengths, strict=True)
+                    for part in p.metadata.get("parts") or [_as_part(p)]]
+    with_rows = [(p, s) for p, s in zip(patches, strengths, strict=True) if p.has_rows
+                 or p.kind == "embedding"]
+    rows = _summed_rows(*zip(*with_rows, strict=True)) if with_rows else {}
+    unet_side = [(p, s) for p, s in zip(patches, strengths, strict=True) if p.kind != "embedding"]
+    if not unet_side:
+        return Patch("embedding", rows, {**meta, "parts": scaled_parts}, None, name)
+    if any(p.kind == "delta" for p, _ in unet_side):
         total: dict[str, torch.Tensor] = {}
-        for p, s in zip(patches, strengths, strict=True):
-            for k, v in p.to_delta().tensors.items():
+        for p, s in unet_side:
+            for k, v in p.to_delta().unet_tensors.items():
                 total[k] = total.get(k, 0) + v.float() * s
-        parts = [{**part, "strength": part.get("strength", 1.0) * s}
-                 for p, s in zip(patches, strengths, strict=True)
-                 for part in p.metadata.get("parts") or [_as_part(p)]]
-        for part in parts:
+        for part in scaled_parts:
             part.pop("rank_slice", None)  # summed deltas have no separable parts
-        return Patch("delta", total, {**meta, "parts": parts}, None, name)
+        return Patch("delta", {**total, **rows}, {**meta, "parts": scaled_parts}, None, name)
 
+    patches, strengths = [p for p, _ in unet_side], [s for _, s in unet_side]
     pairs = [p.lora_pairs() for p in patches]
     ranks = [p.rank for p in patches]
     modules = sorted(set().union(*pairs))
@@ -672,8 +700,9 @@ def stack_patches(patches: Sequence[Patch], strengths: Sequence[float] | None = 
         tensors[f"unet.{m}.lora_B.weight"] = torch.cat(b_blocks, dim=1)  # (out, R)
     total_rank = sum(ranks)
     # Rank slices: each input patch occupies its own block, parts of a stacked input inside it.
+    # Token-row parts (summed above) keep no slice.
     offset = 0
-    parts = []
+    parts = [part for part in scaled_parts if part["kind"] == "embedding"]
     for p, s in zip(patches, strengths, strict=True):
         for part in p.metadata.get("parts") or [_as_part(p)]:
             lo, hi = part["rank_slice"]
@@ -683,7 +712,7 @@ def stack_patches(patches: Sequence[Patch], strengths: Sequence[float] | None = 
     targets = sorted(set().union(*[p.lora_config["target_modules"] for p in patches]))
     config = {"r": total_rank, "lora_alpha": total_rank, "target_modules": targets,
               "init_lora_weights": True}
-    return Patch("lora", tensors, {**meta, "parts": parts}, config, name)
+    return Patch("lora", {**tensors, **rows}, {**meta, "parts": parts}, config, name)
 
 
 def _summed_rows(patches: Sequence[Patch], strengths: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -722,6 +751,11 @@ def unstack(patch: Patch, drop: Sequence[str]) -> Patch:
     Exact: each part owns a slice of the rank, so dropping it removes precisely its term.
     """
     parts = patch.metadata.get("parts")
+    if patch.has_rows:
+        raise FmnError(
+            f"patch {patch.name!r} carries token rows, summed over its parts, so no part can be "
+            "taken out of it: stack the patches you want to keep again"
+        )
     if patch.kind != "lora" or not parts or any("rank_slice" not in p for p in parts):
         raise FmnError(
             f"patch {patch.name!r} is not a stack of LoRA patches (`fmn patch stack`): a part "
@@ -776,7 +810,7 @@ def extract_lora(patch: Patch, rank: int, targets: Sequence[str] | None = None) 
     per_layer: dict[str, float] = {}
     dropped: list[str] = []
     err_sq = total_sq = 0.0
-    for key, delta in sorted(patch.tensors.items()):
+    for key, delta in sorted(patch.unet_tensors.items()):
         d = delta.float()
         norm_sq = float(d.pow(2).sum())
         total_sq += norm_sq
@@ -812,7 +846,8 @@ def extract_lora(patch: Patch, rank: int, targets: Sequence[str] | None = None) 
                                        for k in tensors if ".lora_A." in k),
               "init_lora_weights": True}
     meta = {**patch.metadata, "extraction": extraction, "extracted_from": "delta"}
-    return Patch("lora", tensors, meta, config, _adapter_name(f"{patch.name}_r{rank}"))
+    return Patch("lora", {**tensors, **patch._row_tensors()}, meta, config,
+                 _adapter_name(f"{patch.name}_r{rank}"))
 
 
 # -- merging into the weights -------------------------------------------------------------------
@@ -833,19 +868,20 @@ def merge_into(pipe: Any, patches: Sequence[Patch],
         raise FmnError("this pipeline has patches or adapters applied: merge into a clean model")
     for patch, s in zip(patches, strengths, strict=True):
         patch._check_family(pipe)
-        if patch.kind == "embedding":
-            _add_rows(pipe, patch, s)
-            continue
-        delta = patch.to_delta()
-        params = {k: _param(unet, k.removeprefix("unet.")) for k in delta.tensors}
-        for key, p in params.items():
-            if tuple(p.shape) != tuple(delta.tensors[key].shape):
-                raise FmnError(f"patch {patch.name!r} does not fit this UNet at {key}: apply "
-                               "it to the model it was made for")
-        with torch.no_grad():
+        if patch.has_rows:
+            _check_fit(pipe, patch)
+        if patch.kind != "embedding":
+            delta = patch.to_delta().unet_tensors
+            params = {k: _param(unet, k.removeprefix("unet.")) for k in delta}
             for key, p in params.items():
-                update = p.detach().float() + delta.tensors[key].to(p.device).float() * s
-                p.copy_(update.to(p.dtype))
+                if tuple(p.shape) != tuple(delta[key].shape):
+                    raise FmnError(f"patch {patch.name!r} does not fit this UNet at {key}: "
+                                   "apply it to the model it was made for")
+            with torch.no_grad():
+                for key, p in params.items():
+                    p.copy_((p.detach().float() + delta[key].to(p.device).float() * s).to(p.dtype))
+        if patch.has_rows:
+            _add_rows(pipe, patch, s)
 
 
 def save_merged(pipe: Any, patches: Sequence[Patch], out_dir: str | Path,
@@ -903,6 +939,12 @@ def to_kohya(patch: Patch) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise FmnError(
             f"patch {patch.name!r} holds full-weight deltas: turn it into a LoRA first with "
             "`fmn patch extract --rank R`, then convert that"
+        )
+    if patch.has_rows:
+        warnings.warn(
+            f"patch {patch.name!r} also changes token-embedding rows, which the kohya format "
+            "cannot carry: the kohya file holds its UNet LoRA only",
+            stacklevel=2,
         )
     alpha = float(patch.lora_config.get("lora_alpha", patch.rank))
     tensors: dict[str, torch.Tensor] = {}
@@ -972,7 +1014,7 @@ def describe(patch: Patch, path: str | Path | None = None) -> dict[str, Any]:
     elif patch.kind == "embedding":
         modules = [f"{enc}.token_embedding" for enc in patch.token_rows()]
     else:
-        modules = sorted({k.removeprefix("unet.").rpartition(".")[0] for k in patch.tensors})
+        modules = sorted({k.removeprefix("unet.").rpartition(".")[0] for k in patch.unet_tensors})
     info: dict[str, Any] = {
         "name": patch.name,
         "kind": patch.kind,
@@ -992,7 +1034,9 @@ def describe(patch: Patch, path: str | Path | None = None) -> dict[str, Any]:
         "settings": patch.metadata.get("settings"),
         "versions": patch.metadata.get("versions"),
     }
-    for key in ("parts", "extraction", "correction", "preset", "tokens"):
+    if patch.has_rows and patch.kind != "embedding":
+        info["token_rows"] = {enc: int(ids.numel()) for enc, (ids, _) in patch.token_rows().items()}
+    for key in ("parts", "extraction", "correction", "preset", "tokens", "lora_strength"):
         if key in patch.metadata:
             info[key] = patch.metadata[key]
     if "placebo_of" in patch.metadata:

@@ -18,8 +18,8 @@ def placebo(patch: Patch, seed: int) -> Patch:
     """A patch of `patch`'s kind and per-layer size whose directions are seeded Gaussian draws."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
     # Sorted names fix the order of the draws, however the file lists the tensors.
+    tensors = dict(patch.tensors)
     if patch.kind == "lora":
-        tensors = {}
         for module, (a, b) in sorted(patch.lora_pairs().items()):
             ra, rb = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
             trained = float((b.float() @ a.float()).norm())
@@ -28,12 +28,12 @@ def placebo(patch: Patch, seed: int) -> Patch:
             factor = (trained / drawn) ** 0.5
             tensors[f"unet.{module}.lora_A.weight"] = (ra * factor).to(a.dtype)
             tensors[f"unet.{module}.lora_B.weight"] = (rb * factor).to(b.dtype)
-    elif patch.kind == "embedding":
-        tensors = dict(patch.tensors)
+    elif patch.kind == "delta":
+        for key, value in sorted(patch.unet_tensors.items()):
+            tensors[key] = _same_norms(value, gen)
+    if patch.has_rows or patch.kind == "embedding":
         for encoder, (_, rows) in sorted(patch.token_rows().items()):
             tensors[f"{encoder}.token_delta"] = _same_norms(rows, gen, dim=-1)
-    else:
-        tensors = {key: _same_norms(value, gen) for key, value in sorted(patch.tensors.items())}
     meta = {**patch.metadata, "placebo_of": patch.name, "placebo_seed": int(seed)}
     return Patch(patch.kind, tensors, meta, patch.lora_config,
                  _adapter_name(f"{patch.name}_placebo{seed}"))

@@ -56,11 +56,18 @@ def forget(
         typer.Option(help="Forget the tokens learnt by `fmn invert` instead of the words."),
     ] = None,
     train: Annotated[
-        str,
-        typer.Option(help="lora (a LoRA on cross-attention), xattn, unet, or tokens (only "
+        str | None,
+        typer.Option(help="lora (a LoRA on cross-attention), xattn, unet, tokens (only "
                           "the concept's token-embedding rows: no other prompt changes, but "
-                          "the UNet still draws the concept from a learnt token)."),
-    ] = "lora",
+                          "the UNet still draws the concept from a learnt token), or "
+                          "lora+tokens (both in one patch). Default: lora; the embedded "
+                          "model: lora+tokens."),
+    ] = None,
+    lora_strength: Annotated[
+        float | None,
+        typer.Option(help="lora+tokens: the share of its trained size the LoRA keeps "
+                          "(0..1; default: the model family's)."),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(help="Optimiser steps (default: 35, the paper; model-tuned).")
     ] = None,
@@ -167,6 +174,7 @@ def forget(
         train=train,
         lora_rank=rank,
         weight_decay=weight_decay,
+        lora_strength=lora_strength,
         batch_size=batch_size,
         max_grad_norm=max_grad_norm,
         reference=reference,
@@ -225,8 +233,9 @@ def forget(
     patch.metadata["reference_source"] = source
     patch.save(out)
     losses = patch.metadata["losses"]
+    kind = f"{patch.kind} + token rows" if patch.kind == "lora" and patch.has_rows else patch.kind
     typer.echo(
-        f"wrote {out} ({patch.kind}, {len(patch.tensors)} tensors; loss {losses[0]:.4f} -> "
+        f"wrote {out} ({kind}, {len(patch.tensors)} tensors; loss {losses[0]:.4f} -> "
         f"{losses[-1]:.4f} in {patch.metadata['seconds']:.1f} s)"
     )
 

@@ -72,6 +72,12 @@ def info(
         control = record["placebo"]
         typer.echo(f"{'placebo':16s} a control of {control['of']} (seed {control['seed']}): its "
                    "size per layer in random directions, it forgets nothing on purpose")
+    if "lora_strength" in record:
+        typer.echo(f"{'lora strength':16s} {record['lora_strength']:g} of the LoRA as trained")
+    if record.get("token_rows"):
+        rows = ", ".join(f"{n} in {enc}" for enc, n in record["token_rows"].items())
+        typer.echo(f"{'token rows':16s} {rows} (the concept's words; plain diffusers "
+                   "load_lora_weights does not read them: use fmn, or `fmn patch merge`)")
     if record.get("tokens"):
         typer.echo(f"{'tokens':16s} {' | '.join(' '.join(t) for t in record['tokens'])}")
     for part in record.get("parts", []):
@@ -109,10 +115,13 @@ def apply(
     before = _probe_output(pipe)
     for p, s, path in zip(patches, strengths, patch, strict=True):
         p.apply(pipe, scale=s)
-        modules = len(p.lora_pairs()) if p.kind == "lora" else len(p.tensors)
+        modules = len(p.lora_pairs()) if p.kind == "lora" else len(p.unet_tensors)
         rank = f", rank {p.rank}" if p.rank else ""
-        typer.echo(f"{path.name}: {p.kind}{rank}, {modules} modules of the UNet, strength {s:g}, "
-                   f"concepts {', '.join(c['name'] for c in p.metadata.get('concepts', []))}")
+        rows = (f", {sum(len(ids) for ids, _ in p.token_rows().values())} token rows"
+                if p.has_rows else "")
+        names = ", ".join(c["name"] for c in p.metadata.get("concepts", []))
+        typer.echo(f"{path.name}: {p.kind}{rank}, {modules} modules of the UNet{rows}, strength "
+                   f"{s:g}, concepts {names}")
     after = _probe_output(pipe)
     if not torch.isfinite(after).all():
         raise FmnError("the patched model produces non-finite outputs: lower the strength")

@@ -1,0 +1,174 @@
+"""`train="lora+tokens"`: one patch with a LoRA and the concept's token rows, through every
+patch operation (apply, remove, save, stack, kohya, placebo, merge) and the defaults."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forget_me_not.concepts import Concept
+from forget_me_not.errors import FmnError
+from forget_me_not.patch import (
+    load_patch,
+    merge_into,
+    stack_patches,
+    to_kohya,
+    unstack,
+)
+from forget_me_not.placebo import placebo
+from forget_me_not.resteer import HYBRID, TOKENS_LR, ResteerConfig, encode_prompt, resteer
+from forget_me_not.token_rows import word_token_ids
+from tiny_pipelines import make_tiny_pipeline
+
+
+def _cfg(**kw):
+    return ResteerConfig(**{"steps": 2, "reference": "noise", "lr": 1e-2, "lora_rank": 2, **kw})
+
+
+def _unet_out(pipe):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ehs = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([300]), encoder_hidden_states=ehs).sample
+
+
+def _states(pipe, prompt):
+    with torch.no_grad():
+        return encode_prompt(pipe, prompt)[0]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(pipe, the LoRA alone, the same LoRA at half size beside the token rows)."""
+    pipe = make_tiny_pipeline("sd1")
+    plain = resteer(pipe, [Concept("star")], _cfg(train="lora"), progress=False)
+    both = resteer(pipe, [Concept("star")], _cfg(train=HYBRID, lora_strength=0.5),
+                   progress=False)
+    return pipe, plain, both
+
+
+def test_the_patch_holds_the_scaled_lora_and_the_words_rows(pair):
+    pipe, plain, both = pair
+    assert both.kind == "lora" and both.has_rows and not plain.has_rows
+    assert both.metadata["train"] == HYBRID and both.metadata["lora_strength"] == 0.5
+    for key, value in plain.tensors.items():  # the same LoRA run (same seed), B halved
+        expected = value * 0.5 if ".lora_B." in key else value
+        torch.testing.assert_close(both.tensors[key], expected)
+    ((encoder, (ids, delta)),) = both.token_rows().items()
+    assert encoder == "text_encoder"
+    assert ids.tolist() == word_token_ids(pipe, "star")[0] and float(delta.norm()) > 0
+    # The rows take their own settings, not the LoRA's learning rate.
+    assert both.metadata["token_settings"]["train"] == "tokens"
+    assert both.metadata["token_settings"]["lr"] == TOKENS_LR
+    rows_steps = ResteerConfig(train="tokens").resolved("sd1").steps
+    assert len(both.metadata["token_losses"]) == rows_steps != 2  # not the LoRA's --steps
+    # The rows are those of a rows-only run on the base model, not trained with the LoRA on.
+    alone = resteer(pipe, [Concept("star")], ResteerConfig(reference="noise", train="tokens"),
+                    progress=False)
+    torch.testing.assert_close(both.token_rows(), alone.token_rows(), rtol=0, atol=0)
+
+
+def test_apply_changes_only_the_words_and_remove_restores_everything(pair, tmp_path):
+    pipe, _, both = pair
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    unet_before = _unet_out(pipe)
+    cat, star = _states(pipe, "a photo of a cat"), _states(pipe, "a photo of a star")
+    patch = load_patch(both.save(tmp_path / "both.safetensors"))
+    assert set(patch.tensors) == set(both.tensors)
+    patch.apply(pipe)
+    try:
+        assert torch.equal(_states(pipe, "a photo of a cat"), cat)
+        assert not torch.allclose(_states(pipe, "a photo of a star"), star)
+        assert not torch.allclose(_unet_out(pipe), unet_before)
+    finally:
+        patch.remove(pipe)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)
+    assert torch.equal(_unet_out(pipe), unet_before)
+    assert not getattr(pipe.unet, "_hf_peft_config_loaded", False)
+
+
+def test_a_misfit_row_changes_nothing(pair):
+    pipe, _, both = pair
+    bad = dict(both.tensors)
+    bad["text_encoder.token_ids"] = torch.tensor([10**6])
+    broken = type(both)("lora", bad, both.metadata, both.lora_config, "broken")
+    unet_before = _unet_out(pipe)
+    with pytest.raises(FmnError, match="does not fit this text_encoder"):
+        broken.apply(pipe)
+    assert torch.equal(_unet_out(pipe), unet_before) and not broken.is_applied(pipe)
+
+
+def test_stacking_with_rows_matches_applying_each(pair):
+    pipe, plain, both = pair
+    rows = resteer(pipe, [Concept("moon")], _cfg(train="tokens", lr=None), progress=False)
+    stacked = stack_patches([both, plain, rows])
+    assert stacked.kind == "lora" and stacked.rank == 4
+    assert sorted(stacked.token_rows()["text_encoder"][0].tolist()) == sorted(
+        word_token_ids(pipe, "star")[0] + word_token_ids(pipe, "moon")[0])
+    for p in (both, plain, rows):
+        p.apply(pipe)
+    one_by_one = (_unet_out(pipe), _states(pipe, "a star and a moon"))
+    for p in (rows, plain, both):
+        p.remove(pipe)
+    stacked.apply(pipe)
+    together = (_unet_out(pipe), _states(pipe, "a star and a moon"))
+    stacked.remove(pipe)
+    torch.testing.assert_close(together[0], one_by_one[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together[1], one_by_one[1])
+    with pytest.raises(FmnError, match="carries token rows"):
+        unstack(stacked, ["moon"])
+
+
+def test_kohya_keeps_the_lora_and_says_so(pair):
+    _, _, both = pair
+    with pytest.warns(UserWarning, match="kohya file holds its UNet LoRA only"):
+        tensors, _ = to_kohya(both)
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    assert len(tensors) == 3 * len(both.lora_pairs())
+
+
+def test_placebo_and_merge_carry_the_rows(pair):
+    pipe, _, both = pair
+    control = placebo(both, seed=3)
+    (_, (ids, rows)), (_, (c_ids, c_rows)) = (next(iter(p.token_rows().items()))
+                                              for p in (both, control))
+    assert torch.equal(ids, c_ids)
+    torch.testing.assert_close(c_rows.norm(dim=-1), rows.norm(dim=-1))
+    assert not torch.allclose(c_rows, rows)
+
+    both.apply(pipe)
+    applied = (_unet_out(pipe), _states(pipe, "a photo of a star"))
+    both.remove(pipe)
+    fresh = make_tiny_pipeline("sd1")
+    merge_into(fresh, [both])
+    torch.testing.assert_close(_unet_out(fresh), applied[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_states(fresh, "a photo of a star"), applied[1])
+
+
+def test_defaults_per_family():
+    world = ResteerConfig().resolved("embedded")
+    assert (world.train, world.lora_strength, world.lr, world.weight_decay) == (
+        HYBRID, 0.5, 1e-2, 3.0)  # the LoRA's measured settings, kept at half size
+    assert ResteerConfig().resolved("sd1").train == "lora"  # the paper's, as a LoRA
+    assert ResteerConfig().resolved("sd1").lora_strength == 1.0
+    # Training on top of LoRA patches stays a plain LoRA run.
+    assert ResteerConfig(compare_without=("earlier",)).resolved("embedded").train == "lora"
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(FmnError, match="lora_strength"):
+            ResteerConfig(lora_strength=bad)
+    with pytest.raises(FmnError, match="--train lora"):
+        ResteerConfig(train=HYBRID, compare_without=("earlier",))
+
+
+def test_cli_info_names_the_lora_share_and_the_rows(pair, tmp_path):
+    from typer.testing import CliRunner
+
+    from forget_me_not.cli.main import app
+
+    _, _, both = pair
+    path = both.save(tmp_path / "both.safetensors")
+    result = CliRunner().invoke(app, ["patch", "info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "lora strength    0.5 of the LoRA as trained" in result.output
+    assert "token rows       1 in text_encoder" in result.output
