@@ -12,7 +12,9 @@ weights, the whole UNet, or (`train="tokens"`) only the rows of the concept's wo
 text encoder(s)' token-embedding table, the same loss reaching them through the frozen UNet
 and text encoder. The last leaves every prompt without those words exactly as it was, but
 the UNet still draws the concept from any other embedding of it (a learnt token brings it
-back: BENCHMARKS.md, "Re-steering the concept's token rows").
+back: BENCHMARKS.md, "Re-steering the concept's token rows"). `train="lora+tokens"` (the
+embedded model's default) trains a LoRA and the rows, each on the base model, and ships the
+LoRA at `lora_strength` of its size beside the rows in one patch.
 """
 
 from __future__ import annotations
