@@ -18,19 +18,11 @@ from forget_me_not.patch import (
 from forget_me_not.placebo import placebo
 from forget_me_not.resteer import HYBRID, TOKENS_LR, ResteerConfig, encode_prompt, resteer
 from forget_me_not.token_rows import word_token_ids
-from tiny_pipelines import make_tiny_pipeline
+from tiny_pipelines import make_tiny_pipeline, unet_probe
 
 
 def _cfg(**kw):
     return ResteerConfig(**{"steps": 2, "reference": "noise", "lr": 1e-2, "lora_rank": 2, **kw})
-
-
-def _unet_out(pipe):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ehs = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        return pipe.unet(x, torch.tensor([300]), encoder_hidden_states=ehs).sample
 
 
 def _states(pipe, prompt):
@@ -72,7 +64,7 @@ def test_the_patch_holds_the_scaled_lora_and_the_words_rows(pair):
 def test_apply_changes_only_the_words_and_remove_restores_everything(pair, tmp_path):
     pipe, _, both = pair
     table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
-    unet_before = _unet_out(pipe)
+    unet_before = unet_probe(pipe)
     cat, star = _states(pipe, "a photo of a cat"), _states(pipe, "a photo of a star")
     patch = load_patch(both.save(tmp_path / "both.safetensors"))
     assert set(patch.tensors) == set(both.tensors)
@@ -80,11 +72,11 @@ def test_apply_changes_only_the_words_and_remove_restores_everything(pair, tmp_p
     try:
         assert torch.equal(_states(pipe, "a photo of a cat"), cat)
         assert not torch.allclose(_states(pipe, "a photo of a star"), star)
-        assert not torch.allclose(_unet_out(pipe), unet_before)
+        assert not torch.allclose(unet_probe(pipe), unet_before)
     finally:
         patch.remove(pipe)
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)
-    assert torch.equal(_unet_out(pipe), unet_before)
+    assert torch.equal(unet_probe(pipe), unet_before)
     assert not getattr(pipe.unet, "_hf_peft_config_loaded", False)
 
 
@@ -93,10 +85,10 @@ def test_a_misfit_row_changes_nothing(pair):
     bad = dict(both.tensors)
     bad["text_encoder.token_ids"] = torch.tensor([10**6])
     broken = type(both)("lora", bad, both.metadata, both.lora_config, "broken")
-    unet_before = _unet_out(pipe)
+    unet_before = unet_probe(pipe)
     with pytest.raises(FmnError, match="does not fit this text_encoder"):
         broken.apply(pipe)
-    assert torch.equal(_unet_out(pipe), unet_before) and not broken.is_applied(pipe)
+    assert torch.equal(unet_probe(pipe), unet_before) and not broken.is_applied(pipe)
 
 
 def test_stacking_with_rows_matches_applying_each(pair):
@@ -108,11 +100,11 @@ def test_stacking_with_rows_matches_applying_each(pair):
         word_token_ids(pipe, "star")[0] + word_token_ids(pipe, "moon")[0])
     for p in (both, plain, rows):
         p.apply(pipe)
-    one_by_one = (_unet_out(pipe), _states(pipe, "a star and a moon"))
+    one_by_one = (unet_probe(pipe), _states(pipe, "a star and a moon"))
     for p in (rows, plain, both):
         p.remove(pipe)
     stacked.apply(pipe)
-    together = (_unet_out(pipe), _states(pipe, "a star and a moon"))
+    together = (unet_probe(pipe), _states(pipe, "a star and a moon"))
     stacked.remove(pipe)
     torch.testing.assert_close(together[0], one_by_one[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(together[1], one_by_one[1])
@@ -138,11 +130,11 @@ def test_placebo_and_merge_carry_the_rows(pair):
     assert not torch.allclose(c_rows, rows)
 
     both.apply(pipe)
-    applied = (_unet_out(pipe), _states(pipe, "a photo of a star"))
+    applied = (unet_probe(pipe), _states(pipe, "a photo of a star"))
     both.remove(pipe)
     fresh = make_tiny_pipeline("sd1")
     merge_into(fresh, [both])
-    torch.testing.assert_close(_unet_out(fresh), applied[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unet_probe(fresh), applied[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(_states(fresh, "a photo of a star"), applied[1])
 
 

@@ -10,15 +10,7 @@ from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.patch import load_patch, model_hash
 from forget_me_not.resteer import ResteerConfig, resteer
-from tiny_pipelines import make_tiny_pipeline
-
-
-def _out(pipe):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ehs = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        return pipe.unet(x, torch.tensor([300]), encoder_hidden_states=ehs).sample
+from tiny_pipelines import make_tiny_pipeline, unet_probe
 
 
 def _patch(train: str, concept: str = "star", lr: float = 1e-2):
@@ -54,37 +46,37 @@ def test_save_load_round_trip(tmp_path, lora_patch, xattn_patch):
 def test_apply_remove_round_trip_is_exact(which, lora_patch, xattn_patch):
     patch = lora_patch if which == "lora" else xattn_patch
     pipe = make_tiny_pipeline("sd1")
-    base = _out(pipe)
+    base = unet_probe(pipe)
     patch.apply(pipe)
-    patched = _out(pipe)
+    patched = unet_probe(pipe)
     assert not torch.allclose(base, patched)
     with pytest.raises(FmnError, match="already applied"):
         patch.apply(pipe)
     patch.remove(pipe)
-    assert torch.equal(base, _out(pipe))
+    assert torch.equal(base, unet_probe(pipe))
     patch.apply(pipe, scale=0.5)
-    half = _out(pipe)
+    half = unet_probe(pipe)
     assert not torch.allclose(half, patched)
     patch.remove(pipe)
-    assert torch.equal(base, _out(pipe))
+    assert torch.equal(base, unet_probe(pipe))
 
 
 def test_stacking_and_removal_in_any_order(lora_patch, xattn_patch):
     second = _patch("lora", concept="moon")
     assert second.name != lora_patch.name
     pipe = make_tiny_pipeline("sd1")
-    base = _out(pipe)
+    base = unet_probe(pipe)
     lora_patch.apply(pipe)
-    only_first = _out(pipe)
+    only_first = unet_probe(pipe)
     second.apply(pipe)
     xattn_patch.apply(pipe)
-    both = _out(pipe)
+    both = unet_probe(pipe)
     assert not torch.allclose(both, only_first)
     xattn_patch.remove(pipe)
     second.remove(pipe)
-    assert torch.allclose(_out(pipe), only_first, atol=1e-6)
+    assert torch.allclose(unet_probe(pipe), only_first, atol=1e-6)
     lora_patch.remove(pipe)
-    assert torch.equal(base, _out(pipe))
+    assert torch.equal(base, unet_probe(pipe))
 
 
 def test_plain_diffusers_load_lora_weights(tmp_path, lora_patch):
@@ -93,7 +85,7 @@ def test_plain_diffusers_load_lora_weights(tmp_path, lora_patch):
     lora_patch.apply(ours)
     plain = make_tiny_pipeline("sd1")
     plain.load_lora_weights(str(path))  # no forget_me_not involved
-    assert torch.allclose(_out(ours), _out(plain), atol=1e-6)
+    assert torch.allclose(unet_probe(ours), unet_probe(plain), atol=1e-6)
 
 
 def test_other_family_refused_naming_both(lora_patch):

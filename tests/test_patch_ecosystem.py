@@ -29,17 +29,9 @@ from forget_me_not.patch import (
 )
 from forget_me_not.placebo import placebo
 from forget_me_not.resteer import LORA_RANK, LORA_TARGETS, ResteerConfig, resteer
-from tiny_pipelines import make_tiny_pipeline
+from tiny_pipelines import make_tiny_pipeline, unet_probe
 
 runner = CliRunner()
-
-
-def _out(pipe):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ehs = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        return pipe.unet(x, torch.tensor([300]), encoder_hidden_states=ehs).sample
 
 
 def _patch(concept="star", train="lora", rank=None, lr=1e-2):
@@ -76,7 +68,7 @@ def test_strength_scales_and_bad_strengths_are_refused(star):
     a, b = make_tiny_pipeline("sd1"), make_tiny_pipeline("sd1")
     star.apply(a, scale=0.5)
     star.scaled(0.5).apply(b)
-    assert torch.allclose(_out(a), _out(b), atol=1e-6)
+    assert torch.allclose(unet_probe(a), unet_probe(b), atol=1e-6)
     assert star.scaled(0.5).metadata["strength"] == 0.5
     for bad in (-0.1, 4.5, float("nan"), "x"):
         with pytest.raises(FmnError, match="strength"):
@@ -88,13 +80,13 @@ def test_strength_scales_and_bad_strengths_are_refused(star):
 def test_stack_same_modules_different_ranks_is_exact_and_removable(star, moon, tmp_path):
     assert star.rank != moon.rank and star.lora_pairs().keys() == moon.lora_pairs().keys()
     pipe = make_tiny_pipeline("sd1")
-    base = _out(pipe)
+    base = unet_probe(pipe)
     star.apply(pipe)
     moon.apply(pipe, scale=0.5)  # two adapters of different ranks on the same modules
-    both = _out(pipe)
+    both = unet_probe(pipe)
     moon.remove(pipe)
     star.remove(pipe)
-    assert torch.equal(base, _out(pipe))
+    assert torch.equal(base, unet_probe(pipe))
 
     stacked = stack_patches([star, moon], [1.0, 0.5])
     assert stacked.rank == star.rank + moon.rank
@@ -102,16 +94,16 @@ def test_stack_same_modules_different_ranks_is_exact_and_removable(star, moon, t
     loaded = load_patch(path)
     assert [p["concepts"] for p in loaded.metadata["parts"]] == [["star"], ["moon"]]
     loaded.apply(pipe)
-    assert torch.allclose(_out(pipe), both, atol=1e-5)
+    assert torch.allclose(unet_probe(pipe), both, atol=1e-5)
     loaded.remove(pipe)
-    assert torch.equal(base, _out(pipe))
+    assert torch.equal(base, unet_probe(pipe))
 
     only_star = unstack(loaded, ["moon"])
     assert only_star.rank == star.rank
     only_star.apply(pipe)
     ref = make_tiny_pipeline("sd1")
     star.apply(ref)
-    assert torch.allclose(_out(pipe), _out(ref), atol=1e-6)
+    assert torch.allclose(unet_probe(pipe), unet_probe(ref), atol=1e-6)
     with pytest.raises(FmnError, match="no part of this stack"):
         unstack(loaded, ["zebra"])
     with pytest.raises(FmnError, match="not a stack"):
@@ -125,7 +117,7 @@ def test_stack_with_a_delta_patch_sums_deltas(star, delta):
     stacked = stack_patches([star, delta])
     assert stacked.kind == "delta"
     stacked.apply(pipe)
-    assert torch.allclose(_out(pipe), _out(ref), atol=1e-5)
+    assert torch.allclose(unet_probe(pipe), unet_probe(ref), atol=1e-5)
 
 
 def test_extract_lora_reports_error_and_full_rank_is_exact(delta):
@@ -141,7 +133,7 @@ def test_extract_lora_reports_error_and_full_rank_is_exact(delta):
     a, b = make_tiny_pipeline("sd1"), make_tiny_pipeline("sd1")
     weights_only.apply(a)
     full.apply(b)
-    assert torch.allclose(_out(a), _out(b), atol=1e-5)
+    assert torch.allclose(unet_probe(a), unet_probe(b), atol=1e-5)
     low = extract_lora(delta, rank=1).metadata["extraction"]
     assert 0 < low["overall_relative_error"] < 1
     assert all(0 <= e <= 1 for e in low["per_layer_relative_error"].values())
@@ -159,7 +151,7 @@ def test_merge_writes_a_pipeline_with_the_patch_fused(star, delta, tmp_path):
     merge_into(pipe, [star, delta], [1.0, 0.5])
     out = save_merged(pipe, [star, delta], tmp_path / "merged")
     reloaded = StableDiffusionPipeline.from_pretrained(out)
-    assert torch.allclose(_out(reloaded), _out(ref), atol=1e-5)
+    assert torch.allclose(unet_probe(reloaded), unet_probe(ref), atol=1e-5)
     record = json.loads((out / "forget_me_not_merge.json").read_text())
     assert [p["name"] for p in record["merged_patches"]] == [star.name, delta.name]
     with pytest.raises(FmnError, match="already exists"):
@@ -225,7 +217,7 @@ def test_plain_diffusers_and_kohya_loading_match_patch_apply(star, tiny_pipeline
     plain = load_file(out)
     ours = StableDiffusionPipeline.from_pretrained(model)
     star.apply(ours)
-    expected = _out(ours)
+    expected = unet_probe(ours)
     assert torch.allclose(plain["diffusers"], expected, atol=1e-5)
     assert torch.allclose(plain["kohya"], expected, atol=1e-5)
 
@@ -236,7 +228,7 @@ def test_kohya_export_of_a_stacked_and_an_sdxl_patch_loads_in_diffusers(star, mo
     plain, ours = make_tiny_pipeline("sd1"), make_tiny_pipeline("sd1")
     plain.load_lora_weights(str(path))
     stacked.apply(ours)
-    assert torch.allclose(_out(plain), _out(ours), atol=1e-5)
+    assert torch.allclose(unet_probe(plain), unet_probe(ours), atol=1e-5)
     with pytest.raises(FmnError, match="fmn patch extract"):
         save_kohya(_patch("heart", train="xattn", lr=1e-3), tmp_path / "d.safetensors")
 
@@ -359,11 +351,11 @@ def test_placebo_keeps_each_layers_size_and_draws_new_directions(star, delta, tm
         assert not torch.allclose(new_rows, delta_rows)
     # It applies like the patch it imitates and comes off exactly.
     pipe = make_tiny_pipeline("sd1")
-    before = _out(pipe)
+    before = unet_probe(pipe)
     control.apply(pipe)
-    assert not torch.equal(_out(pipe), before)
+    assert not torch.equal(unet_probe(pipe), before)
     control.remove(pipe)
-    assert torch.equal(_out(pipe), before)
+    assert torch.equal(unet_probe(pipe), before)
     path = star.save(tmp_path / "s.safetensors")
     r = runner.invoke(app, ["patch", "placebo", "--patch", str(path), "--seed", "3",
                             "--out", str(tmp_path / "p.safetensors")])

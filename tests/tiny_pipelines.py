@@ -261,3 +261,13 @@ def make_tiny_pipeline(family: str, seed: int = 0):
     pipe = _BUILDERS[family](seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
+
+
+def unet_probe(pipe) -> torch.Tensor:
+    """The UNet's output on one fixed (latent, timestep, text states) input of an SD 1.x/2.x
+    tiny pipeline: equal outputs mean equal weights for what the tests compare."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ehs = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([300]), encoder_hidden_states=ehs).sample
