@@ -3,6 +3,8 @@ patch operation (apply, remove, save, stack, kohya, placebo, merge) and the defa
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -153,7 +155,7 @@ def test_defaults_per_family():
         ResteerConfig(train=HYBRID, compare_without=("earlier",))
 
 
-def test_cli_info_names_the_lora_share_and_the_rows(pair, tmp_path):
+def test_cli_info_and_convert_name_the_rows(pair, tmp_path):
     from typer.testing import CliRunner
 
     from forget_me_not.cli.main import app
@@ -164,3 +166,11 @@ def test_cli_info_names_the_lora_share_and_the_rows(pair, tmp_path):
     assert result.exit_code == 0, result.output
     assert "lora strength    0.5 of the LoRA as trained" in result.output
     assert "token rows       1 in text_encoder" in result.output
+    kohya = tmp_path / "kohya.safetensors"
+    with pytest.warns(UserWarning, match="the kohya file holds its UNet LoRA only"):
+        result = CliRunner().invoke(app, ["patch", "convert", "--patch", str(path), "--to",
+                                          "kohya", "--out", str(kohya)])
+    assert result.exit_code == 0 and kohya.is_file(), result.output
+    # The CLI prints warnings as one line, without the source line they came from.
+    shown = warnings.formatwarning(UserWarning("rows\n  left out"), UserWarning, "patch.py", 9)
+    assert shown == "warning: rows left out\n"

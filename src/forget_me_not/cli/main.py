@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import click
 import typer
@@ -58,6 +59,13 @@ def _root(
 ) -> None:
     """Forget-Me-Not: make text-to-image models forget concepts, and measure it."""
     _quiet_libraries()
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    # What a user should know, as `warning: ...`, without the source line it came from.
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def _quiet_libraries() -> None:
