@@ -439,7 +439,7 @@ class Patch:
                 if not shared:
                     table[index] = entry["row_stash"][enc].to(table.device)  # exact
                     continue
-                # A later embedding patch changed some of the same rows: take ours out
+                # A later patch changed some of the same rows: take ours out
                 # arithmetically and fix what that patch will restore.
                 change = delta.float() * entry["scale"]
                 table[index] = (table[index].float() - change.to(table.device)).to(table.dtype)
@@ -641,7 +641,8 @@ def stack_patches(patches: Sequence[Patch], strengths: Sequence[float] | None = 
     B = [s1·B1, s2·B2, ...] (s_i = strength_i · alpha_i / r_i, alpha = total rank so peft's
     scaling is 1), zero blocks where a patch does not touch the module. Ranks may differ.
     Each part's rank slice is recorded under "parts", so `unstack` can take one out again.
-    When any patch is a delta patch, everything is summed as full-weight deltas.
+    When any patch is a delta patch, everything is summed as full-weight deltas. Token rows
+    (of embedding patches, or beside a LoRA or delta) are summed per token.
     """
     patches = list(patches)
     if len(patches) < 2:
