@@ -174,3 +174,18 @@ def test_cli_info_and_convert_name_the_rows(pair, tmp_path):
     # The CLI prints warnings as one line, without the source line they came from.
     shown = warnings.formatwarning(UserWarning("rows\n  left out"), UserWarning, "patch.py", 9)
     assert shown == "warning: rows left out\n"
+
+
+def test_sdxl_patch_carries_the_rows_of_both_text_encoders():
+    pipe = make_tiny_pipeline("sdxl")
+    patch = resteer(pipe, [Concept("star")], _cfg(train=HYBRID), progress=False)
+    assert sorted(patch.token_rows()) == ["text_encoder", "text_encoder_2"]
+    tables = [pipe.text_encoder.get_input_embeddings().weight.detach().clone(),
+              pipe.text_encoder_2.get_input_embeddings().weight.detach().clone()]
+    patch.apply(pipe)
+    moved = [not torch.equal(pipe.text_encoder.get_input_embeddings().weight, tables[0]),
+             not torch.equal(pipe.text_encoder_2.get_input_embeddings().weight, tables[1])]
+    patch.remove(pipe)
+    assert all(moved)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, tables[0])
+    assert torch.equal(pipe.text_encoder_2.get_input_embeddings().weight, tables[1])
