@@ -186,8 +186,8 @@ class Patch:
                 f"patch {self.name!r} is already applied to this pipeline: remove it first, "
                 "or give the second copy another name"
             )
-        if self.has_rows:  # checked before the UNet changes: a misfit changes nothing
-            _check_fit(pipe, self)
+        # Rows are checked before the UNet changes: a misfit changes nothing.
+        tables = _check_fit(pipe, self) if self.has_rows else {}
         if self.kind == "lora":
             self._apply_lora(unet, scale)
         elif self.kind == "delta":
@@ -196,7 +196,7 @@ class Patch:
             registry[self.name] = {"kind": "embedding", "scale": float(scale)}
         if self.has_rows:
             registry[self.name].update({
-                "row_stash": _add_rows(pipe, self, scale),
+                "row_stash": _add_rows(tables, self, scale),
                 "patch_ids": {enc: ids for enc, (ids, _) in self.token_rows().items()},
             })
 
@@ -262,12 +262,12 @@ class Patch:
         for key, value in self.tensors.items():
             if self.kind != "embedding" and key.startswith("unet."):
                 continue
-            encoder, _, leaf = key.partition(".")
-            if encoder not in TEXT_ENCODERS or leaf not in ("token_ids", "token_delta"):
+            if not _is_row_key(key):
                 raise FmnError(
                     f"patch {self.name!r} holds {key}, which is no token-embedding row: the file "
                     "is damaged or not a forget-me-not embedding patch; make it again"
                 )
+            encoder, _, leaf = key.partition(".")
             parts.setdefault(encoder, {})[leaf] = value
         out = {}
         for encoder, pair in sorted(parts.items()):
@@ -469,10 +469,11 @@ def _token_table(pipe: Any, encoder: str, patch_name: str) -> torch.Tensor:
     return module.get_input_embeddings().weight
 
 
-def _add_rows(pipe: Any, patch: Patch, strength: float) -> dict[str, torch.Tensor]:
-    """Add an embedding patch's row deltas to the pipeline's token tables (checked first, so a
-    patch that does not fit changes nothing); returns the rows as they were, per encoder."""
-    rows, tables = patch.token_rows(), _check_fit(pipe, patch)
+def _add_rows(tables: dict[str, torch.Tensor], patch: Patch,
+              strength: float) -> dict[str, torch.Tensor]:
+    """Add the patch's row deltas to the token tables `_check_fit` returned for it; returns the
+    rows as they were, per encoder."""
+    rows = patch.token_rows()
     before: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for enc, (ids, delta) in rows.items():
@@ -869,8 +870,7 @@ def merge_into(pipe: Any, patches: Sequence[Patch],
         raise FmnError("this pipeline has patches or adapters applied: merge into a clean model")
     for patch, s in zip(patches, strengths, strict=True):
         patch._check_family(pipe)
-        if patch.has_rows:
-            _check_fit(pipe, patch)
+        tables = _check_fit(pipe, patch) if patch.has_rows else {}
         if patch.kind != "embedding":
             delta = patch.to_delta().unet_tensors
             params = {k: _param(unet, k.removeprefix("unet.")) for k in delta}
@@ -881,8 +881,8 @@ def merge_into(pipe: Any, patches: Sequence[Patch],
             with torch.no_grad():
                 for key, p in params.items():
                     p.copy_((p.detach().float() + delta[key].to(p.device).float() * s).to(p.dtype))
-        if patch.has_rows:
-            _add_rows(pipe, patch, s)
+        if tables:
+            _add_rows(tables, patch, s)
 
 
 def save_merged(pipe: Any, patches: Sequence[Patch], out_dir: str | Path,

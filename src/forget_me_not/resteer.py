@@ -233,7 +233,7 @@ class ResteerConfig:
     hold_prompts: tuple[str, ...] = ()
     hold_weight: float | None = None
     # train="lora+tokens": the share of its trained size the LoRA keeps in the patch (the
-    # token rows then train on top of it); None -> the family's default (1).
+    # token rows train apart, on the base model); None -> the family's default (1).
     lora_strength: float | None = None
 
     def __post_init__(self) -> None:
@@ -321,6 +321,10 @@ class ResteerConfig:
             raise FmnError("training on top of other patches needs --train lora: stack the "
                            "patches afterwards with `fmn patch stack` instead")
 
+    def train_mode(self, family: str | None) -> str:
+        """What trains: `train`, or the family's default (a LoRA on top of other patches)."""
+        return self.train or default_train(family, on_top=bool(self.compare_without))
+
     @property
     def learning_rate(self) -> float:
         """The learning rate, for a model without a family-specific default."""
@@ -333,7 +337,7 @@ class ResteerConfig:
 
         `anchored`: some concept names an anchor, and the family has defaults for such runs.
         """
-        train = self.train or default_train(family, on_top=bool(self.compare_without))
+        train = self.train_mode(family)
         base = {
             "train": train,
             "lr": {"lora": LORA_LR, HYBRID: LORA_LR, "tokens": TOKENS_LR}.get(train, FULL_LR),
@@ -408,10 +412,9 @@ def resteer(
     unet, device = pipe.unet, pipe.unet.device
     family = family_of(pipe)
     config = config or ResteerConfig()
-    if config.train is None:
-        config = replace(config, train=default_train(family, on_top=bool(config.compare_without)))
+    config = replace(config, train=config.train_mode(family))
     if config.train == HYBRID:
-        return _resteer_both(pipe, concepts, config, progress)
+        return _resteer_both(pipe, family, concepts, config, progress)
     if config.train == "tokens" and any(c.token_words for c in concepts):
         # Inverted placeholder tokens exist only beside their embedding file.
         raise FmnError("--train tokens changes the rows of words the tokenizer knows; for "
@@ -666,7 +669,7 @@ def resteer(
 
 
 def _resteer_both(
-    pipe: Any, concepts: Sequence[Concept], config: ResteerConfig, progress: bool
+    pipe: Any, family: str, concepts: Sequence[Concept], config: ResteerConfig, progress: bool
 ) -> Patch:
     """`train="lora+tokens"`: the LoRA, kept at `lora_strength`, and the token rows, each
     trained on the base model; one patch holds both.
@@ -681,7 +684,7 @@ def _resteer_both(
     if any(c.token_words for c in concepts):
         raise FmnError("--train lora+tokens changes the rows of words the tokenizer knows; for "
                        "tokens learnt by `fmn invert` use --train lora")
-    strength = config.resolved(family_of(pipe)).lora_strength
+    strength = config.resolved(family).lora_strength
     trained = resteer(pipe, concepts, replace(config, train="lora"), progress=progress)
     unet_half = trained.scaled(strength) if strength != 1.0 else trained
     rows_config = replace(config, train="tokens", lr=None, steps=None, lora_rank=None,
