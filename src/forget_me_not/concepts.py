@@ -148,16 +148,17 @@ def locate_tokens(
     tokenizer: Any,
     prompt: str,
     words: str,
-    include_eot: bool = False,
-    include_padding: bool = False,
+    extra: str = "none",
 ) -> list[int]:
     """Positions of `words`' tokens in `prompt` tokenized and padded to model_max_length.
 
     Every occurrence counts; matching is case-insensitive (the prompt's own spelling is
-    tokenized, so tokenizers that keep case work too). With `include_eot`, the end-of-text
-    position (the pooled token) is added; with `include_padding`, it and every position after
-    it (a causal text encoder writes the whole prompt, the concept included, into each of
-    them). Raises FmnError when the words do not occur.
+    tokenized, so tokenizers that keep case work too). `extra` adds: "eot", the first
+    end-of-text position (the pooled token); "pooler", every position whose id is the
+    end-of-text id, as the official code's `use_pooler` does (SD 1.x pads with that id, so the
+    padding too; SD 2.x pads with "!", so the one token); "padding", the first end-of-text and
+    every position after it (a causal text encoder writes the whole prompt into each of them).
+    Raises FmnError when the words do not occur.
     """
     words = _normalise(words)
     prompt_n = _normalise(prompt)
@@ -187,12 +188,16 @@ def locate_tokens(
             f"the tokens of {words!r} are not in the tokenized prompt {prompt!r} (cut off at "
             f"{max_len} tokens?): shorten the prompt, or learn tokens with `fmn invert`"
         )
-    if include_eot or include_padding:
-        eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    if extra == "pooler":
+        positions.update(i for i, t in enumerate(ids) if t == eos)
+    elif extra in ("eot", "padding"):
         # The first end-of-text token is the pooled one (padding may reuse the same id).
         first = next((i for i, t in enumerate(ids) if t == eos and i > 0), None)
         if first is not None:
-            positions.update(range(first, len(ids)) if include_padding else (first,))
+            positions.update(range(first, len(ids)) if extra == "padding" else (first,))
+    elif extra != "none":
+        raise FmnError(f"unknown extra positions {extra!r}: use none, eot, pooler or padding")
     return sorted(positions)
 
 
@@ -206,12 +211,11 @@ def locate_in_pipeline(
     pipe: Any,
     prompt: str,
     words: str,
-    include_eot: bool = False,
-    include_padding: bool = False,
+    extra: str = "none",
 ) -> list[list[int]]:
     """`locate_tokens` for each of the pipeline's tokenizers (one list per tokenizer)."""
     return [
-        locate_tokens(t, prompt, words, include_eot, include_padding)
+        locate_tokens(t, prompt, words, extra)
         for t in pipeline_tokenizers(pipe)
     ]
 

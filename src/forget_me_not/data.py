@@ -105,7 +105,8 @@ def _check_sizes(images: list[Image.Image], names: list[str],
 def resize_random_crop(
     image: Image.Image, size: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Resize the shorter side to `size`, crop a random square: (C, size, size) in [-1, 1].
+    """Resize the shorter side to `size` (bilinear), crop a random square: (C, size, size)
+    in [-1, 1].
 
     C is 3 for RGB images and 4 for RGBA (the alpha channel is cropped along, also in [-1, 1]).
     """
@@ -113,7 +114,7 @@ def resize_random_crop(
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+        image = image.resize((nw, nh), Image.Resampling.BILINEAR)  # as the official recipe
     top = int(torch.randint(0, nh - size + 1, (1,), generator=generator))
     left = int(torch.randint(0, nw - size + 1, (1,), generator=generator))
     crop = image.crop((left, top, left + size, top + size))

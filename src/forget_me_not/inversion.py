@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
-from tqdm.auto import tqdm
 
 from forget_me_not.concepts import pipeline_tokenizers
 from forget_me_not.data import load_images, model_resolution, resize_random_crop
 from forget_me_not.errors import FmnError
 from forget_me_not.patch import family_of, library_versions
-from forget_me_not.resteer import _autocast, encode_images, encode_prompt
+from forget_me_not.pipeline_io import autocast, encode_images, encode_prompt, text_encoders
+from forget_me_not.progress import Progress
 
 NORM_TARGET = 0.4  # the paper's target norm for the new embeddings
 DEFAULT_TEMPLATES = ("a photo of {}",)
@@ -81,7 +81,7 @@ class Embedding:
 
     def load_into(self, pipe: Any) -> str:
         """Add the tokens to the pipeline's tokenizer(s) and text encoder(s); return the phrase."""
-        encoders = _text_encoders(pipe)
+        encoders = text_encoders(pipe)
         tokenizers = pipeline_tokenizers(pipe)
         if len(encoders) != len(self.vectors):
             raise FmnError(
@@ -124,11 +124,6 @@ def load_embedding(path: str | Path) -> Embedding:
 
 
 # -- training -----------------------------------------------------------------------------------
-
-
-def _text_encoders(pipe: Any) -> list[torch.nn.Module]:
-    encs = [getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]
-    return [e for e in encs if e is not None]
 
 
 def _add_tokens(tokenizer: Any, encoder: torch.nn.Module, tokens: Sequence[str]) -> list[int]:
@@ -178,17 +173,25 @@ def train_inversion(
     batch_size: int = 1,
     norm_target: float = NORM_TARGET,
     mixed_precision: str = "no",
+    init_sigma: float | None = None,
+    weight_decay: float = 0.0,
+    flip_p: float = 0.0,
     progress: bool = True,
 ) -> Embedding:
     """Learn `num_tokens` placeholder tokens from reference images; return the Embedding.
 
     Only the new embedding rows train. The pipeline keeps the new tokens afterwards (they are
-    ready to prompt with); everything else is unchanged.
+    ready to prompt with); everything else is unchanged. Rows not copied from `init_words` start
+    random: `randn * init_sigma` (the official recipe: sigma 1), or with None the table's own
+    per-dimension mean and spread. `flip_p`: the share of steps whose image is flipped.
     """
     if num_tokens < 1 or steps < 1 or batch_size < 1:
         raise FmnError("num_tokens, steps and batch_size must each be at least 1")
     if not lr > 0:
         raise FmnError(f"learning rate must be positive, got {lr}")
+    if not 0.0 <= flip_p <= 1.0 or not weight_decay >= 0:
+        raise FmnError(f"flip_p must be in 0..1 and weight_decay >= 0, got {flip_p}, "
+                       f"{weight_decay}")
     for t in templates:
         if t.count("{}") != 1:
             raise FmnError(f"prompt template {t!r} must contain '{{}}' exactly once")
@@ -197,7 +200,7 @@ def train_inversion(
     gen = torch.Generator("cpu").manual_seed(seed)
     unet, vae = pipe.unet, pipe.vae
     device = unet.device
-    encoders = _text_encoders(pipe)
+    encoders = text_encoders(pipe)
     tokenizers = pipeline_tokenizers(pipe)
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)
@@ -216,6 +219,9 @@ def train_inversion(
             for j, tid in enumerate(ids):
                 if j < len(init):
                     table[tid] = table[init[j]]
+                elif init_sigma is not None:
+                    rnd = torch.randn(table.shape[1], generator=gen) * init_sigma
+                    table[tid] = rnd.to(table.device, table.dtype)
                 else:
                     rnd = torch.randn(table.shape[1], generator=gen) * std.cpu() + mean.cpu()
                     table[tid] = rnd.to(table.device, table.dtype)
@@ -225,7 +231,7 @@ def train_inversion(
     frozen = [t.detach().clone() for t in tables]
     for t in tables:
         t.requires_grad_(True)
-    optimizer = torch.optim.AdamW(tables, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(tables, lr=lr, weight_decay=weight_decay)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
     phrase = " ".join(tokens)
@@ -234,14 +240,11 @@ def train_inversion(
     decay = min(1.0, 100 * lr)
     losses: list[float] = []
     try:
-        bar = tqdm(range(steps), desc="inverting", disable=not progress)
-        for step in bar:
+        bar = Progress(steps, "inverting", enabled=progress)
+        for step in range(steps):
             rows = [(step * batch_size + r) for r in range(batch_size)]
-            pixels = torch.stack([
-                resize_random_crop(pil_images[int(torch.randint(0, len(pil_images), (1,),
-                                                                generator=gen))],
-                                   resolution, gen)
-                for _ in rows])  # (B, 3, H, W)
+            pixels = torch.stack([_drawn(pil_images, resolution, flip_p, gen)
+                                  for _ in rows])  # (B, 3, H, W)
             latents = encode_images(pipe, pixels, gen).to(device, unet.dtype)  # (B, C, h, w)
             noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),),
@@ -256,7 +259,7 @@ def train_inversion(
                 added = {"text_embeds": text_embeds,
                          "time_ids": torch.tensor([ids] * len(rows), dtype=text_embeds.dtype,
                                                   device=device)}
-            with _autocast(device, mixed_precision):
+            with autocast(device, mixed_precision):
                 pred = unet(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=added,
                             return_dict=False)[0]
             if prediction == "v_prediction":
@@ -282,7 +285,8 @@ def train_inversion(
                     table[ids] = F.normalize(rows_new, dim=-1) * (
                         norm + decay * (norm_target - norm))
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update(loss=losses[-1])
+        bar.close()
     except BaseException:
         # Leave no half-trained tokens behind in the caller's pipeline.
         for table, keep in zip(tables, frozen, strict=True):
@@ -303,7 +307,20 @@ def train_inversion(
         "seed": seed,
         "templates": list(templates),
         "norm_target": norm_target,
+        "init_sigma": init_sigma,
+        "weight_decay": weight_decay,
+        "flip_p": flip_p,
         "losses": losses,
         "versions": library_versions(),
     }
     return Embedding(tokens=tokens, vectors=vectors, metadata=metadata)
+
+
+def _drawn(images: Sequence[Image.Image], resolution: int, flip_p: float,
+           gen: torch.Generator) -> torch.Tensor:
+    """One reference image, resized and randomly cropped, flipped with probability `flip_p`."""
+    pixels = resize_random_crop(images[int(torch.randint(0, len(images), (1,), generator=gen))],
+                                resolution, gen)  # (3, H, W)
+    if flip_p > 0 and float(torch.rand((), generator=gen)) < flip_p:
+        pixels = pixels.flip(-1)
+    return pixels

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from forget_me_not.patch import Patch, _adapter_name
+from forget_me_not.patch import Patch, adapter_name
 
 
 def placebo(patch: Patch, seed: int) -> Patch:
@@ -36,7 +36,7 @@ def placebo(patch: Patch, seed: int) -> Patch:
             tensors[f"{encoder}.token_delta"] = _same_norms(rows, gen, dim=-1)
     meta = {**patch.metadata, "placebo_of": patch.name, "placebo_seed": int(seed)}
     return Patch(patch.kind, tensors, meta, patch.lora_config,
-                 _adapter_name(f"{patch.name}_placebo{seed}"))
+                 adapter_name(f"{patch.name}_placebo{seed}"))
 
 
 def _same_norms(value: torch.Tensor, gen: torch.Generator, dim: int | None = None) -> torch.Tensor:

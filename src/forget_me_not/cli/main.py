@@ -16,7 +16,7 @@ from forget_me_not.errors import FmnError
 # Each module exposes register(app). A group not present in this install is skipped, so a new
 # command is added by creating its module and naming it here.
 COMMAND_MODULES = ("generate", "forget", "invert", "evaluate", "bench", "patch", "world",
-                   "correct")
+                   "correct", "recipes")
 
 EXIT_USER_ERROR = 2
 

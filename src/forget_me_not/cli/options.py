@@ -37,11 +37,19 @@ Config = Annotated[
         help="Local diffusers folder giving the configs for a single-file checkpoint (offline).",
     ),
 ]
-PreserveLatents = Annotated[
+Method = Annotated[
     str | None,
-    typer.Option(help="What the preserved prompts are compared on: 'shared' (the target's noisy "
-                      "latent) or 'own' (an image the model draws per prompt; default: the "
-                      "model family's)."),
+    typer.Option(help="fmn, token_rows, ... (`fmn recipes` lists them; default: the recipe's)."),
+]
+Recipe = Annotated[
+    str | None,
+    typer.Option(help="A shipped recipe (`fmn recipes`) or a .yaml file (default: the model "
+                      "family's for the method)."),
+]
+Sets = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="KEY=VALUE overriding a recipe field, every part that has it; "
+                               "METHOD.KEY=VALUE for one part (repeatable)."),
 ]
 Seed = Annotated[int, typer.Option(help="Base seed; sample i uses seed + i.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]

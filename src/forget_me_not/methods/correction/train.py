@@ -18,7 +18,7 @@ an anchor, the role's prediction is trained to match the base model's prediction
 anchor (the model-based objective of Kumari et al., "Ablating Concepts", 2023). With anchors,
 the hold on transparent pixels is off by default: the anchors keep the hat.
 
-Two methods. "embedding" (the default) trains only the role's token-embedding rows with that
+Two variants. "embedding" (the default) trains only the role's token-embedding rows with that
 pull (`token_pull`): no UNet weight changes, so the identity named directly is untouched and
 the role moves fully (ConceptWorld: the wizard drawn as milka 100% -> 0%, hat kept, milka 100%).
 It needs anchor prompts. "resteer" is the re-steering correction above, as a LoRA patch: on
@@ -44,21 +44,11 @@ import numpy as np
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.images import save_numbered
+from forget_me_not.methods.correction.config import CorrectionConfig
+from forget_me_not.methods.fmn.config import FmnConfig
 from forget_me_not.patch import Patch
-from forget_me_not.resteer import ResteerConfig, resteer
 
-# Weight of the retention regulariser on the entangled identity's own prompts. Set on
-# ConceptWorld's wizard -> milka with the anchor term on (n=8): at 1 milka named directly
-# fell to 75-88%, at 5 it stayed at 88-100%.
-DEFAULT_PRESERVE_WEIGHT = 5.0
-# Weight of the anchor term (the role pulled toward prompts that show the role on other
-# people); set on ConceptWorld's wizard -> milka (BENCHMARKS.md, "Correction").
-DEFAULT_ANCHOR_WEIGHT = 50.0
-CORRECTION_STEP_FACTOR = 2
-WARN_BELOW = 0.3  # entanglement rate under which correction is probably not needed
-N_CHECK = 8  # role samples judged before training
 N_SELF_REFERENCES = 8  # identity images the model draws when none are given
-METHODS = ("embedding", "resteer")
 
 
 @dataclass
@@ -69,7 +59,7 @@ class Correction:
 
 
 def entangled_rate(pipe: Any, role: Concept, entangled: Concept, judge: Any,
-                   n: int = N_CHECK, seed: int = 0) -> float:
+                   n: int = 8, seed: int = 0) -> float:
     """Share of `n` samples of the role's prompts that `judge` recognises as `entangled`."""
     from forget_me_not.generation import generate_images
     from forget_me_not.world.defaults import default_guidance, default_steps
@@ -89,84 +79,66 @@ def correct(
     pipe: Any,
     role: Concept,
     away_from: Concept,
-    config: ResteerConfig | None = None,
+    config: CorrectionConfig | None = None,
+    fmn: FmnConfig | None = None,
     *,
     images: tuple[Path, ...] = (),
     judge: Any = None,
-    n_check: int = N_CHECK,
-    warn_below: float = WARN_BELOW,
-    preserve: bool = True,
-    toward_weight: float | None = None,
-    method: str = "embedding",
     progress: bool = True,
 ) -> Correction:
-    """Re-steer `role` away from the identity `away_from`; returns the patch and the rate.
+    """Move `role` away from the identity `away_from`; returns the patch and the rate.
 
-    References, in order: `images` (of the identity), world renders of it on the embedded
-    model, or the model's own drawings from the identity's prompts.
-    The role is also pulled toward `config.anchor_prompts` (the role shown on other people;
-    on ConceptWorld: the other IDs wearing the hat, filled in automatically) with
-    `toward_weight` (None: `DEFAULT_ANCHOR_WEIGHT`; 0: off).
-    `method="embedding"` trains only the role's token rows toward the anchors (`token_pull`;
-    `config.steps` / `config.lr` override its defaults, the re-steering settings are unused).
+    References of the "resteer" variant, in order: `images` (of the identity), world renders
+    of it on the embedded model, or the model's own drawings from the identity's prompts; it
+    re-steers with `fmn` (the family's FMN recipe). The role is pulled toward `config.toward`
+    (the role shown on other people; on ConceptWorld: the other IDs wearing the hat, filled in
+    automatically). The "embedding" variant trains only the role's token rows toward them.
     """
     from forget_me_not.models import detect_family
     from forget_me_not.presets import is_world_concept, world_concepts
 
+    config = config or CorrectionConfig()
     if role.words.strip().lower() == away_from.words.strip().lower():
         raise FmnError("--concept and --away-from are the same words: name the role and the "
                        "identity it collapses onto")
-    if not 0.0 <= warn_below <= 1.0:
-        raise FmnError(f"warn_below must be in 0..1, got {warn_below}")
-    if method not in METHODS:
-        raise FmnError(f"unknown correction method {method!r}: use one of {', '.join(METHODS)}")
     family = detect_family(pipe)
-    config = config or ResteerConfig()
-    anchors = config.anchor_prompts
+    anchors = config.toward
     if not anchors and family == "embedded" and _is_world_role(role, away_from):
         anchors = _world_anchor_prompts()
-    if method == "embedding" and not anchors:
+    if config.variant == "embedding" and not anchors:
         raise FmnError(
             "the embedding correction needs prompts that show the role on someone else: pass "
             "--toward PROMPT (repeatable), or use --method resteer"
         )
 
     rate = None
-    if judge is not None and n_check > 0:
+    if judge is not None and config.n_check > 0:
         if not judge.supports(away_from):
             raise FmnError(f"the {judge.name} judge cannot score {away_from.name!r}: pass "
-                           "another judge, or skip the check")
-        rate = entangled_rate(pipe, role, away_from, judge, n_check, config.seed)
-        if rate < warn_below:
+                           "another judge, or skip the check (--set n_check=0)")
+        rate = entangled_rate(pipe, role, away_from, judge, config.n_check, config.seed)
+        if rate < config.warn_below:
             warnings.warn(
-                f"only {rate:.0%} of {n_check} samples of {role.name!r} show {away_from.name!r} "
-                f"(judge {judge.name}; below {warn_below:.0%}): the entanglement may not be "
-                "there, and correcting it would mostly change the role",
+                f"only {rate:.0%} of {config.n_check} samples of {role.name!r} show "
+                f"{away_from.name!r} (judge {judge.name}; below {config.warn_below:.0%}): the "
+                "entanglement may not be there, and correcting it would mostly change the role",
                 stacklevel=2,
             )
 
-    if method == "embedding":
-        return _correct_tokens(pipe, role, away_from, anchors, config, rate, judge, n_check,
-                               progress)
+    if config.variant == "embedding":
+        return _correct_tokens(pipe, role, away_from, anchors, config, rate, judge, progress)
 
-    if not config.preserve_weight and preserve:
-        config = dataclasses.replace(
-            config, preserve_weight=DEFAULT_PRESERVE_WEIGHT,
-            preserve_prompts=config.preserve_prompts or tuple(away_from.prompts()))
-    pull = DEFAULT_ANCHOR_WEIGHT if toward_weight is None else toward_weight
-    if pull < 0:
-        raise FmnError(f"toward_weight must be >= 0, got {toward_weight}")
-    config = dataclasses.replace(config, anchor_prompts=anchors if pull else (),
-                                 anchor_weight=pull if anchors else 0.0)
-    if config.anchor_weight and config.transparent_weight is None:
-        config = dataclasses.replace(config, transparent_weight=0.0)
-    if config.steps is None:
-        # Moving the role toward the anchors takes longer than forgetting: twice the
-        # family's steps (ConceptWorld, n=8: 100 steps left the role on the identity 38% of
-        # the time, 200 steps 25%).
-        config = dataclasses.replace(
-            config, steps=CORRECTION_STEP_FACTOR * config.resolved(family).steps)
-    config = dataclasses.replace(config, reference="images")
+    fmn = fmn or FmnConfig(train="lora")
+    if config.preserve_weight > 0:  # keep the identity itself drawable
+        fmn = dataclasses.replace(fmn, preserve_weight=config.preserve_weight,
+                                  preserve_prompts=config.preserve_prompts
+                                  or tuple(away_from.prompts()))
+    pull = config.anchor_weight
+    fmn = dataclasses.replace(fmn, anchor_prompts=anchors if pull else (),
+                              anchor_weight=pull if anchors else 0.0, reference="images",
+                              steps=config.step_factor * fmn.steps, seed=config.seed)
+    if fmn.anchor_weight:
+        fmn = dataclasses.replace(fmn, transparent_weight=config.hold_transparent)
 
     with tempfile.TemporaryDirectory(prefix="fmn_correct_") as tmp:
         if images:
@@ -177,32 +149,36 @@ def correct(
             refs, source = world_concepts([away_from.name], tmp)[0].images, "world renders"
         else:
             refs, source = _self_references(pipe, away_from, Path(tmp), config.seed), "self"
-        patch = resteer(pipe, [dataclasses.replace(role, images=refs)], config,
-                        progress=progress)
+        from forget_me_not.methods.fmn.train import train
+
+        patch = train(pipe, [dataclasses.replace(role, images=refs)], fmn, progress=progress)
     patch.metadata["correction"] = {
-        **_record("resteer", role, away_from, rate, judge, n_check),
+        **_record("resteer", role, away_from, rate, judge, config.n_check),
         "reference_source": source,
-        "preserve_weight": config.preserve_weight,
-        "preserve_prompts": list(config.preserve_prompts),
-        "anchor_weight": config.anchor_weight,
-        "anchor_prompts": list(config.anchor_prompts),
+        "preserve_weight": fmn.preserve_weight,
+        "preserve_prompts": list(fmn.preserve_prompts),
+        "anchor_weight": fmn.anchor_weight,
+        "anchor_prompts": list(fmn.anchor_prompts),
+        "settings": dataclasses.asdict(config),
     }
     patch.metadata["reference_source"] = source
     return Correction(patch, rate, source)
 
 
 def _correct_tokens(pipe: Any, role: Concept, away_from: Concept, anchors: tuple[str, ...],
-                    config: ResteerConfig, rate: float | None, judge: Any, n_check: int,
+                    config: CorrectionConfig, rate: float | None, judge: Any,
                     progress: bool) -> Correction:
-    """The embedding method: the role's token rows pulled toward the anchors."""
-    from forget_me_not.token_pull import DEFAULT_LR, DEFAULT_STEPS, TokenPullConfig, pull_tokens
+    """The embedding variant: the role's token rows pulled toward the anchors."""
+    from forget_me_not.methods.correction.pull import TokenPullConfig, pull_tokens
 
-    settings = TokenPullConfig(steps=config.steps or DEFAULT_STEPS, lr=config.lr or DEFAULT_LR,
-                               seed=config.seed)
+    settings = TokenPullConfig(steps=config.pull_steps, lr=config.pull_lr, seed=config.seed,
+                               anchor_steps=config.anchor_steps,
+                               anchor_images=config.anchor_images)
     patch = pull_tokens(pipe, role, anchors, settings, progress=progress)
     patch.metadata["correction"] = {
-        **_record("embedding", role, away_from, rate, judge, n_check),
+        **_record("embedding", role, away_from, rate, judge, config.n_check),
         "anchor_prompts": list(anchors),
+        "settings": dataclasses.asdict(config),
     }
     patch.metadata["reference_source"] = "anchors"
     return Correction(patch, rate, "anchor prompts drawn by the base model")

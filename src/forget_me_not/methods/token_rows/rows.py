@@ -1,7 +1,7 @@
 """Trainable deltas on a few rows of the text encoder(s)' token-embedding table.
 
-Used by the token-embedding correction (`token_pull`) and by re-steering with
-`train="tokens"`: only the rows of the words that spell a concept change, so every prompt
+Used by the token-embedding correction (`methods.correction.pull`) and by the `token_rows`
+method: only the rows of the words that spell a concept change, so every prompt
 without those words keeps exactly the base model's text states (and pictures).
 """
 
@@ -26,7 +26,7 @@ def word_token_ids(pipe: Any, words: str) -> list[list[int]]:
         if not ids or (unk is not None and unk in ids and tok.unk_token not in words):
             raise FmnError(
                 f"the tokenizer does not know {words!r}: learn a token for it with `fmn invert` "
-                "and train a LoRA on that (--train lora), or use other words"
+                "and forget those with --method fmn, or use other words"
             )
         out.append(list(dict.fromkeys(ids)))
     return out
@@ -36,9 +36,9 @@ class RowDeltas:
     """A trainable delta per token id, added to the embedding output wherever the token is."""
 
     def __init__(self, pipe: Any, ids: Sequence[Sequence[int]]) -> None:
-        from forget_me_not.inversion import _text_encoders
+        from forget_me_not.pipeline_io import text_encoders
 
-        encoders = _text_encoders(pipe)
+        encoders = text_encoders(pipe)
         self.names = ["text_encoder", "text_encoder_2"][: len(encoders)]
         self.ids = [torch.tensor(list(i), dtype=torch.int64) for i in ids]
         self.deltas = [

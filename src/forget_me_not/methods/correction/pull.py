@@ -23,17 +23,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from forget_me_not.concepts import Concept, pipeline_tokenizers
 from forget_me_not.data import model_resolution
 from forget_me_not.errors import FmnError
+from forget_me_not.methods.token_rows.rows import RowDeltas, word_token_ids
 from forget_me_not.patch import Patch, family_of, library_versions, model_hash
-from forget_me_not.resteer import _added_cond, _draw_latents, _Row, encode_prompt
-from forget_me_not.token_rows import RowDeltas, word_token_ids
+from forget_me_not.pipeline_io import Row, added_cond, draw_latents, encode_prompt, freeze
+from forget_me_not.progress import Progress
 
-# Set on ConceptWorld's wizard -> milka (n=16): 100 steps at lr 5e-3 took the role from 100% to
-# 0% milka in 10 s with the hat kept; 300 steps gave the same rates.
+# Defaults measured on ConceptWorld's wizard -> milka (BENCHMARKS.md, "Correction").
 DEFAULT_STEPS = 150
 DEFAULT_LR = 5e-3
 
@@ -83,15 +82,12 @@ def pull_tokens(
     family, base_hash = family_of(pipe), model_hash(pipe)
     ids = word_token_ids(pipe, role.words)
     unet, device = pipe.unet, pipe.unet.device
-    for part in ("vae", "text_encoder", "text_encoder_2", "unet"):
-        module = getattr(pipe, part, None)
-        if module is not None:
-            module.requires_grad_(False)
+    freeze(pipe)
 
     # What the role should become: the base model's own drawings of the anchors, and its
     # predictions for them (computed per step on the same noisy latent).
     anchor_prompts = anchors * config.anchor_images
-    latents = _draw_latents(pipe, anchor_prompts, config.anchor_steps, config.seed)
+    latents = draw_latents(pipe, anchor_prompts, config.anchor_steps, config.seed)
     with torch.no_grad():
         anchor_rows = [_row(pipe, p) for p in anchor_prompts]
     role_prompts = role.prompts()
@@ -101,9 +97,9 @@ def pull_tokens(
     rows = RowDeltas(pipe, ids)
     optimizer = torch.optim.Adam(rows.deltas, lr=config.lr)
     losses: list[float] = []
-    bar = tqdm(range(config.steps), desc=f"correcting {role.words!r}", disable=not progress)
+    bar = Progress(config.steps, f"correcting {role.words!r}", enabled=progress)
     with rows.active():
-        for step in bar:
+        for step in range(config.steps):
             j = step % len(anchor_prompts)
             clean = latents[j : j + 1].to(device, unet.dtype)
             noise = torch.randn(clean.shape, generator=gen).to(device, unet.dtype)
@@ -113,11 +109,11 @@ def pull_tokens(
             anchor = anchor_rows[j]
             with torch.no_grad():
                 target = unet(noisy, t, encoder_hidden_states=anchor.embeds.to(device),
-                              added_cond_kwargs=_added_cond(pipe, [anchor], resolution, device),
+                              added_cond_kwargs=added_cond(pipe, [anchor], resolution, device),
                               return_dict=False)[0]
             row = _row(pipe, role_prompts[step % len(role_prompts)])
             pred = unet(noisy, t, encoder_hidden_states=row.embeds,
-                        added_cond_kwargs=_added_cond(pipe, [row], resolution, device),
+                        added_cond_kwargs=added_cond(pipe, [row], resolution, device),
                         return_dict=False)[0]
             loss = F.mse_loss(pred.float(), target.float())
             if not torch.isfinite(loss):
@@ -129,12 +125,13 @@ def pull_tokens(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update(loss=losses[-1])
+    bar.close()
 
     tokens = [tok.convert_ids_to_tokens(list(i))
               for tok, i in zip(pipeline_tokenizers(pipe), ids, strict=True)]
     metadata = {
-        "method": "forget-me-not/token-pull",
+        "method": "correction",
         "concepts": [role.to_dict()],
         "family": family,
         "base_model_hash": base_hash,
@@ -153,6 +150,6 @@ def pull_tokens(
                  f"fmn_tokens_{words}_{digest.hexdigest()[:8]}")
 
 
-def _row(pipe: Any, prompt: str) -> _Row:
+def _row(pipe: Any, prompt: str) -> Row:
     embeds, pooled = encode_prompt(pipe, prompt)
-    return _Row(-1, embeds, pooled, [])
+    return Row(-1, embeds, pooled, [])

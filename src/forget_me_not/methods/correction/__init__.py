@@ -1,0 +1,1 @@
+"""Concept correction: a role word untangled from the identity it collapses onto."""

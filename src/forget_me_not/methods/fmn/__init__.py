@@ -1,0 +1,1 @@
+"""FMN: Attention Re-steering on the UNet (`train`), configured by `FmnConfig`."""

@@ -1,0 +1,49 @@
+"""FMN (Forget-Me-Not, Zhang et al. 2023): re-steer the UNet's cross-attention away from a
+concept's tokens. The result is a `Patch` (a LoRA, or a weight delta); the pipeline is left as
+it was."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from forget_me_not.concepts import Concept
+from forget_me_not.errors import FmnError
+from forget_me_not.methods.fmn.config import FmnConfig
+from forget_me_not.methods.fmn.loop import resolve, run_loop
+from forget_me_not.methods.fmn.trainable import UnetTrainable
+from forget_me_not.patch import Patch, family_of, library_versions, model_hash, run_name
+
+
+def train(pipe: Any, concepts: Sequence[Concept], config: FmnConfig | None = None, *,
+          progress: bool = True) -> Patch:
+    """Re-steer `concepts` away in `pipe`'s UNet; return the patch (the pipeline unchanged)."""
+    concepts = list(concepts)
+    if not concepts:
+        raise FmnError("no concept to forget: pass at least one concept")
+    config = resolve(config or FmnConfig(), concepts)
+    base_hash = model_hash(pipe)
+    out = run_loop(pipe, concepts, config, UnetTrainable(pipe.unet, config), progress)
+    return to_patch(pipe, "fmn", concepts, config, out, base_hash)
+
+
+def to_patch(pipe: Any, method: str, concepts: list[Concept], config: Any, out: dict[str, Any],
+             base_hash: str) -> Patch:
+    """The loop's result as a patch that records the method, its resolved config and its logs."""
+    metadata = {
+        "method": method,
+        "concepts": [c.to_dict() for c in concepts],
+        "family": family_of(pipe),
+        "base_model_hash": base_hash,
+        "train": getattr(config, "train", method),
+        "steps": config.steps,
+        "seed": config.seed,
+        "settings": dataclasses.asdict(config),
+        "versions": library_versions(),
+        "losses": out["losses"],
+        "term_losses": out["term_losses"],
+        "seconds": out["seconds"],
+    }
+    return Patch(kind=out["kind"], tensors=out["tensors"], metadata=metadata,
+                 lora_config=out["lora_config"], name=run_name("fmn", concepts, metadata))
