@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from forget_me_not.api import forget
+from forget_me_not.api import overrides as api_overrides
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.placebo import placebo
-from forget_me_not.resteer import ResteerConfig
 from forget_me_not.world import concepts as wc
 from forget_me_not.world import vocab
 from forget_me_not.world.captions import HELD_OUT
@@ -116,14 +116,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=None, help="re-steering steps (default: library)")
     ap.add_argument("--lr", default=None, help="learning rate, or several: 1e-4,1e-3")
-    ap.add_argument("--train", default=None,
-                    help="lora, xattn, unet, tokens or lora+tokens (default: the library's; "
-                         "the embedded model: lora+tokens)")
-    ap.add_argument("--lora-strength", type=float, default=None,
-                    help="lora+tokens: the LoRA's share of its trained size")
-    ap.add_argument("--rank", type=int, default=None)
-    ap.add_argument("--include-padding", action="store_true")
-    ap.add_argument("--preserve-t-min", type=int, default=None)
+    ap.add_argument("--recipe", default=None, help="a recipe name or file (default: the "
+                    "family's)")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE recipe override")
     ap.add_argument("--placebo", type=int, default=0,
                     help="also score K placebo patches per target: the patch's size per layer in "
                          "random directions (what the size of the change alone costs)")
@@ -150,25 +145,13 @@ def main() -> None:
     lrs = [float(x) for x in a.lr.split(",")] if a.lr else [None]
     runs = [(t, lr) for t in a.targets.split(",") for lr in lrs]
     for target, lr in runs:
-        overrides = {
-            k: v
-            for k, v in {
-                "steps": a.steps,
-                "lr": lr,
-                "train": a.train,
-                "lora_rank": a.rank,
-                "lora_strength": a.lora_strength,
-                "include_padding": a.include_padding or None,
-                "preserve_t_min": a.preserve_t_min,
-            }.items()
-            if v is not None
-        }
+        sets = [*api_overrides(steps=a.steps, lr=lr), *a.set]
         named = companions(target, a.n * 2)
         named_before = companion_rates(pipe, judge, named, a.seed, guidance)
         with tempfile.TemporaryDirectory() as refs:
             concept = wc.fmn_concept(target, refs)
             t1 = time.perf_counter()
-            patch = forget(pipe, concept, ResteerConfig(**overrides), progress=False)
+            patch = forget(pipe, concept, recipe=a.recipe, sets=sets, progress=False)
             seconds = time.perf_counter() - t1
         patch.apply(pipe)
         after = world_rates(pipe, judge, a, guidance, avoid)

@@ -26,7 +26,8 @@ from diffusers import UNet2DConditionModel
 
 from forget_me_not.attention import install_probes
 from forget_me_not.concepts import TokenMask
-from forget_me_not.resteer import ResteerConfig, _Trainable
+from forget_me_not.methods.fmn.config import FmnConfig
+from forget_me_not.methods.fmn.trainable import UnetTrainable
 
 SD15 = dict(
     sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -68,8 +69,9 @@ def bench(shape: str, train: str, steps: int, tiny: bool, device: torch.device,
     config = (TINY if tiny else FULL)[shape]
     unet = UNet2DConditionModel(**config).to(device)
     unet.requires_grad_(False)
-    cfg = ResteerConfig(train=train, steps=steps, mixed_precision=dtype).resolved(None)
-    trainer = _Trainable(unet, cfg)
+    lr = 1e-4 if train == "lora" else 2e-6  # paper-lora / paper
+    cfg = FmnConfig(train=train, steps=steps, lr=lr, mixed_precision=dtype)
+    trainer = UnetTrainable(unet, cfg)
     params = trainer.setup()
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     probes = install_probes(unet)

@@ -19,7 +19,7 @@ import torch
 from forget_me_not.concepts import locate_tokens
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
-from forget_me_not.resteer import encode_prompt
+from forget_me_not.pipeline_io import encode_prompt
 from forget_me_not.world.scoring import judge_labels
 
 SUBJECTS = ("a blue heart", "zorbo", "a green circle")
@@ -28,7 +28,7 @@ SUBJECTS = ("a blue heart", "zorbo", "a green circle")
 def position_sets(pipe, prompt: str, style: str) -> dict[str, list[int]]:
     """The positions to swap, found the way re-steering finds a concept's tokens."""
     word = locate_tokens(pipe.tokenizer, prompt, style)
-    tail = locate_tokens(pipe.tokenizer, prompt, style, include_padding=True)
+    tail = locate_tokens(pipe.tokenizer, prompt, style, extra="padding")
     end = [i for i in tail if i not in word]  # end-of-text and padding
     return {
         "none": [],

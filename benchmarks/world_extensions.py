@@ -26,13 +26,13 @@ import torch
 
 from forget_me_not.api import forget
 from forget_me_not.concepts import Concept
-from forget_me_not.correct import correct
 from forget_me_not.demo import before_after_sheet
 from forget_me_not.judges.world import WorldJudge
+from forget_me_not.methods.correction.config import CorrectionConfig
+from forget_me_not.methods.correction.train import correct
 from forget_me_not.models import load_pipeline
 from forget_me_not.patch import stack_patches
 from forget_me_not.presets import get_preset, preset_concepts
-from forget_me_not.resteer import ResteerConfig
 from forget_me_not.world import concepts as wc
 from forget_me_not.world import vocab
 from forget_me_not.world.defaults import default_guidance
@@ -69,14 +69,9 @@ def main() -> None:
     ap.add_argument("--stack-on-top", action="store_true",
                     help="train each later stacked patch on top of the ones before it")
     ap.add_argument("--preserve-weight", type=float, default=None)
-    ap.add_argument("--train", default=None,
-                    help="forgetting runs' trainable set (default: the library's; the "
-                         "embedded model: lora+tokens)")
-    ap.add_argument("--lora-strength", type=float, default=None,
-                    help="forgetting runs' setting (lora+tokens: the LoRA's share)")
+    ap.add_argument("--recipe", default=None, help="forgetting recipe (default: the family's)")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE recipe override")
     ap.add_argument("--method", default="embedding", help="correction method: embedding|resteer")
-    ap.add_argument("--preserve-t-min", type=int, default=None, help="forgetting runs' setting")
-    ap.add_argument("--weight-decay", type=float, default=None, help="forgetting runs' setting")
     ap.add_argument("--out", type=Path, default=Path("runs/world_extensions"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -97,8 +92,7 @@ def main() -> None:
         "base": {k: v["rate"] for k, v in base.items()},
     }
     todo = a.only.split(",")
-    forgetting = ResteerConfig(preserve_t_min=a.preserve_t_min, weight_decay=a.weight_decay,
-                               lora_strength=a.lora_strength, train=a.train)
+    forgetting = dict(recipe=a.recipe, sets=a.set)
     with tempfile.TemporaryDirectory() as refs:
         if "stack" in todo:
             names = a.stack.split(",")
@@ -106,7 +100,7 @@ def main() -> None:
             parts = []
             for x in names:
                 earlier = parts if a.stack_on_top else []
-                parts.append(forget(pipe, wc.fmn_concept(x, Path(refs) / x), forgetting,
+                parts.append(forget(pipe, wc.fmn_concept(x, Path(refs) / x), **forgetting,
                                     on_top_of=earlier, progress=False))
             stacked = stack_patches(parts)
             seconds = time.perf_counter() - t0
@@ -121,7 +115,7 @@ def main() -> None:
         if "unsafe" in todo:
             t0 = time.perf_counter()
             patch = forget(
-                pipe, preset_concepts("unsafe", "embedded", Path(refs) / "unsafe"), forgetting,
+                pipe, preset_concepts("unsafe", "embedded", Path(refs) / "unsafe"), **forgetting,
                 separately=get_preset("unsafe").separately, progress=False,
             )
             seconds = time.perf_counter() - t0
@@ -138,15 +132,10 @@ def main() -> None:
         if "correct" in todo:
             role = Concept(vocab.ROLE, "id", wc.FMN_TEMPLATES["role"])
             ident = Concept(vocab.ROLE_ID, "id", wc.FMN_TEMPLATES["id"])
-            cfg = (
-                ResteerConfig()
-                if a.preserve_weight is None
-                else ResteerConfig(
-                    preserve_weight=a.preserve_weight, preserve_prompts=tuple(ident.prompts())
-                )
-            )
+            cfg = CorrectionConfig(variant=a.method, **(
+                {} if a.preserve_weight is None else {"preserve_weight": a.preserve_weight}))
             t0 = time.perf_counter()
-            fix = correct(pipe, role, ident, cfg, judge=judge, method=a.method, progress=False)
+            fix = correct(pipe, role, ident, cfg, judge=judge, progress=False)
             seconds = time.perf_counter() - t0
             fix.patch.apply(pipe)
             after = score()

@@ -208,10 +208,10 @@ def test_run_bench_with_a_real_patch_file(tmp_path):
     """A patch from the real re-steering (2 steps) goes through load_patch/apply/remove."""
     from forget_me_not.api import forget
     from forget_me_not.concepts import Concept
-    from forget_me_not.resteer import ResteerConfig
+    from tiny_pipelines import fmn_config
 
     pipe = make_tiny_pipeline("sd1")
-    config = ResteerConfig(steps=2, reference="noise", lr=1e-1)
+    config = fmn_config(steps=2, reference="noise", lr=1e-1)
     patch_path = tmp_path / "star.safetensors"
     forget(pipe, [Concept("star")], config, progress=False).save(patch_path)
     weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}

@@ -58,9 +58,9 @@ def test_multi_token_word_and_eot():
     assert len(ids) > 1
     positions = locate_tokens(tok, "a photo of zorbos", "zorbos")
     assert positions == list(range(4, 4 + len(ids)))
-    with_eot = locate_tokens(tok, "a photo of star", "star", include_eot=True)
+    with_eot = locate_tokens(tok, "a photo of star", "star", extra="eot")
     assert with_eot == [4, 5]  # the first end-of-text right after the prompt
-    with_padding = locate_tokens(tok, "a photo of star", "star", include_padding=True)
+    with_padding = locate_tokens(tok, "a photo of star", "star", extra="padding")
     assert with_padding == [4] + list(range(5, tok.model_max_length))  # every padding slot
 
 
@@ -87,7 +87,7 @@ def test_sdxl_positions_per_tokenizer():
     from tiny_pipelines import make_tiny_pipeline
 
     pipe = make_tiny_pipeline("sdxl")
-    per = locate_in_pipeline(pipe, "a photo of a red star", "star", include_eot=True)
+    per = locate_in_pipeline(pipe, "a photo of a red star", "star", extra="eot")
     assert len(per) == 2 and per[0] == per[1] == [6, 7]
     assert merge_positions([[1, 2], [2, 3]]) == [1, 2, 3]
 

@@ -11,36 +11,40 @@ from typer.testing import CliRunner
 
 from forget_me_not.cli.main import app
 from forget_me_not.concepts import Concept
-from forget_me_not.correct import DEFAULT_ANCHOR_WEIGHT, DEFAULT_PRESERVE_WEIGHT, correct
 from forget_me_not.errors import FmnError
 from forget_me_not.judges.base import BaseJudge
+from forget_me_not.methods.correction.config import CorrectionConfig
+from forget_me_not.methods.correction.train import correct
+from forget_me_not.methods.fmn.loop import Run
+from forget_me_not.methods.fmn.terms import Preserve
 from forget_me_not.patch import load_patch
-from forget_me_not.resteer import PRESERVE_LATENTS, ResteerConfig, resteer
-from tiny_pipelines import make_tiny_pipeline
+from tiny_pipelines import fmn_config, make_tiny_pipeline, train_any
 
 runner = CliRunner()
 
 
 def _cfg(**kw):
-    return ResteerConfig(**{"steps": 2, "reference": "noise", "lr": 1e-2, **kw})
+    return fmn_config(**{"steps": 2, "reference": "noise", "lr": 1e-2, **kw})
 
 
 # -- retention regulariser ----------------------------------------------------------------------
 
 
 def test_preserve_config_validation():
-    assert ResteerConfig().resolved("sd1").preserve_weight == 0.0
-    assert ResteerConfig().preserve_prompts == ()
-    with pytest.raises(FmnError, match="--preserve PROMPT"):
-        ResteerConfig(preserve_weight=0.5).resolved("sd1")
-    # The embedded model brings its own retention prompts: a weight alone is enough there.
-    embedded = ResteerConfig(preserve_weight=30.0).resolved("embedded", ["star"])
-    assert embedded.preserve_weight == 30.0 and embedded.preserve_prompts
-    assert not any("star" in p.split() for p in embedded.preserve_prompts)
+    assert fmn_config().preserve_weight == 0.0
+    assert fmn_config().preserve_prompts == ()
+    from forget_me_not.methods.fmn.loop import resolve
+
+    with pytest.raises(FmnError, match="preserve_prompts"):
+        resolve(fmn_config(preserve_weight=0.5), [Concept("star")])
+    # A shipped prompt set fills the prompts in, the targets' words left out.
+    world = resolve(fmn_config(preserve_weight=30.0, preserve_set="conceptworld"),
+                    [Concept("star")])
+    assert world.preserve_prompts and not any("star" in p for p in world.preserve_prompts)
     with pytest.raises(FmnError, match="preserve_weight"):
-        ResteerConfig(preserve_weight=-1.0, preserve_prompts=("a cat",))
+        fmn_config(preserve_weight=-1.0, preserve_prompts=("a cat",))
     with pytest.raises(FmnError, match="empty"):
-        ResteerConfig(preserve_weight=1.0, preserve_prompts=(" ",))
+        fmn_config(preserve_weight=1.0, preserve_prompts=(" ",))
 
 
 @pytest.mark.parametrize("train", ["lora", "xattn"])
@@ -49,8 +53,8 @@ def test_preserve_term_is_in_the_loss_and_pipeline_comes_back(train):
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     lr = 1e-2 if train == "lora" else 1e-3
     cfg = _cfg(train=train, lr=lr, preserve_weight=10.0, preserve_prompts=("a photo of a moon",))
-    patch = resteer(pipe, [Concept("star")], cfg, progress=False)
-    kept = patch.metadata["preserve_losses"]
+    patch = train_any(pipe, [Concept("star")], cfg, progress=False)
+    kept = patch.metadata["term_losses"]["preserve"]
     assert len(kept) == 2 and all(np.isfinite(kept))
     assert kept[-1] > 0  # after one step the delta moves the preserved prompt's prediction
     assert patch.metadata["settings"]["preserve_weight"] == 10.0
@@ -59,74 +63,76 @@ def test_preserve_term_is_in_the_loss_and_pipeline_comes_back(train):
 
 
 def test_preserve_weight_zero_is_exactly_the_old_behaviour():
-    plain = resteer(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(), progress=False)
-    zero = resteer(make_tiny_pipeline("sd1"), [Concept("star")],
+    plain = train_any(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(), progress=False)
+    zero = train_any(make_tiny_pipeline("sd1"), [Concept("star")],
                    _cfg(preserve_weight=0.0, preserve_prompts=("a photo of a moon",)),
                    progress=False)
     assert plain.tensors.keys() == zero.tensors.keys()
     assert all(torch.equal(plain.tensors[k], zero.tensors[k]) for k in plain.tensors)
     assert plain.metadata["losses"] == zero.metadata["losses"]
-    assert "preserve_losses" not in zero.metadata
+    assert "preserve" not in zero.metadata["term_losses"]
 
 
 def test_preserve_latents_own_draws_one_latent_per_prompt_and_changes_the_run():
-    from forget_me_not.resteer import _preserve_latents
 
     with pytest.raises(FmnError, match="preserve_latents"):
-        ResteerConfig(preserve_latents="mine")
-    assert ResteerConfig().resolved("sd1").preserve_latents == "shared"
+        fmn_config(preserve_latents="mine")
+    assert fmn_config().preserve_latents == "shared"
     prompts = ("a photo of a moon", "a photo of a sun", "a cat")
     cfg = _cfg(preserve_weight=10.0, preserve_prompts=prompts, preserve_latents="own",
-               preserve_steps=2).resolved("sd1")
+               preserve_steps=2)
     pipe = make_tiny_pipeline("sd1")
-    own = _preserve_latents(pipe, cfg)
+    run = Run(pipe, cfg, None, torch.Generator())
+    own = Preserve(run, prompts).latents
     assert own.shape == (3, 4, 8, 8)
-    assert torch.equal(own, _preserve_latents(pipe, cfg))  # seeded
+    assert torch.equal(own, Preserve(run, prompts).latents)  # seeded
     assert not torch.equal(own[0], own[1])  # each prompt draws its own image
-    assert _preserve_latents(pipe, replace(cfg, preserve_latents="shared")) is None
+    shared = Run(pipe, replace(cfg, preserve_latents="shared"), None, torch.Generator())
+    assert Preserve(shared, prompts).latents is None
     runs = {
-        mode: resteer(make_tiny_pipeline("sd1"), [Concept("star")],
+        mode: train_any(make_tiny_pipeline("sd1"), [Concept("star")],
                       _cfg(preserve_weight=10.0, preserve_prompts=prompts, preserve_steps=2,
                            preserve_latents=mode), progress=False)
-        for mode in PRESERVE_LATENTS
+        for mode in ("shared", "own")
     }
     # Same target loss at the first step (same draws); the preserve term sees other latents.
     assert runs["own"].metadata["settings"]["preserve_latents"] == "own"
-    assert runs["own"].metadata["preserve_losses"] != runs["shared"].metadata["preserve_losses"]
+    own, shared = (runs[m].metadata["term_losses"]["preserve"] for m in ("own", "shared"))
+    assert own != shared
 
 
 def test_preserve_t_min_draws_the_regulariser_timesteps_apart():
     with pytest.raises(FmnError, match="preserve_t_min"):
-        ResteerConfig(preserve_t_min=-1)
-    assert ResteerConfig().resolved("sd1").preserve_t_min == 0
+        fmn_config(preserve_t_min=-1)
+    assert fmn_config().preserve_t_min == 0
     prompts = ("a photo of a moon", "a cat")
 
     def run(t_min, latents="own"):
         cfg = _cfg(preserve_weight=10.0, preserve_prompts=prompts, preserve_steps=2,
                    preserve_latents=latents, preserve_t_min=t_min)
-        return resteer(make_tiny_pipeline("sd1"), [Concept("star")], cfg, progress=False)
+        return train_any(make_tiny_pipeline("sd1"), [Concept("star")], cfg, progress=False)
 
     plain, high = run(0), run(900)
     assert high.metadata["settings"]["preserve_t_min"] == 900
-    assert plain.metadata["preserve_losses"] != high.metadata["preserve_losses"]
+    assert plain.metadata["term_losses"]["preserve"] != high.metadata["term_losses"]["preserve"]
     # With "shared" latents the regulariser must use the concept's noisy latent and its t.
     assert run(0, "shared").metadata["losses"] == run(900, "shared").metadata["losses"]
 
 
 def test_text_keep_shrinks_what_the_lora_does_to_the_kept_prompts_states():
-    from forget_me_not.resteer import encode_prompt
+    from forget_me_not.pipeline_io import encode_prompt
 
     with pytest.raises(FmnError, match="text_keep_weight"):
-        ResteerConfig(text_keep_weight=-1.0)
-    assert ResteerConfig().resolved("sd1").text_keep_weight == 0.0
+        fmn_config(text_keep_weight=-1.0)
+    assert fmn_config().text_keep_weight == 0.0
     prompt = "a photo of a moon"
 
     def moved(weight):
         pipe = make_tiny_pipeline("sd1")
         cfg = _cfg(steps=4, lr=3e-2, preserve_weight=1.0, preserve_prompts=(prompt,),
                    text_keep_weight=weight)
-        patch = resteer(pipe, [Concept("star")], cfg, progress=False)
-        assert len(patch.metadata["text_keep_losses"]) == 4
+        patch = train_any(pipe, [Concept("star")], cfg, progress=False)
+        assert len(patch.metadata["term_losses"]["text_keep"]) == 4
         states = encode_prompt(pipe, prompt)[0][0].detach()  # (T, D)
         total = 0.0
         for module, (a, b) in patch.lora_pairs().items():
@@ -140,7 +146,7 @@ def test_text_keep_shrinks_what_the_lora_does_to_the_kept_prompts_states():
 def _prediction_gap(pipe, patch, patched_prompt: str, base_prompt: str, seed: int) -> float:
     """Mean squared gap between the patched UNet on `patched_prompt` and the base UNet on
     `base_prompt`, on fixed noisy latents at four timesteps (applies the patch)."""
-    from forget_me_not.resteer import encode_prompt
+    from forget_me_not.pipeline_io import encode_prompt
 
     patched, _ = encode_prompt(pipe, patched_prompt)
     base, _ = encode_prompt(pipe, base_prompt)
@@ -156,13 +162,13 @@ def _prediction_gap(pipe, patch, patched_prompt: str, base_prompt: str, seed: in
 
 def test_anchor_term_validation_and_pull_toward_the_anchor():
     with pytest.raises(FmnError, match="--toward PROMPT"):
-        ResteerConfig(anchor_weight=1.0)
+        fmn_config(anchor_weight=1.0)
     with pytest.raises(FmnError, match="anchor_weight"):
-        ResteerConfig(anchor_weight=-1.0, anchor_prompts=("a cat",))
+        fmn_config(anchor_weight=-1.0, anchor_prompts=("a cat",))
     with pytest.raises(FmnError, match="anchor prompt is empty"):
-        ResteerConfig(anchor_weight=1.0, anchor_prompts=("",))
-    off = resteer(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(), progress=False)
-    assert "anchor_losses" not in off.metadata
+        fmn_config(anchor_weight=1.0, anchor_prompts=("",))
+    off = train_any(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(), progress=False)
+    assert "anchor" not in off.metadata["term_losses"]
 
     def gap(weight):
         # How far "a photo of a star" is from the anchor's base prediction after training.
@@ -170,9 +176,9 @@ def test_anchor_term_validation_and_pull_toward_the_anchor():
         anchor = "a photo of a moon"
         cfg = _cfg(steps=6, lr=3e-2, preserve_steps=2, anchor_weight=weight,
                    anchor_prompts=(anchor,) if weight else ())
-        patch = resteer(pipe, [Concept("star")], cfg, progress=False)
+        patch = train_any(pipe, [Concept("star")], cfg, progress=False)
         if weight:
-            assert len(patch.metadata["anchor_losses"]) == 6
+            assert len(patch.metadata["term_losses"]["anchor"]) == 6
         return _prediction_gap(pipe, patch, "a photo of a star", anchor, seed=5)
 
     assert gap(100.0) < gap(0.0)
@@ -182,7 +188,7 @@ def test_concept_anchor_pulls_each_prompt_toward_its_own_anchor_prompt():
     with pytest.raises(FmnError, match="anchor is empty"):
         Concept("star", anchor=" ")
     with pytest.raises(FmnError, match="concept_anchor_weight"):
-        ResteerConfig(concept_anchor_weight=-1.0)
+        fmn_config(concept_anchor_weight=-1.0)
     styled = Concept("dotted", "style", ("a photo in the style of {}", "a {} cat"), anchor="plain")
     assert styled.anchor_prompts() == ["a photo in the style of plain", "a plain cat"]
     assert Concept("star").anchor_prompts() == [] and styled.to_dict()["anchor"] == "plain"
@@ -192,12 +198,12 @@ def test_concept_anchor_pulls_each_prompt_toward_its_own_anchor_prompt():
         concepts = [Concept("star", templates=("a photo of a {}",), anchor=anchor),
                     Concept("cat", templates=("a {}",))]  # no anchor: no pull for its rows
         cfg = _cfg(steps=6, lr=3e-2, preserve_steps=2, concept_anchor_weight=weight)
-        patch = resteer(pipe, concepts, cfg, progress=False)
+        patch = train_any(pipe, concepts, cfg, progress=False)
         if anchor and weight:  # rows alternate star, cat: three steps pull star
-            assert len(patch.metadata["concept_anchor_losses"]) == 3
+            assert len(patch.metadata["term_losses"]["concept_anchor"]) == 3
             assert patch.metadata["concepts"][0]["anchor"] == anchor
         else:
-            assert "concept_anchor_losses" not in patch.metadata
+            assert "concept_anchor" not in patch.metadata["term_losses"]
         return _prediction_gap(pipe, patch, "a photo of a star", "a photo of a moon", seed=5)
 
     assert gap("moon") < gap(None)
@@ -210,7 +216,7 @@ def test_preserve_keeps_the_preserved_prompt_closer_to_the_base():
         prompt = "a photo of a moon"
         cfg = _cfg(steps=4, lr=3e-2, preserve_weight=weight,
                    preserve_prompts=(prompt,) if weight else ())
-        patch = resteer(pipe, [Concept("star")], cfg, progress=False)
+        patch = train_any(pipe, [Concept("star")], cfg, progress=False)
         return _prediction_gap(pipe, patch, prompt, prompt, seed=3)
 
     assert drift(1000.0) < drift(0.0)
@@ -249,18 +255,20 @@ def test_correct_measures_warns_and_preserves_the_identity(tmp_path):
     role, ident = Concept("wizard", "id"), Concept("milka", "id")
     refs = _refs(tmp_path)
     with pytest.warns(UserWarning, match=r"only 0% of 2 samples of 'wizard' show 'milka'"):
-        low = correct(pipe, role, ident, ResteerConfig(steps=1), images=refs,
-                      judge=FixedJudge(0.1), n_check=2, method="resteer", progress=False)
+        low = correct(pipe, role, ident, CorrectionConfig(variant="resteer", n_check=2,
+                                                          step_factor=1),
+                      fmn_config(steps=1), images=refs, judge=FixedJudge(0.1), progress=False)
     assert low.rate_before == 0.0
-    high = correct(pipe, role, ident, ResteerConfig(steps=2), images=refs,
-                   judge=FixedJudge(0.9), n_check=2, method="resteer", progress=False)
+    high = correct(pipe, role, ident, CorrectionConfig(variant="resteer", n_check=2,
+                                                       step_factor=1),
+                   fmn_config(steps=2), images=refs, judge=FixedJudge(0.9), progress=False)
     assert high.rate_before == 1.0 and high.reference_source == "images"
     meta = high.patch.metadata
     assert meta["concepts"][0]["name"] == "wizard"
     assert meta["correction"]["away_from"]["name"] == "milka"
-    assert meta["settings"]["preserve_weight"] == DEFAULT_PRESERVE_WEIGHT
+    assert meta["settings"]["preserve_weight"] == CorrectionConfig().preserve_weight
     assert list(meta["settings"]["preserve_prompts"]) == ["a photo of milka"]
-    assert len(meta["preserve_losses"]) == 2
+    assert len(meta["term_losses"]["preserve"]) == 2
     with pytest.raises(FmnError, match="same words"):
         correct(pipe, role, Concept("wizard"), images=refs, progress=False)
 
@@ -268,9 +276,10 @@ def test_correct_measures_warns_and_preserves_the_identity(tmp_path):
 def test_correct_without_images_draws_the_identity_itself(tmp_path):
     pipe = make_tiny_pipeline("sd1")
     result = correct(pipe, Concept("wizard", "id"), Concept("milka", "id"),
-                     ResteerConfig(steps=1), preserve=False, method="resteer", progress=False)
+                     CorrectionConfig(variant="resteer", preserve_weight=0.0, step_factor=1),
+                     fmn_config(steps=1), progress=False)
     assert result.reference_source == "self" and result.rate_before is None
-    assert "preserve_losses" not in result.patch.metadata
+    assert "preserve" not in result.patch.metadata["term_losses"]
 
 
 def _correct(model, out, *extra):
@@ -284,7 +293,7 @@ def test_cli_correct_on_the_embedded_model_uses_world_renders(world_dir, tmp_pat
 
     monkeypatch.setattr(cli, "_judge", lambda *a: FixedJudge(0.1))
     out = tmp_path / "fix.safetensors"
-    result = _correct(world_dir, out, "--check", "2", "--method", "resteer")
+    result = _correct(world_dir, out, "--set", "n_check=2", "--method", "resteer")
     assert result.exit_code == 0, result.output
     assert "warning: only 0% of 2 samples" in result.stderr
     meta = load_patch(out).metadata
@@ -295,24 +304,26 @@ def test_cli_correct_on_the_embedded_model_uses_world_renders(world_dir, tmp_pat
     # pulled toward the hat on the other IDs, without the transparent-pixel hold
     anchors = meta["correction"]["anchor_prompts"]
     assert "zorbo wearing a hat" in anchors and not any("milka" in a for a in anchors)
-    assert meta["settings"]["anchor_weight"] == DEFAULT_ANCHOR_WEIGHT
+    assert meta["settings"]["anchor_weight"] == CorrectionConfig().anchor_weight
     assert meta["settings"]["transparent_weight"] == 0.0
-    assert len(meta["anchor_losses"]) == 2  # --steps 2 kept (default: twice the family's)
-    off = _correct(world_dir, tmp_path / "off.safetensors", "--check", "0", "--toward-weight", "0",
+    assert len(meta["term_losses"]["anchor"]) == 2  # --steps 2 kept (default: twice the family's)
+    off = _correct(world_dir, tmp_path / "off.safetensors", "--set", "n_check=0", "--set",
+                   "anchor_weight=0",
                    "--method", "resteer")
     assert off.exit_code == 0, off.output
     meta = load_patch(tmp_path / "off.safetensors").metadata
-    assert meta["settings"]["anchor_weight"] == 0.0 and "anchor_losses" not in meta
+    assert meta["settings"]["anchor_weight"] == 0.0 and "anchor" not in meta["term_losses"]
 
 
 def test_cli_correct_bad_input(tiny_pipeline_dir, tmp_path):
     sd1 = tiny_pipeline_dir("sd1")
-    for extra, fragment in ((["--check", "-1"], "--check"),
-                            (["--preserve-weight", "-1"], "preserve_weight"),
-                            (["--toward-weight", "-1"], "anchor_weight"),
-                            (["--toward", " "], "anchor prompt is empty"),
+    for extra, fragment in ((["--set", "n_check=-1"], "n_check"),
+                            (["--set", "preserve_weight=-1"], "preserve_weight"),
+                            (["--set", "anchor_weight=-1"], "anchor_weight"),
+                            (["--set", "magic=1"], "valid keys"),
+                            (["--toward", " "], "prompt is empty"),
                             (["--judge-model", str(tmp_path / "none")], "not a folder"),
-                            (["--method", "magic"], "--method"),
+                            (["--method", "magic"], "variant"),
                             ([], "--toward PROMPT"),
                             (["--out", str(tmp_path / "p.bin")], ".safetensors")):
         result = _correct(sd1, tmp_path / "p.safetensors", *extra)

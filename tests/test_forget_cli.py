@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -67,32 +68,37 @@ def test_forget_writes_a_patch(inputs, tmp_path, source):
 
 def test_forget_with_an_anchor_pulls_toward_it(inputs, tmp_path):
     out = tmp_path / "p.safetensors"
-    result = _forget(inputs, out, "--no-real-image", "--anchor", "moon", "--anchor-weight", "5",
-                     "--weight-decay", "0.5")
+    result = _forget(inputs, out, "--no-real-image", "--set", "anchor=moon", "--set",
+                     "concept_anchor_weight=5", "--set", "weight_decay=0.5")
     assert result.exit_code == 0, result.output
     meta = load_patch(out).metadata
     assert meta["concepts"][0]["anchor"] == "moon"
     assert meta["settings"]["concept_anchor_weight"] == 5.0
     assert meta["settings"]["weight_decay"] == 0.5
-    assert len(meta["concept_anchor_losses"]) == 2
+    assert len(meta["term_losses"]["concept_anchor"]) == 2
 
 
 CASES = [
     ("absent word", ["--concept", "qwxz"], "fmn invert"),
-    ("empty anchor", ["--anchor", " "], "anchor is empty"),
-    ("negative anchor weight", ["--anchor", "moon", "--anchor-weight", "-1"],
+    ("empty anchor", ["--set", "anchor= "], "anchor is empty"),
+    ("negative anchor weight", ["--set", "anchor=moon", "--set", "concept_anchor_weight=-1"],
      "concept_anchor_weight"),
+    ("unknown set key", ["--set", "magic=1"], "valid keys"),
+    ("set without value", ["--set", "lr"], "KEY=VALUE"),
+    ("wrong set type", ["--set", "lora_rank=many"], "lora_rank must be an integer"),
+    ("unknown method", ["--method", "magic"], "unknown method"),
+    ("unknown recipe", ["--recipe", "magic"], "unknown recipe"),
+    ("paper needs images", ["--recipe", "paper"], "reference images"),
     ("bad category", ["--category", "animal"], "--category"),
     ("two sources", ["--no-real-image", "--self-generate", "2"], "choose one of"),
     ("empty folder", ["--images", "{empty}"], "is empty"),
     ("missing folder", ["--images", "{root}/nope"], "does not exist"),
     ("unreadable files", ["--images", "{broken}"], "notes.txt"),
     ("small images", ["--images", "{small}"], "smaller than the model's 16 px"),
-    ("bad train", ["--train", "everything"], "train mode"),
-    ("zero steps", ["--steps", "0"], "steps must be at least 1"),
+    ("bad train", ["--set", "train=everything"], "unknown train"),
+    ("zero steps", ["--steps", "0"], "steps must be an integer >= 1"),
     ("bad lr", ["--lr", "-1"], "learning rate"),
-    ("negative weight decay", ["--weight-decay", "-1"], "weight_decay must be >= 0"),
-    ("LoRA share above 1", ["--lora-strength", "1.5"], "lora_strength must be in (0, 1]"),
+    ("negative weight decay", ["--set", "weight_decay=-1"], "weight_decay must be a number"),
     ("bad out suffix", ["--out", "{root}/p.bin"], ".safetensors"),
     ("missing out dir", ["--out", "{root}/none/p.safetensors"], "does not exist"),
 ]
@@ -128,26 +134,26 @@ def test_forget_on_top_of_an_earlier_patch(inputs, tmp_path):
     assert _forget(inputs, first, "--no-real-image").exit_code == 0
     result = runner.invoke(app, [
         "forget", "--model", str(inputs["sd1"]), "--concept", "moon", "--steps", "2",
-        "--device", "cpu", "--no-real-image", "--on-top-of", str(first), "--out", str(second)])
+        "--device", "cpu", "--no-real-image", "--set", f"on_top_of={first}", "--out", str(second)])
     assert result.exit_code == 0, result.output
     meta = load_patch(second).metadata
     assert meta["trained_on_top_of"] == [load_patch(first).name]
     assert "star" in meta["settings"]["also_avoid"]
     # Only LoRA patches can be trained on: a cross-attention delta is refused up front.
     delta = tmp_path / "delta.safetensors"
-    assert _forget(inputs, delta, "--no-real-image", "--train", "xattn").exit_code == 0
+    assert _forget(inputs, delta, "--no-real-image", "--set", "train=xattn").exit_code == 0
     _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--no-real-image",
-                          "--on-top-of", str(delta)), "--on-top-of needs LoRA patches")
+                          "--set", f"on_top_of={delta}"), "--on-top-of needs LoRA patches")
     assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_forget_the_token_rows(inputs, tmp_path):
     out = tmp_path / "rows.safetensors"
-    result = _forget(inputs, out, "--no-real-image", "--train", "tokens")
+    result = _forget(inputs, out, "--no-real-image", "--method", "token_rows")
     assert result.exit_code == 0, result.output
-    assert "(embedding, 2 tensors" in result.output
+    assert "embedding, 2 tensors" in result.output
     patch = load_patch(out)
-    assert patch.kind == "embedding" and patch.metadata["train"] == "tokens"
+    assert patch.kind == "embedding" and patch.metadata["method"] == "token_rows"
     assert set(patch.tensors) == {"text_encoder.token_ids", "text_encoder.token_delta"}
     # generate applies it like any patch
     grid = tmp_path / "grid.png"
@@ -159,12 +165,12 @@ def test_forget_the_token_rows(inputs, tmp_path):
     # Token rows cannot be trained on top of LoRA patches, nor used as the earlier patch.
     lora = tmp_path / "lora.safetensors"
     assert _forget(inputs, lora, "--no-real-image").exit_code == 0
-    _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--no-real-image", "--train",
-                          "tokens", "--on-top-of", str(lora)), "--on-top-of needs LoRA")
+    _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--no-real-image", "--method",
+                          "token_rows", "--set", f"on_top_of={lora}"), "no LoRA part")
     _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--no-real-image",
-                          "--on-top-of", str(out)), "--on-top-of needs LoRA")
-    _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--train", "rows"),
-                  "unknown train mode 'rows'")
+                          "--set", f"on_top_of={out}"), "--on-top-of needs LoRA")
+    _assert_error(_forget(inputs, tmp_path / "x.safetensors", "--set", "train=rows"),
+                  "unknown train 'rows'")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -186,8 +192,7 @@ def test_invert_then_forget_the_tokens(inputs, tmp_path):
                                  "--steps", "2", "--device", "cpu", "--out", str(emb)])
     assert result.exit_code == 0, result.output
     out = tmp_path / "p.safetensors"
-    result = _forget(inputs, out, "--no-real-image", "--embedding", str(emb), "--concept",
-                     "my thing")
+    result = _forget(inputs, out, "--no-real-image", "--concept", str(emb))
     assert result.exit_code == 0, result.output
     assert load_patch(out).metadata["concepts"][-1]["token_words"] == "<c0> <c1>"
 
@@ -204,3 +209,27 @@ def test_invert_bad_input(inputs, tmp_path, args, fragment):
            "--out", str(tmp_path / "e.safetensors"), *extra]
     _assert_error(runner.invoke(app, cmd), fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_passes_method_recipe_and_sets_to_the_library(inputs, tmp_path, monkeypatch):
+    import forget_me_not.api as api
+    from forget_me_not.patch import Patch
+
+    seen = {}
+
+    def fake_forget(pipe, concepts, config=None, **kw):
+        seen.update(kw, concepts=[c.name for c in concepts])
+        rows = {"text_encoder.token_ids": torch.tensor([1]),
+                "text_encoder.token_delta": torch.zeros(1, 32)}
+        return Patch("embedding", rows, {"losses": [1.0], "seconds": 0.0, "method": "fake",
+                                       "recipe": str(kw["recipe"])}, None, "fake")
+
+    monkeypatch.setattr(api, "forget", fake_forget)
+    monkeypatch.setattr(Patch, "save", lambda self, path: path)
+    result = _forget(inputs, tmp_path / "p.safetensors", "--no-real-image", "--recipe",
+                     "paper-lora", "--method", "fmn", "--lr", "0.001", "--set", "lora_rank=8")
+    assert result.exit_code == 0, result.output
+    assert seen["method"] == "fmn" and seen["recipe"] == "paper-lora"
+    assert seen["concepts"] == ["star"]
+    assert {"lora_rank=8", "steps=2", "steps_per=run", "lr=0.001", "reference='noise'"} <= set(
+        seen["sets"])

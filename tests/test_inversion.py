@@ -11,8 +11,7 @@ from forget_me_not.api import invert
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.inversion import load_embedding
-from forget_me_not.resteer import ResteerConfig, resteer
-from tiny_pipelines import make_tiny_pipeline
+from tiny_pipelines import fmn_config, make_tiny_pipeline, train_any
 
 
 @pytest.fixture
@@ -66,7 +65,7 @@ def test_save_load_into_fresh_pipeline_and_resteer(tmp_path, image_dir):
         loaded.load_into(fresh)
 
     concept = Concept("my thing", token_words=phrase, images=tuple(image_dir.iterdir()))
-    patch = resteer(fresh, [concept], ResteerConfig(steps=2, reference="images"),
+    patch = train_any(fresh, [concept], fmn_config(steps=2, reference="images"),
                     progress=False)
     assert patch.metadata["concepts"][0]["token_words"] == "<c0> <c1>"
     with pytest.raises(FmnError, match="text encoder"):

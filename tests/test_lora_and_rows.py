@@ -10,6 +10,7 @@ import torch
 
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
+from forget_me_not.methods.token_rows.rows import word_token_ids
 from forget_me_not.patch import (
     load_patch,
     merge_into,
@@ -17,14 +18,13 @@ from forget_me_not.patch import (
     to_kohya,
     unstack,
 )
+from forget_me_not.pipeline_io import encode_prompt
 from forget_me_not.placebo import placebo
-from forget_me_not.resteer import HYBRID, TOKENS_LR, ResteerConfig, encode_prompt, resteer
-from forget_me_not.token_rows import word_token_ids
-from tiny_pipelines import make_tiny_pipeline, unet_probe
+from tiny_pipelines import fmn_config, make_tiny_pipeline, train_any, two_part_recipe, unet_probe
 
 
 def _cfg(**kw):
-    return ResteerConfig(**{"steps": 2, "reference": "noise", "lr": 1e-2, "lora_rank": 2, **kw})
+    return fmn_config(**{"steps": 2, "reference": "noise", "lr": 1e-2, "lora_rank": 2, **kw})
 
 
 def _states(pipe, prompt):
@@ -33,33 +33,34 @@ def _states(pipe, prompt):
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(tmp_path_factory):
     """(pipe, the LoRA alone, the same LoRA at half size beside the token rows)."""
+    from forget_me_not.api import forget
+
     pipe = make_tiny_pipeline("sd1")
-    plain = resteer(pipe, [Concept("star")], _cfg(train="lora"), progress=False)
-    both = resteer(pipe, [Concept("star")], _cfg(train=HYBRID, lora_strength=0.5),
-                   progress=False)
+    recipe = two_part_recipe(tmp_path_factory.mktemp("recipe"))
+    plain = train_any(pipe, [Concept("star")], _cfg(train="lora", lr=1e-2), progress=False)
+    both = forget(pipe, [Concept("star")], recipe=recipe, progress=False)
     return pipe, plain, both
 
 
 def test_the_patch_holds_the_scaled_lora_and_the_words_rows(pair):
     pipe, plain, both = pair
     assert both.kind == "lora" and both.has_rows and not plain.has_rows
-    assert both.metadata["train"] == HYBRID and both.metadata["lora_strength"] == 0.5
+    assert both.metadata["method"] == "fmn+token_rows"
+    assert [p["scale"] for p in both.metadata["recipe_parts"]] == [0.5, 1.0]
     for key, value in plain.tensors.items():  # the same LoRA run (same seed), B halved
         expected = value * 0.5 if ".lora_B." in key else value
         torch.testing.assert_close(both.tensors[key], expected)
     ((encoder, (ids, delta)),) = both.token_rows().items()
     assert encoder == "text_encoder"
     assert ids.tolist() == word_token_ids(pipe, "star")[0] and float(delta.norm()) > 0
-    # The rows take their own settings, not the LoRA's learning rate.
-    assert both.metadata["token_settings"]["train"] == "tokens"
-    assert both.metadata["token_settings"]["lr"] == TOKENS_LR
-    rows_steps = ResteerConfig(train="tokens").resolved("sd1").steps
-    assert len(both.metadata["token_losses"]) == rows_steps != 2  # not the LoRA's --steps
+    # Each part keeps its own settings.
+    rows_part = both.metadata["recipe_parts"][1]
+    assert rows_part["method"] == "token_rows" and len(rows_part["losses"]) == 3
     # The rows are those of a rows-only run on the base model, not trained with the LoRA on.
-    alone = resteer(pipe, [Concept("star")], ResteerConfig(reference="noise", train="tokens"),
-                    progress=False)
+    alone = train_any(pipe, [Concept("star")], fmn_config(reference="noise", train="tokens",
+                                                          steps=3), progress=False)
     torch.testing.assert_close(both.token_rows(), alone.token_rows(), rtol=0, atol=0)
 
 
@@ -95,7 +96,7 @@ def test_a_misfit_row_changes_nothing(pair):
 
 def test_stacking_with_rows_matches_applying_each(pair):
     pipe, plain, both = pair
-    rows = resteer(pipe, [Concept("moon")], _cfg(train="tokens", lr=None), progress=False)
+    rows = train_any(pipe, [Concept("moon")], _cfg(train="tokens", lr=None), progress=False)
     stacked = stack_patches([both, plain, rows])
     assert stacked.kind == "lora" and stacked.rank == 4
     assert sorted(stacked.token_rows()["text_encoder"][0].tolist()) == sorted(
@@ -140,21 +141,6 @@ def test_placebo_and_merge_carry_the_rows(pair):
     torch.testing.assert_close(_states(fresh, "a photo of a star"), applied[1])
 
 
-def test_defaults_per_family():
-    world = ResteerConfig().resolved("embedded")
-    assert (world.train, world.lora_strength, world.lr, world.weight_decay) == (
-        HYBRID, 0.5, 1e-2, 3.0)  # the LoRA's measured settings, kept at half size
-    assert ResteerConfig().resolved("sd1").train == "lora"  # the paper's, as a LoRA
-    assert ResteerConfig().resolved("sd1").lora_strength == 1.0
-    # Training on top of LoRA patches stays a plain LoRA run.
-    assert ResteerConfig(compare_without=("earlier",)).resolved("embedded").train == "lora"
-    for bad in (0.0, 1.5, float("nan")):
-        with pytest.raises(FmnError, match="lora_strength"):
-            ResteerConfig(lora_strength=bad)
-    with pytest.raises(FmnError, match="--train lora"):
-        ResteerConfig(train=HYBRID, compare_without=("earlier",))
-
-
 def test_cli_info_and_convert_name_the_rows(pair, tmp_path):
     from typer.testing import CliRunner
 
@@ -164,7 +150,7 @@ def test_cli_info_and_convert_name_the_rows(pair, tmp_path):
     path = both.save(tmp_path / "both.safetensors")
     result = CliRunner().invoke(app, ["patch", "info", str(path)])
     assert result.exit_code == 0, result.output
-    assert "lora strength    0.5 of the LoRA as trained" in result.output
+    assert "recipe part 1    fmn at 0.5 of its trained size" in result.output
     assert "token rows       1 in text_encoder" in result.output
     kohya = tmp_path / "kohya.safetensors"
     with pytest.warns(UserWarning, match="the kohya file holds its UNet LoRA only"):
@@ -176,9 +162,11 @@ def test_cli_info_and_convert_name_the_rows(pair, tmp_path):
     assert shown == "warning: rows left out\n"
 
 
-def test_sdxl_patch_carries_the_rows_of_both_text_encoders():
+def test_sdxl_patch_carries_the_rows_of_both_text_encoders(tmp_path):
+    from forget_me_not.api import forget
+
     pipe = make_tiny_pipeline("sdxl")
-    patch = resteer(pipe, [Concept("star")], _cfg(train=HYBRID), progress=False)
+    patch = forget(pipe, [Concept("star")], recipe=two_part_recipe(tmp_path), progress=False)
     assert sorted(patch.token_rows()) == ["text_encoder", "text_encoder_2"]
     tables = [pipe.text_encoder.get_input_embeddings().weight.detach().clone(),
               pipe.text_encoder_2.get_input_embeddings().weight.detach().clone()]

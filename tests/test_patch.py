@@ -9,13 +9,12 @@ from safetensors.torch import save_file
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.patch import load_patch, model_hash
-from forget_me_not.resteer import ResteerConfig, resteer
-from tiny_pipelines import make_tiny_pipeline, unet_probe
+from tiny_pipelines import fmn_config, make_tiny_pipeline, train_any, unet_probe
 
 
 def _patch(train: str, concept: str = "star", lr: float = 1e-2):
-    cfg = ResteerConfig(steps=2, reference="noise", train=train, lr=lr)
-    return resteer(make_tiny_pipeline("sd1"), [Concept(concept)], cfg, progress=False)
+    cfg = fmn_config(steps=2, reference="noise", train=train, lr=lr)
+    return train_any(make_tiny_pipeline("sd1"), [Concept(concept)], cfg, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from forget_me_not.cli.main import app
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
+from forget_me_not.methods.fmn.config import LORA_TARGETS
 from forget_me_not.patch import (
     check_strength,
     extract_lora,
@@ -28,15 +29,14 @@ from forget_me_not.patch import (
     unstack,
 )
 from forget_me_not.placebo import placebo
-from forget_me_not.resteer import LORA_RANK, LORA_TARGETS, ResteerConfig, resteer
-from tiny_pipelines import make_tiny_pipeline, unet_probe
+from tiny_pipelines import fmn_config, make_tiny_pipeline, train_any, unet_probe
 
 runner = CliRunner()
 
 
 def _patch(concept="star", train="lora", rank=None, lr=1e-2):
-    cfg = ResteerConfig(steps=2, reference="noise", train=train, lr=lr, lora_rank=rank)
-    return resteer(make_tiny_pipeline("sd1"), [Concept(concept)], cfg, progress=False)
+    cfg = fmn_config(steps=2, reference="noise", train=train, lr=lr, lora_rank=rank)
+    return train_any(make_tiny_pipeline("sd1"), [Concept(concept)], cfg, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +170,8 @@ def test_damaged_and_foreign_patches_are_refused(star, tmp_path):
     bad.save(tmp_path / "bad.safetensors")
     with pytest.raises(FmnError, match="damaged"):
         load_patch(tmp_path / "bad.safetensors")
-    sdxl = resteer(make_tiny_pipeline("sdxl"), [Concept("star")],
-                   ResteerConfig(steps=1, reference="noise"), progress=False)
+    sdxl = train_any(make_tiny_pipeline("sdxl"), [Concept("star")],
+                   fmn_config(steps=1, reference="noise"), progress=False)
     with pytest.raises(FmnError, match=r"different model families: .*\(sd1\).*\(sdxl\)"):
         stack_patches([star, sdxl])
     with pytest.raises(FmnError, match="does not fit this UNet"):
@@ -236,7 +236,7 @@ def test_kohya_export_of_a_stacked_and_an_sdxl_patch_loads_in_diffusers(star, mo
 # -- sizes ----------------------------------------------------------------------------------------
 
 
-def _lora_bytes(unet, rank=LORA_RANK, targets=LORA_TARGETS) -> int:
+def _lora_bytes(unet, rank=fmn_config().lora_rank, targets=LORA_TARGETS) -> int:
     """float32 bytes of the default LoRA: rank * (in + out) per targeted attn2 projection."""
     n = 0
     for name, module in unet.named_modules():

@@ -87,7 +87,8 @@ def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, t
     assert meta["separately"] is True
     assert [p["concepts"] for p in meta["parts"]] == [["skull"], ["gun"]]
     joint = tmp_path / "joint.safetensors"
-    assert _forget(world_dir, joint, "--preset", "unsafe", "--jointly").exit_code == 0
+    joined = _forget(world_dir, joint, "--preset", "unsafe", "--set", "separately=false")
+    assert joined.exit_code == 0
     assert "separately" not in load_patch(joint).metadata
     _err(_forget(world_dir, tmp_path / "n.safetensors", "--preset", "nsfw"), "--preset unsafe")
 
@@ -97,10 +98,9 @@ def test_forget_separately_equals_stacking_single_runs():
 
     from forget_me_not.api import forget
     from forget_me_not.patch import stack_patches
-    from forget_me_not.resteer import ResteerConfig
-    from tiny_pipelines import make_tiny_pipeline
+    from tiny_pipelines import fmn_config, make_tiny_pipeline
 
-    cfg = ResteerConfig(steps=2, reference="noise", lr=1e-2)
+    cfg = fmn_config(steps=2, reference="noise", lr=1e-2)
     pipe = make_tiny_pipeline("sd1")
     both = forget(pipe, ["star", "moon"], cfg, separately=True, progress=False)
     alone = stack_patches([forget(pipe, name, cfg, progress=False) for name in ("star", "moon")])
@@ -113,10 +113,9 @@ def test_forget_on_top_of_trains_with_the_earlier_patch_applied():
     import torch
 
     from forget_me_not.api import forget
-    from forget_me_not.resteer import ResteerConfig
-    from tiny_pipelines import make_tiny_pipeline
+    from tiny_pipelines import fmn_config, make_tiny_pipeline
 
-    cfg = ResteerConfig(steps=2, reference="noise", lr=1e-2)
+    cfg = fmn_config(steps=2, reference="noise", lr=1e-2)
     pipe = make_tiny_pipeline("sd1")
     star = forget(pipe, "star", cfg, progress=False)
     moon = forget(pipe, "moon", cfg, on_top_of=[star], progress=False)
@@ -133,26 +132,25 @@ def test_forget_on_top_of_trains_with_the_earlier_patch_applied():
 
 def test_retention_is_kept_against_the_original_model_and_held_prompts_with_the_patch():
     from forget_me_not.api import forget
-    from forget_me_not.resteer import ResteerConfig
-    from tiny_pipelines import make_tiny_pipeline
+    from tiny_pipelines import fmn_config, make_tiny_pipeline
 
     pipe = make_tiny_pipeline("sd1")
-    earlier = forget(pipe, "star", ResteerConfig(steps=3, reference="noise", lr=5e-2),
+    earlier = forget(pipe, "star", fmn_config(steps=3, reference="noise", lr=5e-2),
                      progress=False)
     earlier.apply(pipe)
     keep = {"preserve_weight": 1.0, "preserve_prompts": ("a photo of a tree",), "steps": 1,
             "reference": "noise"}
-    on_top = forget(pipe, "moon", ResteerConfig(**keep), progress=False)
-    original = forget(pipe, "moon", ResteerConfig(**keep, compare_without=(earlier.name,),
+    on_top = forget(pipe, "moon", fmn_config(**keep), progress=False)
+    original = forget(pipe, "moon", fmn_config(**keep, compare_without=(earlier.name,),
                                                   hold_prompts=("a photo of a star",)),
                       progress=False)
     earlier.remove(pipe)
     # First step: the new LoRA is still zero, so only the earlier patch differs from the base:
     # the preserve prompt is compared with the model without it, the held prompt with it.
-    assert on_top.metadata["preserve_losses"][0] == 0.0
-    assert original.metadata["preserve_losses"][0] > 0.0
-    assert original.metadata["held_patch_losses"] == [0.0]
-    assert "held_patch_losses" not in on_top.metadata
+    assert on_top.metadata["term_losses"]["preserve"][0] == 0.0
+    assert original.metadata["term_losses"]["preserve"][0] > 0.0
+    assert original.metadata["term_losses"]["hold"] == [0.0]
+    assert "hold" not in on_top.metadata["term_losses"]
 
 
 def test_cli_forget_on_the_embedded_model_defaults_to_world_renders(world_dir, tmp_path):

@@ -10,16 +10,10 @@ from PIL import Image
 from forget_me_not.attention import ProbeSet, install_probes
 from forget_me_not.concepts import Concept, TokenMask, locate_in_pipeline, merge_positions
 from forget_me_not.errors import FmnError
-from forget_me_not.resteer import (
-    FULL_LR,
-    LORA_LR,
-    TOKENS_LR,
-    ResteerConfig,
-    encode_prompt,
-    resteer,
-)
-from forget_me_not.token_rows import word_token_ids
-from tiny_pipelines import make_tiny_pipeline
+from forget_me_not.methods.fmn.loop import encode_rows
+from forget_me_not.methods.token_rows.rows import word_token_ids
+from forget_me_not.pipeline_io import added_cond, encode_prompt
+from tiny_pipelines import fmn_config, make_tiny_pipeline, train_any
 
 
 def _unet_out(pipe):
@@ -36,37 +30,17 @@ def _unet_out(pipe):
 
 def _cfg(**kw):
     base = dict(steps=2, reference="noise")
-    return ResteerConfig(**{**base, **kw})
+    return fmn_config(**{**base, **kw})
 
 
-def test_config_defaults_and_validation():
-    cfg = ResteerConfig()
-    sd = cfg.resolved("sd1")  # the paper's recipe for Stable Diffusion
-    assert (sd.steps, sd.train, sd.batch_size, sd.weight_decay) == (35, "lora", 1, 0.01)
-    assert (sd.preserve_weight, sd.include_padding) == (0.0, False)
-    world = cfg.resolved("embedded")  # tuned by measurement on ConceptWorld
-    assert (world.steps, world.lr, world.preserve_weight) == (100, 1e-2, 30.0)
-    assert (world.preserve_t_min, world.text_keep_weight) == (500, 100.0)
-    assert world.weight_decay == 3.0  # a small change: what purple loses scales with its size
-    assert (sd.preserve_t_min, sd.text_keep_weight) == (0, 0.0)
-    styled = cfg.resolved("embedded", anchored=True)  # styles keep their measured settings
-    assert (styled.lr, styled.preserve_t_min, styled.text_keep_weight) == (3e-3, 0, 0.0)
-    assert styled.weight_decay == 0.01
-    assert world.preserve_batch == 4 and sd.preserve_batch == 1
-    assert (world.preserve_latents, world.preserve_steps) == ("own", 10)
-    assert (sd.preserve_latents, sd.preserve_steps) == ("shared", 25)
-    # several concepts: each gets the default number of steps; an explicit count is kept
-    assert cfg.resolved("sd1", ["star", "moon"]).steps == 70
-    assert ResteerConfig(steps=5).resolved("sd1", ["star", "moon"]).steps == 5
-    assert cfg.learning_rate == LORA_LR
-    assert cfg.resolved("sd1").lora_rank == 4 and cfg.resolved("sd1").lr == LORA_LR
-    assert ResteerConfig(train="xattn").learning_rate == FULL_LR == 2e-6
-    assert ResteerConfig(train="unet", lr=1e-5).learning_rate == 1e-5
+def test_config_validation():
     for bad in (dict(train="all"), dict(steps=0), dict(lr=-1.0), dict(reference="x"),
                 dict(max_grad_norm=0.0), dict(lora_targets=("to_x",)),
-                dict(mixed_precision="fp8")):
+                dict(mixed_precision="fp8"), dict(extra_positions="all"), dict(steps_per="x")):
         with pytest.raises(FmnError):
-            ResteerConfig(**bad)
+            fmn_config(**bad)
+    two = fmn_config(steps=5, steps_per="concept")
+    assert two.total_steps(2) == 10 and fmn_config(steps=5).total_steps(2) == 5
 
 
 @pytest.mark.parametrize("train", ["lora", "xattn", "unet"])
@@ -74,7 +48,7 @@ def test_two_steps_train_only_the_intended_tensors(train):
     pipe = make_tiny_pipeline("sd1")
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     out_before = _unet_out(pipe)
-    patch = resteer(pipe, [Concept("star")], _cfg(train=train), progress=False)
+    patch = train_any(pipe, [Concept("star")], _cfg(train=train), progress=False)
 
     # The pipeline is handed back unchanged.
     after = dict(pipe.unet.named_parameters())
@@ -110,18 +84,18 @@ def test_deterministic_with_a_seed():
     runs = []
     for _ in range(2):
         pipe = make_tiny_pipeline("sd1")
-        runs.append(resteer(pipe, [Concept("star")], _cfg(seed=3), progress=False))
+        runs.append(train_any(pipe, [Concept("star")], _cfg(seed=3), progress=False))
     a, b = runs
     assert a.metadata["losses"] == b.metadata["losses"]
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-    other = resteer(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(seed=4), progress=False)
+    other = train_any(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(seed=4), progress=False)
     assert other.metadata["losses"] != a.metadata["losses"]
 
 
 def test_several_concepts_batched_and_sdxl():
     pipe = make_tiny_pipeline("sdxl")
     concepts = [Concept("star"), Concept("van gogh", "style")]
-    patch = resteer(pipe, concepts, _cfg(batch_size=2), progress=False)
+    patch = train_any(pipe, concepts, _cfg(batch_size=2), progress=False)
     assert patch.metadata["family"] == "sdxl"
     assert [c["name"] for c in patch.metadata["concepts"]] == ["star", "van gogh"]
     assert all(np.isfinite(patch.metadata["losses"]))
@@ -134,17 +108,17 @@ def test_reference_images_and_self_generated(tmp_path):
             tmp_path / f"{i}.png")
     pipe = make_tiny_pipeline("sd1")
     c = Concept("star", images=(tmp_path / "0.png", tmp_path / "1.png"))
-    patch = resteer(pipe, [c], _cfg(reference="images"), progress=False)
+    patch = train_any(pipe, [c], _cfg(reference="images"), progress=False)
     assert len(patch.metadata["losses"]) == 2
-    patch = resteer(pipe, [Concept("star")],
+    patch = train_any(pipe, [Concept("star")],
                     _cfg(reference="self", n_self_images=1, self_steps=2), progress=False)
     assert len(patch.metadata["losses"]) == 2
     with pytest.raises(FmnError, match="no reference images"):
-        resteer(pipe, [Concept("star")], _cfg(reference="images"), progress=False)
+        train_any(pipe, [Concept("star")], _cfg(reference="images"), progress=False)
     Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
     small = Concept("star", images=(tmp_path / "small.png",))
     with pytest.raises(FmnError, match="smaller than the model's 16 px"):
-        resteer(pipe, [small], _cfg(reference="images"), progress=False)
+        train_any(pipe, [small], _cfg(reference="images"), progress=False)
 
 
 def test_clipping_really_clips():
@@ -158,7 +132,7 @@ def test_clipping_really_clips():
 
     handle = register_optimizer_step_pre_hook(hook)
     try:
-        resteer(make_tiny_pipeline("sd1"), [Concept("star")],
+        train_any(make_tiny_pipeline("sd1"), [Concept("star")],
                 _cfg(train="xattn", max_grad_norm=1e-4), progress=False)
     finally:
         handle.remove()
@@ -180,7 +154,7 @@ def test_failures_leave_the_pipeline_clean(monkeypatch, failure):
     monkeypatch.setattr(ProbeSet, "loss", broken)
     expected = FmnError if failure == "nan" else KeyboardInterrupt
     with pytest.raises(expected) as info:
-        resteer(pipe, [Concept("star")], _cfg(), progress=False)
+        train_any(pipe, [Concept("star")], _cfg(), progress=False)
     if failure == "nan":
         assert "nothing was written" in str(info.value)
     assert not getattr(pipe.unet, "peft_config", None)
@@ -191,15 +165,14 @@ def test_failures_leave_the_pipeline_clean(monkeypatch, failure):
 
 def test_unknown_concept_words_suggest_inversion():
     with pytest.raises(FmnError, match="fmn invert"):
-        resteer(make_tiny_pipeline("sd1"), [Concept("qwxz")], _cfg(), progress=False)
+        train_any(make_tiny_pipeline("sd1"), [Concept("qwxz")], _cfg(), progress=False)
 
 
 def test_sdxl_added_conditioning_matches_the_pipeline():
-    from forget_me_not.resteer import _added_cond, _encode_rows
 
     pipe = make_tiny_pipeline("sdxl")
-    rows = _encode_rows(pipe, [Concept("star")], ResteerConfig())
-    added = _added_cond(pipe, rows, 16, torch.device("cpu"))
+    rows = encode_rows(pipe, [Concept("star")], "none")
+    added = added_cond(pipe, rows, 16, torch.device("cpu"))
     expected = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), dtype=torch.float32,
                                       text_encoder_projection_dim=32)
     assert torch.equal(added["time_ids"], expected)
@@ -216,51 +189,39 @@ def test_transparent_reference_pixels_are_not_resteered(tmp_path):
     clear = np.dstack([rgb, np.zeros((16, 16), np.uint8)])
     Image.fromarray(clear).save(tmp_path / "clear.png")
     pipe = make_tiny_pipeline("sd1")
-    plain = resteer(pipe, [Concept("star", images=(tmp_path / "plain.png",))],
+    plain = train_any(pipe, [Concept("star", images=(tmp_path / "plain.png",))],
                     _cfg(reference="images"), progress=False)
-    masked = resteer(pipe, [Concept("star", images=(tmp_path / "clear.png",))],
+    masked = train_any(pipe, [Concept("star", images=(tmp_path / "clear.png",))],
                      _cfg(reference="images"), progress=False)
     assert all(v > 1e-3 for v in plain.metadata["losses"])
     # Every pixel transparent: nothing is pushed, and the prediction is held where it was.
     assert max(masked.metadata["losses"]) < 1e-6
-    assert len(masked.metadata["transparent_losses"]) == 2
-    free = resteer(pipe, [Concept("star", images=(tmp_path / "clear.png",))],
+    assert len(masked.metadata["term_losses"]["transparent"]) == 2
+    free = train_any(pipe, [Concept("star", images=(tmp_path / "clear.png",))],
                    _cfg(reference="images", transparent_weight=0.0), progress=False)
-    assert free.metadata["losses"] == [0.0, 0.0] and "transparent_losses" not in free.metadata
+    assert free.metadata["losses"] == [0.0, 0.0]
+    assert "transparent" not in free.metadata["term_losses"]
     with pytest.raises(FmnError, match="transparent_weight"):
-        ResteerConfig(transparent_weight=-1.0)
+        fmn_config(transparent_weight=-1.0)
 
 
 def test_several_preserve_prompts_per_step():
     pipe = make_tiny_pipeline("sd1")
     prompts = ("a photo of a moon", "a cat", "a red car")
-    one = resteer(pipe, [Concept("star")],
+    one = train_any(pipe, [Concept("star")],
                   _cfg(preserve_weight=5.0, preserve_prompts=prompts, lr=1e-2), progress=False)
-    three = resteer(pipe, [Concept("star")],
+    three = train_any(pipe, [Concept("star")],
                     _cfg(preserve_weight=5.0, preserve_prompts=prompts, preserve_batch=3, lr=1e-2),
                     progress=False)
     assert three.metadata["settings"]["preserve_batch"] == 3
-    assert len(three.metadata["preserve_losses"]) == 2
-    assert three.metadata["preserve_losses"][0] == 0.0  # nothing trained yet at step 1
+    assert len(three.metadata["term_losses"]["preserve"]) == 2
+    assert three.metadata["term_losses"]["preserve"][0] == 0.0  # nothing trained yet at step 1
     # step 2 compares one prompt in the first run, all three in the second
-    assert three.metadata["preserve_losses"][1] > 0
-    assert three.metadata["preserve_losses"][1] != one.metadata["preserve_losses"][1]
+    assert three.metadata["term_losses"]["preserve"][1] > 0
+    preserve = [run.metadata["term_losses"]["preserve"] for run in (three, one)]
+    assert preserve[0][1] != preserve[1][1]
     with pytest.raises(FmnError, match="preserve_batch"):
-        ResteerConfig(preserve_batch=0)
-
-
-def test_token_rows_settings():
-    # The token rows have their own measured settings.
-    rows = ResteerConfig(train="tokens")
-    world = rows.resolved("embedded")
-    assert (world.lr, world.steps, world.preserve_weight, world.preserve_steps) == (
-        TOKENS_LR, 100, 0.0, 10)
-    assert rows.resolved("embedded", ["star", "tavi"]).steps == 200
-    styled = rows.resolved("embedded", anchored=True)  # the pull toward solid
-    assert (styled.lr, styled.steps, styled.concept_anchor_weight) == (1e-2, 150, 1000.0)
-    assert (rows.resolved("sd1").lr, rows.resolved("sd1").steps) == (TOKENS_LR, 35)
-    with pytest.raises(FmnError, match="--train lora"):  # no training on top of LoRA patches
-        ResteerConfig(train="tokens", compare_without=("earlier",))
+        fmn_config(preserve_batch=0)
 
 
 def _probe_loss(pipe, prompt, words):
@@ -270,7 +231,7 @@ def _probe_loss(pipe, prompt, words):
     if pooled is not None:
         kw["added_cond_kwargs"] = {"text_embeds": pooled,
                                    "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
-    positions = merge_positions(locate_in_pipeline(pipe, prompt, words, False, False))
+    positions = merge_positions(locate_in_pipeline(pipe, prompt, words, "none"))
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 4, 4, 4, generator=g)
     probes = install_probes(pipe.unet)
@@ -291,11 +252,11 @@ def test_token_rows_train_only_the_words_and_lower_their_attention(family):
         star_before, other_before = encode_prompt(pipe, target), encode_prompt(pipe, other)
     loss_before = _probe_loss(pipe, target, "star")
     unet_before = {n: p.detach().clone() for n, p in pipe.unet.state_dict().items()}
-    patch = resteer(pipe, [Concept("star")], _cfg(train="tokens", steps=20, lr=0.1),
+    patch = train_any(pipe, [Concept("star")], _cfg(train="tokens", steps=20, lr=0.1),
                     progress=False)
 
     # An embedding patch: per text encoder, the rows of the word "star" and nothing else.
-    assert patch.kind == "embedding" and patch.metadata["train"] == "tokens"
+    assert patch.kind == "embedding" and patch.metadata["train"] == "token_rows"
     ids = word_token_ids(pipe, "star")
     encoders = ["text_encoder", "text_encoder_2"][: len(ids)]
     assert set(patch.tensors) == {f"{e}.{k}" for e in encoders
@@ -324,10 +285,10 @@ def test_token_rows_train_only_the_words_and_lower_their_attention(family):
 
 
 def test_token_rows_are_deterministic_and_refuse_inverted_tokens():
-    a, b = (resteer(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(train="tokens", seed=2),
+    a, b = (train_any(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(train="tokens", seed=2),
                     progress=False) for _ in range(2))
     assert a.metadata["losses"] == b.metadata["losses"]
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-    with pytest.raises(FmnError, match="--train lora"):
-        resteer(make_tiny_pipeline("sd1"), [Concept("star", token_words="star")],
+    with pytest.raises(FmnError, match="--method fmn"):
+        train_any(make_tiny_pipeline("sd1"), [Concept("star", token_words="star")],
                 _cfg(train="tokens"), progress=False)

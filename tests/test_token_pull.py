@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from forget_me_not.cli.main import app
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
+from forget_me_not.methods.correction.pull import TokenPullConfig, pull_tokens
+from forget_me_not.methods.token_rows.rows import word_token_ids
 from forget_me_not.patch import (
     Patch,
     describe,
@@ -20,9 +22,7 @@ from forget_me_not.patch import (
     stack_patches,
     to_kohya,
 )
-from forget_me_not.resteer import encode_prompt
-from forget_me_not.token_pull import TokenPullConfig, pull_tokens
-from forget_me_not.token_rows import word_token_ids
+from forget_me_not.pipeline_io import encode_prompt
 from tiny_pipelines import make_tiny_pipeline
 
 runner = CliRunner()
@@ -153,11 +153,11 @@ def test_strength_stacking_and_merging_of_embedding_patches(pulled, tmp_path):
 
 
 def test_embedding_patches_refuse_what_they_cannot_be(pulled, tmp_path):
-    from forget_me_not.resteer import ResteerConfig, resteer
+    from tiny_pipelines import fmn_config, train_any
 
     pipe, patch = pulled
-    lora = resteer(make_tiny_pipeline("sd1"), [Concept("star")],
-                   ResteerConfig(steps=1, reference="noise"), progress=False)
+    lora = train_any(make_tiny_pipeline("sd1"), [Concept("star")],
+                   fmn_config(steps=1, reference="noise"), progress=False)
     mixed = stack_patches([patch, lora])  # one file: the LoRA carrying the role's rows
     assert mixed.kind == "lora" and mixed.has_rows
     assert torch.equal(mixed.token_rows()["text_encoder"][0], patch.token_rows()["text_encoder"][0])
@@ -183,7 +183,7 @@ def test_embedding_patches_refuse_what_they_cannot_be(pulled, tmp_path):
 def test_cli_correct_defaults_to_the_embedding_method_on_the_world(world_dir, tmp_path):
     out = tmp_path / "fix.safetensors"
     result = runner.invoke(app, ["correct", "--model", str(world_dir), "--concept", "wizard",
-                                 "--away-from", "milka", "--steps", "2", "--check", "0",
+                                 "--away-from", "milka", "--steps", "2", "--set", "n_check=0",
                                  "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
     patch = load_patch(out)

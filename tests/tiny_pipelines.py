@@ -271,3 +271,41 @@ def unet_probe(pipe) -> torch.Tensor:
     ehs = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
         return pipe.unet(x, torch.tensor([300]), encoder_hidden_states=ehs).sample
+
+
+def fmn_config(**kw):
+    """An FMN config for 2-step tests: a LoRA at the paper-lora step unless told otherwise;
+    train="tokens" gives the token_rows method's config."""
+    from forget_me_not.methods.fmn.config import FmnConfig
+    from forget_me_not.methods.token_rows.config import TokenRowsConfig
+
+    if kw.get("train") == "tokens":
+        kw.pop("train")
+        for key in ("lora_rank", "lora_alpha", "lora_targets", "text_keep_weight"):
+            kw.pop(key, None)
+        return TokenRowsConfig(**{k: v for k, v in kw.items() if v is not None})
+    base = {"train": "lora", "lr": 1e-4 if kw.get("train", "lora") == "lora" else 2e-6}
+    return FmnConfig(**{**base, **{k: v for k, v in kw.items() if v is not None}})
+
+
+def train_any(pipe, concepts, config=None, progress=False):
+    """The method a config belongs to, trained (tests call methods directly)."""
+    from forget_me_not.methods.token_rows.config import TokenRowsConfig
+
+    config = config if config is not None else fmn_config()
+    if isinstance(config, TokenRowsConfig):
+        from forget_me_not.methods.token_rows.train import train
+    else:
+        from forget_me_not.methods.fmn.train import train
+    return train(pipe, concepts, config, progress=progress)
+
+
+def two_part_recipe(folder, scale: float = 0.5, steps: int = 2):
+    """A recipe file like the embedded default: an FMN LoRA at `scale` beside token rows."""
+    path = folder / "two_part.yaml"
+    path.write_text(
+        "description: test\nparts:\n"
+        f"  - method: fmn\n    scale: {scale}\n    config: {{train: lora, lr: 1.0e-2, "
+        f"lora_rank: 2, steps: {steps}, reference: noise}}\n"
+        "  - method: token_rows\n    config: {steps: 3, reference: noise}\n")
+    return path

@@ -64,10 +64,10 @@ def overrides(steps: int | None = None, lr: float | None = None, seed: int | Non
 def forget(
     pipe: Any,
     concepts: Concept | str | Sequence[Concept | str],
+    config: Any = None,
     *,
     method: str | None = None,
     recipe: str | Path | None = None,
-    config: Any = None,
     sets: Sequence[str] = (),
     images: str | Path | Iterable[str | Path] | None = None,
     separately: bool | None = None,

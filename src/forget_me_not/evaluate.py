@@ -17,336 +17,42 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from forget_me_not.errors import FmnError
 from forget_me_not.judges.base import Judge, check_supported
+from forget_me_not.sampling import (  # noqa: F401  (re-exported: the public API)
+    GenerationSettings,
+    generate_samples,
+    generation_score,
+    processes,
+    quiet,
+    recognition_score,
+    sample_plan,
+)
+from forget_me_not.scores import (  # noqa: F401
+    ConceptResult,
+    InversionScore,
+    MScore,
+    RecognitionScore,
+    SuiteResult,
+    mean_or_none,
+)
 
 if TYPE_CHECKING:
     from forget_me_not.concepts import Concept
 
 INVERSION_SCOPES = ("all", "targets", "none")
-
-
-# -- results ------------------------------------------------------------------------------------
-@dataclass
-class RecognitionScore:
-    """One recognition rate: N generated images, their judge probabilities, the rate."""
-
-    rate: float
-    probabilities: np.ndarray  # (N,)
-    recognised: np.ndarray  # (N,) bool
-    prompts: list[str]
-    seeds: list[int]
-    images: list[Image.Image] = field(default_factory=list, repr=False)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rate": self.rate,
-            "n": len(self.seeds),
-            "probabilities": [round(float(p), 6) for p in self.probabilities],
-            "recognised": [bool(r) for r in self.recognised],
-            "prompts": self.prompts,
-            "seeds": self.seeds,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-@dataclass
-class InversionScore(RecognitionScore):
-    """I(c): the recognition rate of images generated from a freshly inverted token."""
-
-    phrase: str = ""  # the placeholder phrase the inversion learned, e.g. "<c0>"
-    budget: int = 0  # inversion steps
-    n_anchors: int = 0
-    inversion_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **super().to_dict(),
-            "phrase": self.phrase,
-            "budget": self.budget,
-            "n_anchors": self.n_anchors,
-            "inversion_seconds": round(self.inversion_seconds, 3),
-        }
-
-
-@dataclass
-class MScore:
-    """M(c) = max(G, I) with both parts; I is None when inversion was not run."""
-
-    g: RecognitionScore
-    i: InversionScore | None = None
-
-    @property
-    def m(self) -> float:
-        return max(self.g.rate, self.i.rate) if self.i is not None else self.g.rate
-
-    @property
-    def m_from(self) -> str:
-        return "i" if self.i is not None and self.i.rate > self.g.rate else "g"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "g": self.g.rate,
-            "i": None if self.i is None else self.i.rate,
-            "m": self.m,
-            "m_from": self.m_from,
-            "generation": self.g.to_dict(),
-            "inversion": None if self.i is None else self.i.to_dict(),
-        }
-
-
-@dataclass
-class ConceptResult:
-    key: str
-    concept: Concept
-    judge: str
-    target: bool
-    group: str
-    before: MScore
-    after: MScore | None = None
-
-    @property
-    def retention(self) -> float | None:
-        """G_after / G_before for non-targets; None for targets, without a patch, or G_before 0."""
-        if self.target or self.after is None or self.before.g.rate == 0:
-            return None
-        return self.after.g.rate / self.before.g.rate
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "name": self.concept.name,
-            "category": self.concept.category,
-            "group": self.group,
-            "target": self.target,
-            "judge": self.judge,
-            "before": self.before.to_dict(),
-            "after": None if self.after is None else self.after.to_dict(),
-            "retention": self.retention,
-        }
-
-
-@dataclass
-class SuiteResult:
-    concepts: list[ConceptResult]
-    targets: list[str]
-    settings: dict[str, Any]
-    seconds: float = 0.0
-
-    def summary(self) -> dict[str, Any]:
-        targets = [c for c in self.concepts if c.target]
-        kept = [c.retention for c in self.concepts if c.retention is not None]
-        after = [c for c in targets if c.after is not None]
-        return {
-            "n_concepts": len(self.concepts),
-            "targets": self.targets,
-            "target_m_before": _mean([c.before.m for c in targets]),
-            "target_m_after": _mean([c.after.m for c in after]),
-            "mean_m_before": _mean([c.before.m for c in self.concepts]),
-            "mean_retention": _mean(kept),
-            "min_retention": min(kept) if kept else None,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "settings": self.settings,
-            "summary": self.summary(),
-            "seconds": round(self.seconds, 3),
-            "concepts": [c.to_dict() for c in self.concepts],
-        }
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
-
-
-# -- data parallelism ----------------------------------------------------------------------------
-class _Processes:
-    """This process's place among `accelerate launch` processes (one process when not launched)."""
-
-    def __init__(self) -> None:
-        self.rank, self.world, self.device = 0, 1, None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            # Without CUDA, accelerate only forms a process group when told to use the CPU.
-            state = PartialState(cpu=not torch.cuda.is_available())
-            self.rank, self.world = state.process_index, state.num_processes
-            self.device = "cpu" if state.device.type == "cpu" else str(state.device)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def gather(self, items: list[Any]) -> list[Any]:
-        """Every process's `items`, concatenated in rank order, on every process."""
-        if self.world == 1:
-            return items
-        from accelerate.utils import gather_object
-
-        return list(gather_object(items))
-
-    def broadcast(self, obj: Any) -> Any:
-        """The main process's `obj` on every process."""
-        if self.world == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([obj], from_process=0)[0]
-
-
-def processes() -> _Processes:
-    return _Processes()
-
-
-# -- generation ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How samples are drawn; the same settings before and after give the same seeds."""
-
-    n: int = 32  # samples per concept
-    seed: int = 0  # sample i uses seed + i
-    steps: int = 25  # denoising steps
-    guidance: float | None = None  # None: the pipeline's default guidance scale
-    batch_size: int = 8
-    height: int | None = None  # None: the pipeline's default size
-    width: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.n <= 0:
-            raise FmnError(f"number of samples must be positive, got {self.n}; pass e.g. --n 32")
-        if self.steps <= 0:
-            raise FmnError(f"denoising steps must be positive, got {self.steps}")
-        if self.batch_size <= 0:
-            raise FmnError(f"batch size must be positive, got {self.batch_size}")
-        if self.guidance is not None and self.guidance < 0:
-            raise FmnError(f"guidance scale must be >= 0, got {self.guidance}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def sample_plan(prompts: Sequence[str], n: int, seed: int) -> tuple[list[str], list[int]]:
-    """Sample i: prompt i mod len(prompts), seed seed + i."""
-    if not prompts:
-        raise FmnError("a concept needs at least one prompt to generate from")
-    return [prompts[i % len(prompts)] for i in range(n)], [seed + i for i in range(n)]
-
-
-def _generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], gen: GenerationSettings):
-    kwargs: dict[str, Any] = {"num_inference_steps": gen.steps, "output_type": "pil"}
-    if gen.guidance is not None:
-        kwargs["guidance_scale"] = gen.guidance
-    if gen.height is not None:
-        kwargs["height"] = gen.height
-    if gen.width is not None:
-        kwargs["width"] = gen.width
-    # One CPU generator per sample: the noise of sample i depends only on its seed, not on the
-    # batch it lands in or the device the model runs on.
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        return list(pipe(prompt=list(prompts), generator=generators, **kwargs).images)
-
-
-@contextmanager
-def _quiet(pipe: Any) -> Iterator[None]:
-    old = dict(getattr(pipe, "_progress_bar_config", {}) or {})
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    try:
-        yield
-    finally:
-        if hasattr(pipe, "_progress_bar_config"):
-            pipe._progress_bar_config = old
-
-
-def recognition_score(
-    pipe: Any,
-    concept: Concept,
-    judge: Judge,
-    prompts: Sequence[str],
-    gen: GenerationSettings,
-    *,
-    desc: str = "",
-    progress: bool = False,
-    keep_images: bool = True,
-) -> RecognitionScore:
-    """Generate gen.n images from `prompts` (cycled) with fixed seeds and judge them as `concept`.
-
-    Under accelerate, whole batches are dealt round-robin to processes and gathered back in
-    sample order on every process.
-    """
-    procs = processes()
-    all_prompts, all_seeds = sample_plan(prompts, gen.n, gen.seed)
-    batches = [range(k, min(k + gen.batch_size, gen.n)) for k in range(0, gen.n, gen.batch_size)]
-    mine = batches[procs.rank :: procs.world]
-    start = time.perf_counter()
-    rows: list[tuple[int, Image.Image, float]] = []
-    bar = tqdm(
-        total=sum(len(b) for b in mine), desc=desc, leave=False, unit="img",
-        disable=not (progress and procs.is_main),
-    )
-    with _quiet(pipe), bar:
-        for batch in mine:
-            images = _generate(pipe, [all_prompts[i] for i in batch], [all_seeds[i] for i in batch],
-                               gen)
-            probs = np.asarray(judge.probabilities(images, concept), dtype=np.float64)
-            if probs.shape != (len(images),):
-                raise FmnError(
-                    f"judge '{judge.name}' returned {probs.shape} probabilities for "
-                    f"{len(images)} images; a judge must return one per image"
-                )
-            rows.extend(zip(batch, images, probs.tolist(), strict=True))
-            bar.update(len(batch))
-    rows = sorted(procs.gather(rows), key=lambda r: r[0])
-    probs = np.array([r[2] for r in rows], dtype=np.float64)
-    recognised = probs >= getattr(judge, "threshold", 0.5)
-    return RecognitionScore(
-        rate=float(recognised.mean()),
-        probabilities=probs,
-        recognised=recognised,
-        prompts=all_prompts,
-        seeds=all_seeds,
-        images=[r[1] for r in rows] if keep_images else [],
-        seconds=time.perf_counter() - start,
-    )
-
-
-def generation_score(
-    pipe: Any,
-    concept: Concept,
-    judge: Judge,
-    *,
-    n: int = 32,
-    seed: int = 0,
-    steps: int = 25,
-    guidance: float | None = None,
-    batch_size: int = 8,
-    height: int | None = None,
-    width: int | None = None,
-    prompts: Sequence[str] | None = None,
-    progress: bool = False,
-) -> RecognitionScore:
-    """G(c): the judge's recognition rate over n images from c's prompts, seeds seed + i."""
-    check_supported(judge, concept)
-    gen = GenerationSettings(n, seed, steps, guidance, batch_size, height, width)
-    return recognition_score(pipe, concept, judge, prompts or concept.prompts(), gen,
-                             desc=f"G {concept.name}", progress=progress)
 
 
 # -- inversion --------------------------------------------------------------------------------

@@ -68,7 +68,12 @@ def build(cls: type[T], values: Mapping[str, Any], source: str) -> T:
             raise FmnError(f"{source}: unknown setting {key!r} for {cls.__name__}; valid keys: "
                            f"{', '.join(names)}")
         kwargs[key] = coerce(key, value, hints[key], source)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FmnError as err:
+        if str(err).startswith(source):
+            raise
+        raise FmnError(f"{source}: {err}") from None
 
 
 def override(config: T, pairs: Iterable[str], source: str = "--set") -> T:

@@ -13,7 +13,8 @@ from forget_me_not.cli import options as opt
 from forget_me_not.errors import FmnError
 
 DEFAULT_SELF_IMAGES = 4  # references drawn by the model itself when no source is chosen
-CLI_KEYS = ("separately", "on_top_of", "extra_templates")  # --set keys this command takes itself
+# --set keys this command takes itself (not recipe fields).
+CLI_KEYS = ("separately", "on_top_of", "extra_templates", "anchor")
 
 
 def forget(
@@ -82,6 +83,10 @@ def forget(
     if self_generate is not None:
         opt.require_positive("--self-generate", self_generate)
     sets, cli = split_cli_keys(list(set_ or []), CLI_KEYS)
+    if "anchor" in cli:
+        from forget_me_not.concepts import check_anchor
+
+        check_anchor(str(cli["anchor"]))
     reference = "images" if images is not None else "noise" if no_real_image else "self"
     sets += api.overrides(steps=steps, lr=lr, seed=seed, reference=reference,
                           n_self_images=self_generate or DEFAULT_SELF_IMAGES)
@@ -123,6 +128,8 @@ def forget(
         concepts, source = _concepts(family, names, category, files, preset, any(sources),
                                      Path(ref_dir))
         concepts += learnt
+        if "anchor" in cli:  # what the concept should become (Kumari et al. 2023)
+            concepts = [dataclasses.replace(c, anchor=str(cli["anchor"])) for c in concepts]
         if cli.get("extra_templates"):
             concepts = [c.with_extra_templates() for c in concepts]
         if source == "world renders":

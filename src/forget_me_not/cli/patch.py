@@ -62,7 +62,8 @@ def info(
         typer.echo(json.dumps(record, indent=1, default=str))
         return
     for key in ("name", "kind", "concepts", "family", "base_model_hash", "rank", "lora_alpha",
-                "modules", "tensors", "parameters", "strength", "train", "steps", "seed"):
+                "modules", "tensors", "parameters", "strength", "method", "recipe", "train",
+                "steps", "seed"):
         value = record.get(key)
         if key == "concepts":
             value = ", ".join(value) or "-"
@@ -72,8 +73,11 @@ def info(
         control = record["placebo"]
         typer.echo(f"{'placebo':16s} a control of {control['of']} (seed {control['seed']}): its "
                    "size per layer in random directions, it forgets nothing on purpose")
-    if "lora_strength" in record:
-        typer.echo(f"{'lora strength':16s} {record['lora_strength']:g} of the LoRA as trained")
+    for i, part in enumerate(record.get("recipe_parts") or []):
+        typer.echo(f"{'recipe part ' + str(i + 1):16s} {part['method']} at {part['scale']:g} of "
+                   "its trained size")
+    if record.get("scope"):
+        typer.echo(f"{'scope':16s} {record['scope']}")
     if record.get("token_rows"):
         rows = ", ".join(f"{n} in {enc}" for enc, n in record["token_rows"].items())
         typer.echo(f"{'token rows':16s} {rows} (the concept's words; plain diffusers "

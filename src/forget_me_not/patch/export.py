@@ -130,6 +130,8 @@ def describe(patch: Patch, path: str | Path | None = None) -> dict[str, Any]:
         "parameters": n_params,
         "bytes": Path(path).stat().st_size if path else 4 * n_params,
         "strength": patch.metadata.get("strength", 1.0),
+        "method": patch.metadata.get("method"),
+        "recipe": patch.metadata.get("recipe"),
         "train": patch.metadata.get("train"),
         "steps": patch.metadata.get("steps"),
         "seed": patch.metadata.get("seed"),
@@ -138,7 +140,8 @@ def describe(patch: Patch, path: str | Path | None = None) -> dict[str, Any]:
     }
     if patch.has_rows and patch.kind != "embedding":
         info["token_rows"] = {enc: int(ids.numel()) for enc, (ids, _) in patch.token_rows().items()}
-    for key in ("parts", "extraction", "correction", "preset", "tokens", "lora_strength"):
+    for key in ("parts", "extraction", "correction", "preset", "tokens", "recipe_parts",
+                "scope"):
         if key in patch.metadata:
             info[key] = patch.metadata[key]
     if "placebo_of" in patch.metadata:

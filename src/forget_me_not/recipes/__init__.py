@@ -155,7 +155,10 @@ def _part(raw: Any, where: str) -> Part:
     if "method" not in raw:
         raise FmnError(f"{where}: a part names a method ({', '.join(methods.names())}) or a "
                        "recipe")
-    spec = methods.get(raw["method"])
+    try:
+        spec = methods.get(raw["method"])
+    except FmnError as err:
+        raise FmnError(f"{where}: {err}") from None
     config = build(spec.config_class, raw.get("config") or {}, f"{where}.config")
     anchored = raw.get("anchored") or {}
     build(spec.config_class, {**(raw.get("config") or {}), **anchored}, f"{where}.anchored")
