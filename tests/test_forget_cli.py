@@ -233,3 +233,15 @@ def test_cli_passes_method_recipe_and_sets_to_the_library(inputs, tmp_path, monk
     assert seen["concepts"] == ["star"]
     assert {"lora_rank=8", "steps=2", "steps_per=run", "lr=0.001", "reference='noise'"} <= set(
         seen["sets"])
+
+
+def test_forget_and_correct_keep_their_options_few():
+    import typer.main
+
+    from forget_me_not.cli.main import app as root
+
+    group = typer.main.get_command(root)
+    shared = {"allow_pickle", "config"}  # model loading, the same on every command
+    for name in ("forget", "correct"):
+        own = [p.name for p in group.commands[name].params if p.name not in shared]
+        assert len(own) <= 15, (name, own)

@@ -41,9 +41,9 @@ def test_nsfw_preset_concepts_are_judged_by_nudenet_in_conceptbench():
 
 
 def test_presets_refuse_the_wrong_model_family(tmp_path):
-    with pytest.raises(FmnError, match="--preset unsafe"):
+    with pytest.raises(FmnError, match="use preset unsafe"):
         presets.preset_concepts("nsfw", "embedded", tmp_path)
-    with pytest.raises(FmnError, match="--preset nsfw"):
+    with pytest.raises(FmnError, match="use preset nsfw"):
         presets.preset_concepts("unsafe", "sdxl", tmp_path)
     with pytest.raises(FmnError, match="unknown preset"):
         presets.get_preset("gore")
@@ -65,19 +65,16 @@ def test_cli_nsfw_preset_forgets_all_concepts_in_one_run(tiny_pipeline_dir, tmp_
     # The tiny test tokenizer knows "nude" and "naked" but not "nudity": same flow, its words.
     monkeypatch.setattr(presets, "NSFW_CONCEPTS", ("nude", "naked"))
     out = tmp_path / "nsfw.safetensors"
-    result = _forget(tiny_pipeline_dir("sd1"), out, "--preset", "nsfw")
+    result = _forget(tiny_pipeline_dir("sd1"), out, "--category", "nsfw")
     assert result.exit_code == 0, result.output
     meta = load_patch(out).metadata
     assert [c["name"] for c in meta["concepts"]] == ["nude", "naked"]
     assert meta["preset"] == "nsfw" and meta["settings"]["reference"] == "self"
-    _err(_forget(tiny_pipeline_dir("sd1"), tmp_path / "u.safetensors", "--preset", "unsafe"),
-         "--preset nsfw")
-    assert not (tmp_path / "u.safetensors").exists()
 
 
 def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, tmp_path):
     out = tmp_path / "unsafe.safetensors"
-    result = _forget(world_dir, out, "--preset", "unsafe")
+    result = _forget(world_dir, out, "--category", "nsfw")
     assert result.exit_code == 0, result.output
     meta = load_patch(out).metadata
     assert [c["name"] for c in meta["concepts"]] == ["skull", "gun"]
@@ -87,10 +84,9 @@ def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, t
     assert meta["separately"] is True
     assert [p["concepts"] for p in meta["parts"]] == [["skull"], ["gun"]]
     joint = tmp_path / "joint.safetensors"
-    joined = _forget(world_dir, joint, "--preset", "unsafe", "--set", "separately=false")
+    joined = _forget(world_dir, joint, "--category", "nsfw", "--set", "separately=false")
     assert joined.exit_code == 0
     assert "separately" not in load_patch(joint).metadata
-    _err(_forget(world_dir, tmp_path / "n.safetensors", "--preset", "nsfw"), "--preset unsafe")
 
 
 def test_forget_separately_equals_stacking_single_runs():
@@ -163,6 +159,4 @@ def test_cli_forget_on_the_embedded_model_defaults_to_world_renders(world_dir, t
 
 
 def test_cli_forget_needs_a_concept_or_a_preset(tiny_pipeline_dir, tmp_path):
-    _err(_forget(tiny_pipeline_dir("sd1"), tmp_path / "p.safetensors"), "--preset NAME")
-    _err(_forget(tiny_pipeline_dir("sd1"), tmp_path / "p.safetensors", "--preset", "gore"),
-         "unknown preset")
+    _err(_forget(tiny_pipeline_dir("sd1"), tmp_path / "p.safetensors"), "--category nsfw")

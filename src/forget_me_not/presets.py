@@ -1,5 +1,6 @@
-"""Concept sets forgotten in one run: `--preset nsfw` (real SD models), `--preset unsafe` (the
-embedded ConceptWorld model), and world reference renders for world concepts.
+"""Concept sets forgotten in one run: "nsfw" (real SD models) and "unsafe" (the embedded
+ConceptWorld model), what `fmn forget --category nsfw` forgets with no --concept; and world
+reference renders for world concepts.
 
 The NSFW set names themes, never content: its prompts are deliberately non-explicit, and it
 needs no images (the model draws its own references, or the reference is pure noise). Its
@@ -19,6 +20,7 @@ from forget_me_not.errors import FmnError
 
 EMBEDDED = "embedded"
 REAL_FAMILIES = ("sd1", "sd2", "sdxl")
+EMBEDDED_PRESET = "unsafe"
 
 # Names as ConceptBench's NSFW category spells them (judged there by NudeNet).
 NSFW_CONCEPTS: tuple[str, ...] = ("nudity", "sexual content")
@@ -69,14 +71,19 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def family_preset(family: str) -> str:
+    """The unsafe set of a model family: "unsafe" on the embedded model, "nsfw" on SD."""
+    return EMBEDDED_PRESET if family == EMBEDDED else "nsfw"
+
+
 def preset_concepts(name: str, family: str, ref_dir: str | Path) -> list[Concept]:
     """The preset's concepts for a model of `family`; refuses a preset meant for other models."""
     preset = get_preset(name)
     if family not in preset.families:
         other = "unsafe" if family == EMBEDDED else "nsfw"
         raise FmnError(
-            f"--preset {name} is for {'/'.join(preset.families)} models but this one is "
-            f"{family}: use --preset {other}"
+            f"preset {name} is for {'/'.join(preset.families)} models but this one is "
+            f"{family}: use preset {other}"
         )
     return preset.build(Path(ref_dir))
 

@@ -24,11 +24,10 @@ def forget(
         typer.Option(help="Words that call up the concept, e.g. 'star' (repeatable); or a "
                           "token file from `fmn invert` to forget what it learnt."),
     ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(help="A concept set: nsfw (SD models), unsafe (embedded model)."),
-    ] = None,
-    category: Annotated[str, typer.Option(help="id, object, style or nsfw.")] = "object",
+    category: Annotated[str, typer.Option(help="id, object, style or nsfw; nsfw with no "
+                                               "--concept: the model family's unsafe set (SD: "
+                                               "nudity, sexual content; embedded: skull, gun)."
+                                          )] = "object",
     model: opt.Model = "embedded",
     method: opt.Method = None,
     recipe: opt.Recipe = None,
@@ -65,12 +64,9 @@ def forget(
 
     # Everything the user typed is checked before the (slow) model load.
     names = list(concept or [])
-    if not names and preset is None:
-        raise FmnError("say what to forget: --concept WORDS (repeatable) or --preset NAME")
-    if preset is not None:
-        from forget_me_not.presets import get_preset
-
-        get_preset(preset)
+    if not names and category != "nsfw":
+        raise FmnError("say what to forget: --concept WORDS (repeatable), or --category nsfw "
+                       "alone for the model family's unsafe set")
     if category not in CATEGORIES:
         raise FmnError(f"unknown --category {category!r}: use one of {', '.join(CATEGORIES)}")
     token_files = [Path(n) for n in names if n.endswith(".safetensors")]
@@ -122,6 +118,11 @@ def forget(
 
     family = detect_family(pipe)
     api.plan(family, method, recipe)  # the family check, before any work
+    preset = None
+    if not names and not token_files:  # --category nsfw alone
+        from forget_me_not.presets import family_preset
+
+        preset = family_preset(family)
     learnt = [Concept(path.stem, category, token_words=emb.load_into(pipe), images=files)
               for path, emb in zip(token_files, embeddings, strict=True)]
     with tempfile.TemporaryDirectory(prefix="fmn_refs_") as ref_dir:
@@ -186,7 +187,7 @@ def _concepts(family, names, category, files, preset, chosen_source, ref_dir: Pa
         return concepts, "world renders"
     if preset is not None and get_preset(preset).reference == "images":
         raise FmnError(
-            f"--preset {preset} with these concepts needs an image source: pass "
+            f"the {preset} set with these concepts needs an image source: pass "
             "--images, --self-generate N or --no-real-image"
         )
     return concepts, "self"
