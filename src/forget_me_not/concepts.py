@@ -119,7 +119,7 @@ def _word_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _check_known(tokenizer: Any, words: str) -> None:
+def check_known(tokenizer: Any, words: str) -> None:
     """Refuse words the tokenizer does not know: the model cannot have learnt them as a concept."""
     unk = getattr(tokenizer, "unk_token_id", None)
     added = set(getattr(tokenizer, "get_added_vocab", dict)())
@@ -175,7 +175,7 @@ def locate_tokens(
             f"concept words {words!r} do not occur in the prompt {prompt!r}: use a template "
             "with '{}', or learn tokens for the concept with `fmn invert`"
         )
-    _check_known(tokenizer, words)
+    check_known(tokenizer, words)
     positions: set[int] = set()
     for span in dict.fromkeys(spans):  # each spelling once
         sub = _word_ids(tokenizer, span)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from forget_me_not.cli import options as opt
+from forget_me_not.errors import FmnError
 
 Suite = Annotated[str, typer.Option(help="'world', 'conceptbench' or a suite .yaml file.")]
 N = Annotated[int | None, typer.Option("--n", help="Samples per concept and phase "
@@ -70,18 +71,29 @@ def bench(
     judge: Judge = None,
     judge_model: JudgeModel = None,
     overwrite: Overwrite = False,
+    compare: Annotated[list[str] | None, typer.Option(
+        help="A recipe or patch file to compare (repeatable, at least two): writes a "
+             "leaderboard instead of one report.")] = None,
+    targets: Annotated[str | None, typer.Option(
+        help="--compare: what each recipe forgets, e.g. 'star,tavi,skull+gun' ('+': one "
+             "run for several).")] = None,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
     allow_pickle: opt.AllowPickle = False,
     config: opt.Config = None,
 ) -> None:
-    """Evaluate --model on a suite (M-Score per concept, retention), optionally with --patch."""
+    """Evaluate --model on a suite (M-Score per concept, retention), optionally with --patch;
+    or compare methods with --compare."""
     from forget_me_not.bench.runner import run_bench
     from forget_me_not.evaluate import processes
 
     for name, value in (("--n", n), ("--steps", steps), ("--batch-size", batch_size),
                         ("--budget", budget)):
         opt.require_positive(name, value)
+    if compare is not None or targets is not None:
+        _compare(model, compare or [], suite, targets, out, overwrite, n, seed, budget, device,
+                 dtype, bool(patch))
+        return
     result = run_bench(
         model, suite, concepts.split(",") if concepts is not None else None,
         [Path(p) for p in patch or []], out, overwrite=overwrite, n=n, seed=seed, steps=steps,
@@ -92,6 +104,23 @@ def bench(
     if processes().is_main:
         print_summary(result)
         typer.echo(f"wrote {out / 'report.html'} ({result.seconds:.1f} s)")
+
+
+def _compare(model, entries, suite, targets, out, overwrite, n, seed, budget, device, dtype,
+             with_patch) -> None:
+    from forget_me_not.bench.compare import parse_entries, run_compare
+    from forget_me_not.bench.leaderboard import markdown
+
+    parse_entries(entries)  # before anything loads
+    if with_patch:
+        raise FmnError("--compare takes patch files as entries: drop --patch")
+    if not targets:
+        raise FmnError("--compare needs --targets, e.g. --targets star,tavi,skull+gun")
+    rows = run_compare(model, entries, suite, targets, out, overwrite=overwrite, n=n, seed=seed,
+                       budget=budget, device=device, dtype=dtype)
+    typer.echo(markdown(rows, {"suite": suite, "n": n, "seed": seed, "budget": budget,
+                               "keep": 0.95}))
+    typer.echo(f"wrote {out}/leaderboard.md, .csv, .json, .html, .png")
 
 
 def register(app: typer.Typer) -> None:

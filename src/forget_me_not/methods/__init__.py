@@ -75,6 +75,14 @@ register(Method(
     "forget", "forget_me_not.methods.token_rows.config:TokenRowsConfig",
     "forget_me_not.methods.token_rows.train:train", removes_from_unet=False))
 register(Method(
+    "uce", "Unified Concept Editing: a closed-form edit of every cross-attention to_k/to_v",
+    "forget", "forget_me_not.methods.uce.config:UceConfig",
+    "forget_me_not.methods.uce.train:train"))
+register(Method(
+    "esd", "Erasing Concepts (ESD-x / ESD-u): fine-tune toward negative guidance",
+    "forget", "forget_me_not.methods.esd.config:EsdConfig",
+    "forget_me_not.methods.esd.train:train"))
+register(Method(
     "correction", "untangle a role word from the identity it is drawn as", "correct",
     "forget_me_not.methods.correction.config:CorrectionConfig",
     "forget_me_not.methods.correction.train:correct"))

@@ -17,7 +17,7 @@ TRAIN_ADAPTER = "fmn_training"
 
 
 class UnetTrainable:
-    """`config.train` in ("lora", "xattn", "unet") on `unet`."""
+    """`config.train` in ("lora", "xattn", "unet", "noxattn": every weight outside attn2)."""
 
     def __init__(self, unet: torch.nn.Module, config: Any) -> None:
         self.unet = unet
@@ -36,7 +36,9 @@ class UnetTrainable:
             for name, p in unet.named_parameters():
                 if "lora_" in name:
                     continue  # adapters of applied patches are not ours to train
-                if cfg.train == "unet" or ".attn2." in f".{name}":
+                in_xattn = ".attn2." in f".{name}"
+                if cfg.train == "unet" or (in_xattn if cfg.train == "xattn" else
+                                           cfg.train == "noxattn" and not in_xattn):
                     self.params[name] = p
             low = [n for n, p in self.params.items() if p.dtype != torch.float32]
             if low:

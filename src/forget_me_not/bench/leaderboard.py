@@ -1,0 +1,131 @@
+"""The leaderboard of a comparison: ranked rows as JSON, CSV, Markdown, HTML and one PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("entry", "entry"), ("method", "method"), ("target", "target"), ("g_before", "G before"),
+    ("g_after", "G after"), ("i_after", "I after"), ("m_score", "M-Score"),
+    ("retention_min", "retention min"), ("retention_mean", "retention mean"),
+    ("below", "below 0.9"), ("forget_seconds", "forget s"), ("peak_mb", "peak MB"),
+    ("patch_bytes", "patch bytes"),
+)
+
+
+def rank(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]:
+    """Per target: entries that keep every other concept >= `keep` first, then lowest M-Score,
+    then highest retention; `rank` is the place within the target."""
+    out = []
+    for target in dict.fromkeys(r["target"] for r in rows):
+        group = [dict(r) for r in rows if r["target"] == target]
+        group.sort(key=lambda r: (not (r["retention_min"] or 0) >= keep, r["m_score"],
+                                  -(r["retention_min"] or 0)))
+        for place, row in enumerate(group, 1):
+            row["rank"] = place
+        out += group
+    return out
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "below":
+        return ", ".join(value) or "-"
+    if key in ("g_before", "g_after", "i_after", "m_score"):
+        return f"{100 * value:.0f}%"
+    if key.startswith("retention"):
+        return f"{value:.2f}"
+    if key in ("forget_seconds", "peak_mb"):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def markdown(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
+    head = "| rank | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines = [f"# Leaderboard: suite {info.get('suite')}, {info.get('n')} samples per concept, "
+             f"seed {info.get('seed')}, inversion budget {info.get('budget')}", "",
+             f"Ranked per target: retention min >= {info.get('keep')} first, then the lowest "
+             "M-Score = max(G, I).", "", head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for row in rows:
+        cells = [str(row["rank"])] + [_cell(k, row.get(k)) for k, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
+    """Bars: M-Score and retention min per entry, grouped by target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['entry']}\n{r['target']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.6), dpi=100)
+    ax.bar([x - 0.2 for x in xs], [r["m_score"] for r in rows], 0.4, label="M-Score (lower: "
+           "forgotten)")
+    ax.bar([x + 0.2 for x in xs], [r["retention_min"] or 0 for r in rows], 0.4,
+           label="retention min (higher: kept)")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def html_page(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
+    body = "".join(
+        "<tr><td>" + str(r["rank"]) + "</td>"
+        + "".join(f"<td>{html.escape(_cell(k, r.get(k)))}</td>" for k, _ in COLUMNS) + "</tr>"
+        for r in rows)
+    title = html.escape(f"Leaderboard: {info.get('suite')} ({info.get('n')} samples)")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}</style></head><body>"
+            f"<h1>{title}</h1><p>Ranked per target: retention min &ge; {info.get('keep')} first,"
+            " then the lowest M-Score = max(G, I).</p><img src='leaderboard.png' "
+            f"alt='M-Score and retention per entry'><table><tr><th>rank</th>{head}</tr>{body}"
+            "</table></body></html>\n")
+
+
+def write_leaderboard(rows: Sequence[dict[str, Any]], out: Path, info: dict[str, Any]) -> None:
+    """Every file through a temp file and a rename: no half-written leaderboard."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["rank", *(k for k, _ in COLUMNS)])
+    for r in rows:
+        writer.writerow([r["rank"], *(";".join(r[k]) if k == "below" else r.get(k)
+                                      for k, _ in COLUMNS)])
+    files = {
+        "leaderboard.json": json.dumps({"info": info, "rows": list(rows)}, indent=1).encode(),
+        "leaderboard.csv": buffer.getvalue().encode(),
+        "leaderboard.md": markdown(rows, info).encode(),
+        "leaderboard.png": plot_png(rows),
+        "leaderboard.html": html_page(rows, info).encode(),
+    }
+    for name, data in files.items():
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out / name)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

@@ -1,0 +1,59 @@
+"""UCE's closed form on one linear layer, kept as its exact low-rank factors.
+
+For a layer W (out, D), erased text states c_i with guide states c*_i, preserved states c_j:
+  M  = lamb I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T              (D, D)
+  W' = (lamb W + s_e sum_i W c*_i c_i^T + s_p sum_j W c_j c_j^T) M^-1  (the paper's eq. 7)
+Since W M = lamb W + s_e sum_i W c_i c_i^T + s_p sum_j W c_j c_j^T, the preserve and lamb terms
+cancel in W' - W, leaving W' - W = B A with B = W (C* - C)^T (out, n), A = s_e C M^-1 (n, D):
+rank at most n, the number of erased states.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from forget_me_not.errors import FmnError
+
+MAX_CONDITION = 1e10  # beyond this M is numerically singular in float64: regularise
+
+
+def solve_inverse(second: torch.Tensor, lamb: float) -> tuple[torch.Tensor, float]:
+    """M^-1 in float64, and M's condition number; a singular M is regularised with a warning."""
+    eig = torch.linalg.eigvalsh(second)
+    low, high = float(eig.min()), float(eig.max())
+    condition = high / low if low > 0 else float("inf")
+    if condition > MAX_CONDITION:
+        ridge = max(high, 1.0) * 1e-8
+        warnings.warn(f"UCE's system is singular (condition number {condition:.3g}, lamb "
+                      f"{lamb:g}): regularised with {ridge:.2g} I; raise lamb to avoid this",
+                      stacklevel=3)
+        second = second + ridge * torch.eye(second.shape[0], dtype=second.dtype)
+    return torch.linalg.inv(second), condition
+
+
+def low_rank_edit(weight: torch.Tensor, erased: torch.Tensor, guides: torch.Tensor,
+                  preserved: torch.Tensor, erase_scale: float, preserve_scale: float,
+                  lamb: float) -> dict[str, object]:
+    """B (out, n), A (n, D) with W' = W + B A; the condition number; the relative error of
+    B A against W' computed by the formula itself."""
+    w = weight.detach().double().cpu()  # (out, D)
+    c, cs, p = erased.double().cpu(), guides.double().cpu(), preserved.double().cpu()  # (n|m, D)
+    if c.shape != cs.shape or c.shape[1] != w.shape[1]:
+        raise FmnError(f"UCE needs one guide state per erased state of width {w.shape[1]}")
+    dim = w.shape[1]
+    second = lamb * torch.eye(dim, dtype=torch.float64) + erase_scale * c.T @ c
+    if p.numel():
+        second = second + preserve_scale * p.T @ p
+    inverse, condition = solve_inverse(second, lamb)
+    b = w @ (cs - c).T  # (out, n)
+    a = erase_scale * c @ inverse  # (n, D)
+    # The formula as written, for the reconstruction error of the factors.
+    mat1 = lamb * w + erase_scale * (w @ cs.T) @ c
+    if p.numel():
+        mat1 = mat1 + preserve_scale * (w @ p.T) @ p
+    direct = mat1 @ inverse - w
+    scale = float(direct.norm()) or 1.0
+    error = float((b @ a - direct).norm()) / scale
+    return {"B": b.float(), "A": a.float(), "condition": condition, "error": error}

@@ -1,0 +1,161 @@
+"""UCE: erase concepts from every cross-attention to_k / to_v in one closed-form solve.
+
+The text state of a concept is the text encoder's output at its last token, in the bare
+concept words (and, with `expand_prompts`, inside each of its templates), as the official
+`uce_sd_erase.py` takes it. Every concept of a run is edited in the same solve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from forget_me_not.concepts import Concept, check_known, pipeline_tokenizers
+from forget_me_not.errors import FmnError
+from forget_me_not.methods.uce.config import UceConfig
+from forget_me_not.methods.uce.edit import low_rank_edit
+from forget_me_not.patch import Patch, family_of, library_versions, model_hash, run_name
+from forget_me_not.pipeline_io import encode_prompt
+
+COMMON_CONCEPTS = (  # the 'common' preserve set: everyday things an edit should leave alone
+    "a person", "a man", "a woman", "a child", "a dog", "a cat", "a horse", "a bird", "a car",
+    "a house", "a tree", "a flower", "a city", "a mountain", "the sea", "a table", "a chair",
+    "a book", "food", "a landscape", "a portrait", "a painting", "a photograph", "claude monet",
+    "pablo picasso", "rembrandt", "salvador dali", "andy warhol", "leonardo da vinci",
+)
+
+
+def text_state(pipe: Any, prompt: str) -> torch.Tensor:
+    """(D,) the encoder output at the prompt's last token (before end-of-text)."""
+    tok = pipeline_tokenizers(pipe)[0]
+    mask = tok(prompt, padding="max_length", max_length=tok.model_max_length,
+               truncation=True)["attention_mask"]
+    last = max(0, sum(mask) - 2)  # "" gives 0: the start token, as the official script does
+    with torch.no_grad():
+        states, _ = encode_prompt(pipe, prompt)
+    return states[0, last].detach().float().cpu()
+
+
+def tail_states(pipe: Any, prompt: str, guide: str, words: str, anchor: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, D) states of `prompt` from the concept's first token to the end, and (k, D) states
+    of `guide` at the matching places: the concept's tokens -> the anchor's last token (the
+    last prefix token for ''), end-of-text and padding -> the same slot after the anchor."""
+    tok = pipeline_tokenizers(pipe)[0]
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length,
+              truncation=True)["input_ids"]
+    n_c = len(tok(words, add_special_tokens=False)["input_ids"])
+    n_g = len(tok(anchor, add_special_tokens=False)["input_ids"]) if anchor.strip() else 0
+    length = sum(tok(prompt, truncation=True)["attention_mask"]) - 1  # up to end-of-text
+    start = length - n_c  # the concept's first token (it ends the prompt's words)
+    if start < 1 or len(ids) <= start:
+        raise FmnError(f"UCE's tail states need the concept at the end of {prompt!r}")
+    with torch.no_grad():
+        states = encode_prompt(pipe, prompt)[0][0].float().cpu()  # (T, D)
+        guides = encode_prompt(pipe, guide)[0][0].float().cpu()
+    places = [start + n_g - 1 if n_g else start - 1] * n_c
+    places += [p - n_c + n_g for p in range(start + n_c, states.shape[0])]
+    places = [min(max(p, 0), guides.shape[0] - 1) for p in places]
+    return states[start:], guides[places]
+
+
+def _check_words(pipe: Any, words: str, what: str) -> None:
+    if not words.strip():
+        return
+    for tok in pipeline_tokenizers(pipe):
+        try:
+            check_known(tok, words)
+        except FmnError as err:
+            raise FmnError(f"{what} {words!r}: {err}") from None
+
+
+def _preserved(config: UceConfig, concepts: Sequence[Concept]) -> list[str]:
+    words = {w for c in concepts for w in c.words.lower().split()}
+    out = list(config.preserve)
+    if config.preserve_set == "conceptworld":
+        from forget_me_not.world.concepts import all_concepts
+
+        out += [c.name for c in all_concepts()]
+    elif config.preserve_set == "common":
+        out += list(COMMON_CONCEPTS)
+    return [p for p in dict.fromkeys(out) if not words & set(p.lower().split())]
+
+
+def train(pipe: Any, concepts: Sequence[Concept], config: UceConfig | None = None, *,
+          progress: bool = True) -> Patch:
+    """Edit `pipe`'s cross-attention so `concepts` map to their anchors; return the patch."""
+    concepts, config = list(concepts), config or UceConfig()
+    if not concepts:
+        raise FmnError("no concept to forget: pass at least one concept")
+    started = time.perf_counter()
+    erased, guides = [], []
+    for concept in concepts:
+        anchor = concept.anchor if concept.anchor is not None else (
+            config.style_anchor if concept.category == "style" else config.anchor)
+        _check_words(pipe, concept.words, "concept")
+        _check_words(pipe, anchor, "anchor")
+        pairs = [(concept.words, anchor)]
+        if config.expand_prompts:
+            pairs += [(t.format(concept.words), t.format(anchor).strip())
+                      for t in concept.templates]
+        for prompt, guide in pairs:
+            if config.states == "tail":
+                own, target = tail_states(pipe, prompt, guide, concept.words, anchor)
+                erased += list(own)
+                guides += list(target)
+            else:
+                erased.append(text_state(pipe, prompt))
+                guides.append(text_state(pipe, guide))
+    kept = _preserved(config, concepts)
+    preserved = (torch.stack([text_state(pipe, p) for p in kept]) if kept
+                 else torch.zeros(0, erased[0].shape[0]))
+    c, cs = torch.stack(erased), torch.stack(guides)  # (n, D)
+    tensors: dict[str, torch.Tensor] = {}
+    factors, conditions, errors = {}, [], []
+    for name, module in pipe.unet.named_modules():
+        if not name.endswith(tuple(f"attn2.{t}" for t in config.targets)):
+            continue
+        edit = low_rank_edit(module.weight, c, cs, preserved, config.erase_scale,
+                             config.preserve_scale, config.lamb)
+        factors[name] = edit
+        conditions.append(edit["condition"])
+        errors.append(edit["error"])
+    if not factors:
+        raise FmnError("the UNet has no cross-attention to_k/to_v layers: UCE cannot edit it")
+    rank = c.shape[0]
+    widths = [min(m["B"].shape[0], m["A"].shape[1]) for m in factors.values()]
+    as_lora = config.output == "lora" and rank < min(widths)
+    for name, edit in factors.items():
+        if as_lora:
+            tensors[f"unet.{name}.lora_A.weight"] = edit["A"].contiguous()
+            tensors[f"unet.{name}.lora_B.weight"] = edit["B"].contiguous()
+        else:
+            tensors[f"unet.{name}.weight"] = (edit["B"] @ edit["A"]).contiguous()
+    lora_config = ({"r": rank, "lora_alpha": rank, "init_lora_weights": True,
+                    "target_modules": [f"attn2.{t}" for t in config.targets]} if as_lora else None)
+    metadata = {
+        "method": "uce",
+        "concepts": [x.to_dict() for x in concepts],
+        "family": family_of(pipe),
+        "base_model_hash": model_hash(pipe),
+        "train": "closed form",
+        "steps": 0,
+        "seed": config.seed,
+        "settings": dataclasses.asdict(config),
+        "preserved": kept,
+        "rank": rank,
+        "edited_states": rank,
+        "reconstruction_error": max(errors),
+        "condition_number": max(conditions),
+        "versions": library_versions(),
+        "losses": [0.0],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if config.output == "lora" and not as_lora:
+        metadata["note"] = f"rank {rank} would reach a weight's width: stored as deltas"
+    kind = "lora" if as_lora else "delta"
+    return Patch(kind, tensors, metadata, lora_config, run_name("uce", concepts, metadata))
