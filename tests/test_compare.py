@@ -1,0 +1,80 @@
+"""`fmn bench --compare`: entries and targets checked first; a leaderboard from a real run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from forget_me_not.bench.compare import parse_entries, parse_targets, run_compare
+from forget_me_not.bench.leaderboard import rank
+from forget_me_not.cli.main import app
+from forget_me_not.errors import FmnError
+
+
+def test_entries_and_targets_are_checked(tmp_path):
+    with pytest.raises(FmnError, match="at least two"):
+        parse_entries(["uce"])
+    with pytest.raises(FmnError, match="twice"):
+        parse_entries(["uce", "uce"])
+    with pytest.raises(FmnError, match="unknown recipe"):
+        parse_entries(["uce", "magic"])
+    with pytest.raises(FmnError, match="does not exist"):
+        parse_entries(["uce", str(tmp_path / "p.safetensors")])
+    assert parse_targets("star, skull+gun", ["star", "skull", "gun"]) == [["star"],
+                                                                         ["skull", "gun"]]
+    with pytest.raises(FmnError, match="unknown target 'cat'"):
+        parse_targets("star,cat", ["star"])
+
+
+def test_rank_puts_kept_entries_first_then_the_lowest_m_score():
+    rows = [{"target": "t", "entry": "a", "m_score": 0.0, "retention_min": 0.5},
+            {"target": "t", "entry": "b", "m_score": 0.3, "retention_min": 0.99},
+            {"target": "t", "entry": "c", "m_score": 0.1, "retention_min": 0.97}]
+    assert [r["entry"] for r in rank(rows, 0.95)] == ["c", "b", "a"]
+
+
+def test_cli_compare_refuses_bad_input_before_loading(tmp_path):
+    runner = CliRunner()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x.txt").write_text("x")
+    for args, fragment in ((["--compare", "uce"], "at least two"),
+                           (["--compare", "uce", "--compare", "conceptworld-uce"], "--targets"),
+                           (["--compare", "uce", "--compare", "uce", "--targets", "star"],
+                            "twice")):
+        result = runner.invoke(app, ["bench", "--suite", "world", "--out", str(tmp_path / "o"),
+                                     *args])
+        assert result.exit_code == 2 and fragment in result.stderr, result.stderr
+    result = runner.invoke(app, ["bench", "--suite", "world", "--out", str(full), "--compare",
+                                 "uce", "--compare", "conceptworld-uce", "--targets", "star"])
+    assert result.exit_code == 2 and "not empty" in result.stderr, result.stderr
+
+
+def test_a_comparison_on_the_embedded_model_writes_and_resumes(tmp_path):
+    suite = tmp_path / "mini.yaml"
+    suite.write_text(
+        "name: mini\ndescription: three world objects\n"
+        "defaults: {n: 2, seed: 0, batch_size: 8, inversion: targets, budget: 2, num_tokens: 1,"
+        " lr: 0.005, max_anchors: 2}\n"
+        "categories:\n  object:\n    judge: world\n    templates: ['a photo of a {}']\n"
+        "    concepts: [star, moon, circle]\n")
+    out = tmp_path / "board"
+    rows = run_compare("embedded", ["conceptworld-uce", "conceptworld-rows"], str(suite), "star",
+                       out, progress=False)
+    assert {r["entry"] for r in rows} == {"conceptworld-uce", "conceptworld-rows"}
+    assert sorted(r["rank"] for r in rows) == [1, 2]
+    for row in rows:
+        assert row["target"] == "star" and row["g_before"] is not None
+        assert row["i_after"] is not None and row["patch_bytes"] > 0
+        assert row["m_score"] == max(row["g_after"], row["i_after"])
+    for name in ("json", "csv", "md", "html", "png"):
+        assert (out / f"leaderboard.{name}").stat().st_size > 0
+    assert "conceptworld-uce" in (out / "leaderboard.md").read_text()
+    # An interrupted comparison resumes from its finished runs.
+    (out / "runs" / "conceptworld-uce__star.json").write_text(json.dumps({**rows[0],
+        "entry": "conceptworld-uce", "forget_seconds": -1.0}))
+    again = run_compare("embedded", ["conceptworld-uce", "conceptworld-rows"], str(suite),
+                        "star", out, progress=False)
+    assert [r for r in again if r["entry"] == "conceptworld-uce"][0]["forget_seconds"] == -1.0
