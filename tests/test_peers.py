@@ -32,7 +32,8 @@ def test_uce_moves_the_concept_to_its_anchor_and_touches_only_k_and_v(family):
     assert patch.metadata["reconstruction_error"] < 1e-6
     c, anchor = text_state(pipe, "star"), text_state(pipe, "moon")
     layers = _layers(pipe)
-    gap_before = {n: float((m.weight @ c - m.weight @ anchor).detach().norm()) for n, m in layers.items()}
+    gap_before = {n: float((m.weight @ c - m.weight @ anchor).detach().norm())
+                  for n, m in layers.items()}
     patch.apply(pipe)
     gap_after = {n: float((m(c) - m.base_layer(anchor)).norm()) for n, m in _layers(pipe).items()}
     patch.remove(pipe)
