@@ -25,8 +25,16 @@ def default_size(pipe) -> int:
     return int(sample) * vae_scale_factor(pipe)
 
 
+MAX_SIZE = 4096  # checked before a model loads: no model here is trained above 1024 px
+SIZE_FACTOR = 4  # the largest side allowed, in units of the model's trained resolution
+
+
 def check_size(pipe, size: int) -> None:
     factor = vae_scale_factor(pipe)
+    limit = SIZE_FACTOR * default_size(pipe)
+    if size > limit:
+        raise FmnError(f"--size {size} is far above this model's trained {default_size(pipe)} px: "
+                       f"use {factor}..{limit}")
     if size < 1 or size % factor:
         raise FmnError(
             f"--size {size} is not a positive multiple of this model's VAE factor {factor}; "

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from forget_me_not.errors import FmnError
+from forget_me_not.files import probe_writable, write_atomic
 
 MIN_CELL = 128  # tiny models draw 16-32 px images; upscale them so captions stay legible
 CAPTION_H = 14
@@ -24,12 +23,14 @@ def check_output_path(path: str | Path, suffix: str = ".png") -> Path:
     if suffix and path.suffix.lower() != suffix:
         raise FmnError(f"output {path} must end in {suffix}; pick a name like grid{suffix}")
     parent = path.parent
+    blocking = next((p for p in [parent, *parent.parents] if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise FmnError(f"output {path} is under {blocking}, which is a file; pick another --out")
     if not parent.is_dir():
         raise FmnError(f"output folder {parent} does not exist; create it or pick another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FmnError(f"output folder {parent} is not writable; pick another --out")
     if path.is_dir():
         raise FmnError(f"output {path} is a folder; give a file name such as {path / 'grid.png'}")
+    probe_writable(parent)
     return path
 
 
@@ -39,15 +40,7 @@ def save_png(image: Image.Image, path: str | Path, text: dict[str, str] | None =
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, str(value))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), "image")
 
 
 def save_numbered(images: Sequence[Image.Image], folder: str | Path, stem: str) -> tuple[Path, ...]:

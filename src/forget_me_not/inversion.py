@@ -10,8 +10,6 @@ the placeholder phrase (`Concept(token_words=...)`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from PIL import Image
 from forget_me_not.concepts import pipeline_tokenizers
 from forget_me_not.data import load_images, model_resolution, resize_random_crop
 from forget_me_not.errors import FmnError
+from forget_me_not.files import write_atomic
 from forget_me_not.patch import family_of, library_versions
 from forget_me_not.pipeline_io import autocast, encode_images, encode_prompt, text_encoders
 from forget_me_not.progress import Progress
@@ -69,15 +68,8 @@ class Embedding:
                    for i, v in enumerate(self.vectors)}
         header = {"format": "pt", "forget_me_not": json.dumps(
             {**self.metadata, "tokens": self.tokens}, sort_keys=True, default=str)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header),
+                            "embedding")
 
     def load_into(self, pipe: Any) -> str:
         """Add the tokens to the pipeline's tokenizer(s) and text encoder(s); return the phrase."""

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from forget_me_not.errors import FmnError
 from forget_me_not.evaluate import ConceptResult, SuiteResult
+from forget_me_not.files import probe_writable
 
 CSV_FIELDS = (
     "key", "name", "category", "group", "target", "judge",
@@ -43,8 +44,7 @@ def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
     parent = out.parent if out.parent != Path("") else Path(".")
     if not parent.is_dir():
         raise FmnError(f"the folder {parent} for --out does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise FmnError(f"the folder {parent} for --out is not writable; choose another --out")
+    probe_writable(parent)
     return out
 
 

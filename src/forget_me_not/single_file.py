@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from forget_me_not.errors import FmnError
+from forget_me_not.files import write_atomic
 from forget_me_not.models import detect_family
 
 # ---------------------------------------------------------------------------------------------
@@ -220,15 +220,7 @@ def save_single_file(pipe, path: str | Path) -> Path:
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"format": "pt", "fmn_family": family}
     _check_writable_parent(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), "checkpoint")
 
 
 def _check_writable_parent(path: Path) -> None:

@@ -6,11 +6,11 @@ import csv
 import html
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from forget_me_not.files import write_atomic
 
 COLUMNS = (
     ("entry", "entry"), ("method", "method"), ("target", "target"), ("g_before", "G before"),
@@ -118,14 +118,4 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], out: Path, info: dict[str,
         "leaderboard.html": html_page(rows, info).encode(),
     }
     for name, data in files.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out / name)
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+        write_atomic(out / name, lambda tmp, data=data: Path(tmp).write_bytes(data), "file")

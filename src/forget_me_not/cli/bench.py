@@ -15,7 +15,8 @@ N = Annotated[int | None, typer.Option("--n", help="Samples per concept and phas
                                                    "(default: the suite's).")]
 MaybeSeed = Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i.")]
 MaybeSteps = Annotated[int | None, typer.Option(help="Denoising steps (default: the suite's).")]
-MaybeGuidance = Annotated[float | None, typer.Option(help="Guidance scale (default: the suite's).")]
+MaybeGuidance = Annotated[float | None, typer.Option(help="Guidance scale (default: the suite's).",
+                                                    callback=opt.check_guidance)]
 BatchSize = Annotated[int | None, typer.Option(help="Images per forward pass.")]
 Budget = Annotated[int | None, typer.Option(help="Textual-inversion steps for I(c).")]
 Judge = Annotated[str | None, typer.Option(help="Override the suite's judges: world, clip or "

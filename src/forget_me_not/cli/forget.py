@@ -140,11 +140,8 @@ def forget(
             from forget_me_not.presets import get_preset
 
             separately = get_preset(preset).separately
-        try:
-            patch = api.forget(pipe, concepts, method=method, recipe=recipe, sets=sets,
-                               separately=separately, on_top_of=earlier)
-        except KeyboardInterrupt:
-            raise FmnError("interrupted: nothing was written; run the command again") from None
+        patch = api.forget(pipe, concepts, method=method, recipe=recipe, sets=sets,
+                           separately=separately, on_top_of=earlier)
     if preset is not None:
         patch.metadata["preset"] = preset
     patch.metadata["reference_source"] = source or reference

@@ -40,8 +40,11 @@ def generate(
     opt.require_positive("--n", n)
     opt.require_positive("--steps", steps)
     opt.require_positive("--batch-size", batch_size)
-    if size is not None and size < 1:
-        raise FmnError(f"--size must be a positive integer, got {size}")
+    from forget_me_not.generation import MAX_SIZE
+
+    if size is not None and not 1 <= size <= MAX_SIZE:
+        raise FmnError(f"--size must be 1..{MAX_SIZE} (the model's own limit is checked after "
+                       f"it loads), got {size}")
     resolve_dtype(dtype, resolve_device(device))
     out = check_output_path(out)
     for path in patch or []:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import traceback
 import warnings
 
 import click
@@ -19,6 +21,7 @@ COMMAND_MODULES = ("generate", "forget", "invert", "evaluate", "bench", "patch",
                    "correct", "recipes")
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class FmnGroup(TyperGroup):
@@ -29,10 +32,14 @@ class FmnGroup(TyperGroup):
             return super().invoke(ctx)
         except FmnError as err:
             if os.environ.get("FMN_DEBUG") == "1":
-                raise
+                traceback.print_exc()  # the traceback on request; the exit code stays 2
             message = " ".join(str(err).split())  # always one line
             click.echo(f"error: {message}", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            click.echo("error: interrupted: nothing was written; run the command again",
+                       err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 app = typer.Typer(
@@ -94,9 +101,28 @@ def _register_all() -> None:
 _register_all()
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="fmn")
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: usage errors (a bad option value) are one `error:` line
+    too, not the framework's boxed message."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="fmn", standalone_mode=False)
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted: nothing was written; run the command again", err=True)
+        code = EXIT_INTERRUPTED
+    except (click.ClickException, typer.exceptions.TyperException) as err:
+        if not hasattr(err, "format_message"):
+            raise
+        ctx = getattr(err, "ctx", None)
+        name = getattr(ctx, "command_path", "fmn") if ctx is not None else "fmn"
+        message = " ".join(err.format_message().split())
+        if message:  # empty: the help was printed (a command called with no arguments)
+            click.echo(f"error: {message} (see `{name} --help`)", err=True)
+        code = getattr(err, "exit_code", EXIT_USER_ERROR)
+    code = code if isinstance(code, int) else 0
+    if argv is None:
+        sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":

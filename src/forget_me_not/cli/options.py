@@ -53,9 +53,21 @@ Sets = Annotated[
 ]
 Seed = Annotated[int, typer.Option(help="Base seed; sample i uses seed + i.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
+def check_guidance(value: float | None) -> float | None:
+    """A guidance scale is a finite number >= 0 (1 = no guidance)."""
+    import math
+
+    from forget_me_not.errors import FmnError
+
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise FmnError(f"--guidance must be a finite number >= 0, got {value}")
+    return value
+
+
 Guidance = Annotated[
     float | None,
-    typer.Option(help="Classifier-free guidance scale (default: the model's own, else 7.5)."),
+    typer.Option(help="Classifier-free guidance scale (default: the model's own, else 7.5).",
+                 callback=check_guidance),
 ]
 Patches = Annotated[
     list[Path] | None,

@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from forget_me_not.cli import options as opt
+from forget_me_not.errors import FmnError
+
+MAX_RENDER = 1024  # the world is drawn at 32 px; far larger sizes only cost memory
 
 world_app = typer.Typer(
     help="The embedded ConceptWorld: render, sheet, train-model, train-judge.", no_args_is_help=True
@@ -29,6 +32,9 @@ def render_cmd(
     from forget_me_not.world.sheet import parse_caption
 
     opt.require_positive("--size", size)
+    if size > MAX_RENDER:
+        raise FmnError(f"--size {size} is above the renderer's {MAX_RENDER} px: use "
+                       f"8..{MAX_RENDER}")
     out = check_output_path(out)
     save_png(render(parse_caption(caption, seed), size=size), out, {"caption": caption})
     typer.echo(f"wrote {out}")

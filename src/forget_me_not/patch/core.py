@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from typing import Any
 import torch
 
 from forget_me_not.errors import FmnError
+from forget_me_not.files import write_atomic
 from forget_me_not.patch.applying import (
     add_rows,
     applied_registry,
@@ -171,15 +170,7 @@ class Patch:
                 {f"unet.{k}": v for k, v in self.lora_config.items()}, sort_keys=True
             )
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header), "patch")
 
     # -- applying --
 
@@ -191,8 +182,8 @@ class Patch:
         registry = applied_registry(unet)
         if self.name in registry:
             raise FmnError(
-                f"patch {self.name!r} is already applied to this pipeline: remove it first, "
-                "or give the second copy another name"
+                f"patch {self.name!r} is already applied to this pipeline: a patch goes on "
+                "once, in a stack as on a pipeline; to strengthen it, apply it with a strength"
             )
         # Rows are checked before the UNet changes: a misfit changes nothing.
         tables = check_fit(pipe, self) if self.has_rows else {}
@@ -358,6 +349,9 @@ def load_patch(path: str | Path) -> Patch:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise FmnError(f"{path} is a folder, not a patch file: pass the .safetensors file "
+                       "`fmn forget` wrote")
     if not path.is_file():
         raise FmnError(f"patch file {path} does not exist: pass a .safetensors patch")
     try:
@@ -377,7 +371,14 @@ def load_patch(path: str | Path) -> Patch:
     except (ValueError, KeyError, AttributeError) as e:
         raise FmnError(f"{path} has damaged forget-me-not metadata ({e}): make it again") from e
     name = meta.pop("name", "fmn")
-    meta.pop("format_version", None)
+    version = meta.pop("format_version", None)
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise FmnError(f"{path} is patch format {version}, newer than this forget-me-not reads "
+                       f"({FORMAT_VERSION}): upgrade forget-me-not")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FmnError(f"{path} holds non-finite values (NaN or Inf) in {key}: the training "
+                           "diverged; make the patch again with a lower --lr")
     lora_config = None
     if LORA_METADATA_KEY in header:
         packed = json.loads(header[LORA_METADATA_KEY])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import torch
 
 from forget_me_not.errors import FmnError
+from forget_me_not.files import write_atomic
 from forget_me_not.patch.core import Patch
 from forget_me_not.patch.keys import METADATA_KEY
 
@@ -94,15 +93,7 @@ def save_kohya(patch: Patch, path: str | Path) -> Path:
     if not path.parent.is_dir():
         raise FmnError(f"output folder {path.parent} does not exist: create it first")
     tensors, header = to_kohya(patch)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header), "patch")
 
 
 # -- description --------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from forget_me_not.errors import FmnError
+from forget_me_not.files import probe_writable, publish
 from forget_me_not.patch.applying import add_rows, applied_registry, check_fit, unet_param
 from forget_me_not.patch.core import (
     Patch,
@@ -40,6 +40,11 @@ def stack_patches(patches: Sequence[Patch], strengths: Sequence[float] | None = 
     patches = list(patches)
     if len(patches) < 2:
         raise FmnError("stacking needs at least two patches")
+    names = [p.name for p in patches]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise FmnError(f"patch {twice!r} is given twice: a patch goes on once, in a stack as on a "
+                       "pipeline; to strengthen it, give it a strength (e.g. 2) instead")
     strengths = [check_strength(s) for s in (strengths or [1.0] * len(patches))]
     if len(strengths) != len(patches):
         raise FmnError(f"got {len(strengths)} strengths for {len(patches)} patches")
@@ -285,6 +290,7 @@ def save_merged(pipe: Any, patches: Sequence[Patch], out_dir: str | Path,
         raise FmnError(f"{out_dir} already exists: pick a new folder for the merged pipeline")
     if not out_dir.parent.is_dir():
         raise FmnError(f"folder {out_dir.parent} does not exist: create it first")
+    probe_writable(out_dir.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -299,7 +305,7 @@ def save_merged(pipe: Any, patches: Sequence[Patch], out_dir: str | Path,
                                       "family": p.family} for p in patches],
                   "versions": library_versions()}
         (tmp / "forget_me_not_merge.json").write_text(json.dumps(record, indent=1, default=str))
-        os.replace(tmp, out_dir)
+        publish(tmp, out_dir, folder=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
