@@ -68,7 +68,12 @@ def test_a_comparison_on_the_embedded_model_writes_and_resumes(tmp_path):
     for row in rows:
         assert row["target"] == "star" and row["g_before"] is not None
         assert row["i_after"] is not None and row["patch_bytes"] > 0
-        assert row["m_score"] == max(row["g_after"], row["i_after"])
+        parts = [row[k] for k in ("g_after", "i_after", "e_after", "p_after")]
+        assert row["m_score"] == max(parts)
+    # A token-row patch only hides the word: the base text encoder gets the concept back as the
+    # base model draws it (same seeds), and the M-Score says so.
+    rows_row = next(r for r in rows if r["entry"] == "conceptworld-rows")
+    assert rows_row["e_after"] == rows_row["g_before"] == rows_row["m_score"]
     for name in ("json", "csv", "md", "html", "png"):
         assert (out / f"leaderboard.{name}").stat().st_size > 0
     assert "conceptworld-uce" in (out / "leaderboard.md").read_text()
@@ -78,3 +83,24 @@ def test_a_comparison_on_the_embedded_model_writes_and_resumes(tmp_path):
     again = run_compare("embedded", ["conceptworld-uce", "conceptworld-rows"], str(suite),
                         "star", out, progress=False)
     assert [r for r in again if r["entry"] == "conceptworld-uce"][0]["forget_seconds"] == -1.0
+
+
+def test_attacks_encoder_view_and_paraphrases():
+    import torch
+
+    from forget_me_not.attacks import check, encoder_view, paraphrases
+    from forget_me_not.concepts import Concept
+    from forget_me_not.patch import Patch
+
+    rows = {"text_encoder.token_ids": torch.tensor([3]),
+            "text_encoder.token_delta": torch.ones(1, 4)}
+    assert encoder_view(Patch("embedding", rows, {}, None, "rows")) is None
+    delta = {"unet.a.weight": torch.ones(2, 2)}
+    both = encoder_view(Patch("delta", {**delta, **rows}, {}, None, "both"))
+    assert set(both.tensors) == set(delta)
+    star = Concept("star", templates=("a photo of a {}",))
+    found = paraphrases(star, exclude=("a star",))
+    assert found and "a photo of a star" not in found and "a star" not in found
+    assert any("STAR" in p for p in found) and any("in striped style" in p for p in found)
+    with pytest.raises(FmnError, match="unknown attack 'magic'.*inversion"):
+        check(["magic"])

@@ -3,9 +3,10 @@ judge, in one leaderboard.
 
 Each entry is a recipe (trained here, per target group) or a patch file (scored as it is). The
 base model is scored once; each run is then scored with its patch applied: G of every concept,
-the inversion attack I on its targets (anchors drawn from the base model or the concept's
-references), M = max(G, I), and retention G_after / G_before of every other concept. Each run's
-row is written to `runs/` as soon as it is done, so an interrupted comparison resumes.
+and the attacks on its targets: inversion I (anchors from the concept's references or the base
+model's samples), the base text encoder E, unseen paraphrases P. M = max(G, I, E, P); retention
+is G_after / G_before of every other concept. Each run's row is written to `runs/` as soon as
+it is done, so an interrupted comparison resumes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from forget_me_not.attacks import encoder_view, paraphrases
 from forget_me_not.errors import FmnError
 
 KEEP = 0.95  # retention min an entry needs to be ranked as a forgetting that costs little
@@ -157,9 +159,21 @@ def run_compare(model: Any, specs: Sequence[str], suite_name: str, targets: str,
                 patch.apply(pipe)
                 try:
                     after = scorer.score(set(names), scored)
+                    worded = scorer.score(set(), scored, only=names, prompts={
+                        n: paraphrases(scored[n], exclude=tuple(forgettable[n].prompts()))
+                        for n in names})
                 finally:
                     patch.remove(pipe)
-                row = _row(entry, patch, names, base, after, seconds, peak, size)
+                unet_only = encoder_view(patch)
+                if unet_only is not None:
+                    unet_only.apply(pipe)
+                try:
+                    encoded = scorer.score(set(), scored, only=names)
+                finally:
+                    if unet_only is not None:
+                        unet_only.remove(pipe)
+                attacks = {"encoder": _rate(encoded), "prompts": _rate(worded)}
+                row = _row(entry, patch, names, base, after, seconds, peak, size, attacks)
                 cached.write_text(json.dumps(row, indent=1, default=str))
                 rows.append(row)
     ranked = rank(rows, KEEP)
@@ -180,19 +194,25 @@ class _Scorer:
         if self.settings["guidance"] is None:
             self.settings["guidance"] = default_guidance(pipe)
 
-    def score(self, targets: set[str], concepts: dict | None = None):
+    def score(self, targets: set[str], concepts: dict | None = None, only: list | None = None,
+              prompts: dict | None = None):
+        """G of every concept (of `only` when given), I for `targets`; `prompts` by name
+        replace a concept's own."""
         from forget_me_not.evaluate import evaluate_suite
 
         s = self.settings
-        chosen = {e.key: (concepts or {}).get(e.concept.name, e.concept) for e in self.entries}
-        keys = [e.key for e in self.entries if e.concept.name in targets]
+        entries = [e for e in self.entries if only is None or e.concept.name in only]
+        chosen = {e.key: (concepts or {}).get(e.concept.name, e.concept) for e in entries}
+        keys = [e.key for e in entries if e.concept.name in targets]
+        own = {e.key: list(e.prompts) for e in entries if e.prompts}
+        own.update({e.key: list(prompts[e.concept.name]) for e in entries
+                    if prompts and e.concept.name in prompts})
         return evaluate_suite(
             self.pipe, [], chosen, self.judges, n=s["n"], seed=s["seed"], steps=s["steps"],
             guidance=s["guidance"], batch_size=s["batch_size"], inversion=keys or "none",
             budget=s["budget"], num_tokens=s["num_tokens"], lr=s["lr"],
             init_words=s["init_words"], max_anchors=s["max_anchors"], targets=targets,
-            prompts={e.key: list(e.prompts) for e in self.entries if e.prompts},
-            keep_images=not targets, progress=self.progress)
+            prompts=own, keep_images=not targets and only is None, progress=self.progress)
 
     def with_references(self, base, folder: Path) -> tuple[dict, dict]:
         """Per concept name: the concept to train on (as `fmn forget` would: world renders and
@@ -220,7 +240,13 @@ class _Scorer:
         return train, score
 
 
-def _row(entry: Entry, patch, names: list[str], base, after, seconds, peak, size) -> dict:
+def _rate(result) -> float:
+    """The highest G among a scoring's concepts (the targets' recovery)."""
+    return max(c.before.g.rate for c in result.concepts)
+
+
+def _row(entry: Entry, patch, names: list[str], base, after, seconds, peak, size,
+         attacks: dict[str, float]) -> dict:
     before = {c.key: c.before for c in base.concepts}
     now = {c.key: c.before for c in after.concepts}
     by_name = {c.key: c.concept.name for c in base.concepts}
@@ -237,7 +263,9 @@ def _row(entry: Entry, patch, names: list[str], base, after, seconds, peak, size
         "target": "+".join(names),
         "g_after": g,
         "i_after": max(inv) if inv else None,
-        "m_score": max([g, *inv]),
+        "e_after": attacks["encoder"],
+        "p_after": attacks["prompts"],
+        "m_score": max([g, *inv, *attacks.values()]),
         "g_before": max(before[k].g.rate for k in targets),
         "retention_min": min(kept.values()) if kept else None,
         "retention_mean": sum(kept.values()) / len(kept) if kept else None,
