@@ -23,6 +23,9 @@ class UceConfig:
     preserve_set: str = setting("", "A shipped list added to `preserve`, the targets left out "
                                 "('conceptworld': every other world concept; 'common': everyday "
                                 "objects, animals and artists).", PRESERVE_SETS)
+    preserve_in_context: bool = setting(False, "Also preserve each preserved concept inside "
+                                        "the erased concepts' templates, at the same states "
+                                        "the edit uses (with states=tail: its padding too).")
     erase_scale: float = setting(1.0, "Weight of the erased concepts' terms.")
     preserve_scale: float = setting(1.0, "Weight of the preserved concepts' terms.")
     lamb: float = setting(0.5, "Weight keeping every other direction of the weights (lambda).")

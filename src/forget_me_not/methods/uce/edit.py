@@ -33,22 +33,34 @@ def solve_inverse(second: torch.Tensor, lamb: float) -> tuple[torch.Tensor, floa
     return torch.linalg.inv(second), condition
 
 
-def low_rank_edit(weight: torch.Tensor, erased: torch.Tensor, guides: torch.Tensor,
-                  preserved: torch.Tensor, erase_scale: float, preserve_scale: float,
-                  lamb: float) -> dict[str, object]:
-    """B (out, n), A (n, D) with W' = W + B A; the condition number; the relative error of
-    B A against W' computed by the formula itself."""
+class System:
+    """M^-1 of one solve: M depends on the text states only, so every layer shares it."""
+
+    def __init__(self, erased: torch.Tensor, guides: torch.Tensor, preserved: torch.Tensor,
+                 erase_scale: float, preserve_scale: float, lamb: float) -> None:
+        c, cs = erased.double().cpu(), guides.double().cpu()  # (n, D)
+        p = preserved.double().cpu()  # (m, D)
+        if c.shape != cs.shape:
+            raise FmnError("UCE needs one guide state per erased state")
+        second = lamb * torch.eye(c.shape[1], dtype=torch.float64) + erase_scale * c.T @ c
+        if p.numel():
+            second = second + preserve_scale * p.T @ p
+        self.inverse, self.condition = solve_inverse(second, lamb)
+        self.c, self.cs, self.p = c, cs, p
+        self.erase_scale, self.preserve_scale, self.lamb = erase_scale, preserve_scale, lamb
+        self.a = erase_scale * c @ self.inverse  # (n, D): the same A for every layer
+
+
+def low_rank_edit(weight: torch.Tensor, system: System) -> dict[str, object]:
+    """B (out, n), A (n, D) with W' = W + B A; the relative error of B A against W' computed
+    by the formula itself."""
     w = weight.detach().double().cpu()  # (out, D)
-    c, cs, p = erased.double().cpu(), guides.double().cpu(), preserved.double().cpu()  # (n|m, D)
-    if c.shape != cs.shape or c.shape[1] != w.shape[1]:
-        raise FmnError(f"UCE needs one guide state per erased state of width {w.shape[1]}")
-    dim = w.shape[1]
-    second = lamb * torch.eye(dim, dtype=torch.float64) + erase_scale * c.T @ c
-    if p.numel():
-        second = second + preserve_scale * p.T @ p
-    inverse, condition = solve_inverse(second, lamb)
+    c, cs, p = system.c, system.cs, system.p
+    if c.shape[1] != w.shape[1]:
+        raise FmnError(f"UCE's text states are {c.shape[1]} wide, the layer takes {w.shape[1]}")
+    erase_scale, preserve_scale, lamb = system.erase_scale, system.preserve_scale, system.lamb
+    inverse, condition, a = system.inverse, system.condition, system.a
     b = w @ (cs - c).T  # (out, n)
-    a = erase_scale * c @ inverse  # (n, D)
     # The formula as written, for the reconstruction error of the factors.
     mat1 = lamb * w + erase_scale * (w @ cs.T) @ c
     if p.numel():

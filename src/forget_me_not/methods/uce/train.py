@@ -17,7 +17,7 @@ import torch
 from forget_me_not.concepts import Concept, check_known, pipeline_tokenizers
 from forget_me_not.errors import FmnError
 from forget_me_not.methods.uce.config import UceConfig
-from forget_me_not.methods.uce.edit import low_rank_edit
+from forget_me_not.methods.uce.edit import System, low_rank_edit
 from forget_me_not.patch import Patch, family_of, library_versions, model_hash, run_name
 from forget_me_not.pipeline_io import encode_prompt
 
@@ -111,16 +111,24 @@ def train(pipe: Any, concepts: Sequence[Concept], config: UceConfig | None = Non
                 erased.append(text_state(pipe, prompt))
                 guides.append(text_state(pipe, guide))
     kept = _preserved(config, concepts)
-    preserved = (torch.stack([text_state(pipe, p) for p in kept]) if kept
-                 else torch.zeros(0, erased[0].shape[0]))
+    states = [text_state(pipe, p) for p in kept]
+    if config.preserve_in_context:
+        templates = list(dict.fromkeys(t for c in concepts for t in c.templates))
+        for word in kept:
+            for t in templates:
+                if config.states == "tail":
+                    states += list(tail_states(pipe, t.format(word), t.format(word), word, word)[0])
+                else:
+                    states.append(text_state(pipe, t.format(word)))
+    preserved = torch.stack(states) if states else torch.zeros(0, erased[0].shape[0])
     c, cs = torch.stack(erased), torch.stack(guides)  # (n, D)
     tensors: dict[str, torch.Tensor] = {}
     factors, conditions, errors = {}, [], []
+    system = System(c, cs, preserved, config.erase_scale, config.preserve_scale, config.lamb)
     for name, module in pipe.unet.named_modules():
         if not name.endswith(tuple(f"attn2.{t}" for t in config.targets)):
             continue
-        edit = low_rank_edit(module.weight, c, cs, preserved, config.erase_scale,
-                             config.preserve_scale, config.lamb)
+        edit = low_rank_edit(module.weight, system)
         factors[name] = edit
         conditions.append(edit["condition"])
         errors.append(edit["error"])
