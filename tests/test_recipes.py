@@ -84,3 +84,13 @@ def test_cli_recipes_lists_methods_and_recipes():
         assert name in result.output
     shown = CliRunner().invoke(app, ["recipes", "paper"])
     assert shown.exit_code == 0 and "extra_positions" in shown.output and "pooler" in shown.output
+
+
+def test_the_options_reference_is_current():
+    from pathlib import Path
+
+    from forget_me_not.options_doc import render
+
+    committed = Path(__file__).parents[1] / "docs" / "options.md"
+    assert committed.read_text() == render(), "run: python -m forget_me_not.options_doc > " \
+                                              "docs/options.md"
