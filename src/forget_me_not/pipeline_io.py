@@ -41,8 +41,9 @@ def freeze(pipe: Any) -> None:
             module.requires_grad_(False)
 
 
-def encode_prompt(pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The pipeline's own prompt encoding, without guidance: (states (1,T,D), pooled or None)."""
+def encode_prompt(pipe: Any, prompt: str | list[str]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pipeline's own prompt encoding, no guidance: (states (B,T,D), pooled or None)."""
     device = pipe.unet.device
     if getattr(pipe, "text_encoder_2", None) is not None:
         out = pipe.encode_prompt(

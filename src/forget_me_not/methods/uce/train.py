@@ -29,19 +29,37 @@ COMMON_CONCEPTS = (  # the 'common' preserve set: everyday things an edit should
 )
 
 
-def text_state(pipe: Any, prompt: str) -> torch.Tensor:
+class Encoded:
+    """Text-encoder states (T, D) per prompt, encoded in batches and kept."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe, self.cache = pipe, {}
+
+    def prefetch(self, prompts: list[str], batch: int = 32) -> None:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        for i in range(0, len(todo), batch):
+            chunk = todo[i:i + batch]
+            with torch.no_grad():
+                states = encode_prompt(self.pipe, chunk)[0].float().cpu()  # (B, T, D)
+            self.cache.update(zip(chunk, states, strict=True))
+
+    def __call__(self, prompt: str) -> torch.Tensor:
+        if prompt not in self.cache:
+            self.prefetch([prompt])
+        return self.cache[prompt]
+
+
+def text_state(pipe: Any, prompt: str, encoded: Encoded | None = None) -> torch.Tensor:
     """(D,) the encoder output at the prompt's last token (before end-of-text)."""
     tok = pipeline_tokenizers(pipe)[0]
     mask = tok(prompt, padding="max_length", max_length=tok.model_max_length,
                truncation=True)["attention_mask"]
     last = max(0, sum(mask) - 2)  # "" gives 0: the start token, as the official script does
-    with torch.no_grad():
-        states, _ = encode_prompt(pipe, prompt)
-    return states[0, last].detach().float().cpu()
+    return (encoded or Encoded(pipe))(prompt)[last]
 
 
-def tail_states(pipe: Any, prompt: str, guide: str, words: str, anchor: str
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def tail_states(pipe: Any, prompt: str, guide: str, words: str, anchor: str,
+                encoded: Encoded | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, D) states of `prompt` from the concept's first token to the end, and (k, D) states
     of `guide` at the matching places: the concept's tokens -> the anchor's last token (the
     last prefix token for ''), end-of-text and padding -> the same slot after the anchor."""
@@ -54,9 +72,8 @@ def tail_states(pipe: Any, prompt: str, guide: str, words: str, anchor: str
     start = length - n_c  # the concept's first token (it ends the prompt's words)
     if start < 1 or len(ids) <= start:
         raise FmnError(f"UCE's tail states need the concept at the end of {prompt!r}")
-    with torch.no_grad():
-        states = encode_prompt(pipe, prompt)[0][0].float().cpu()  # (T, D)
-        guides = encode_prompt(pipe, guide)[0][0].float().cpu()
+    encoded = encoded or Encoded(pipe)
+    states, guides = encoded(prompt), encoded(guide)  # (T, D)
     places = [start + n_g - 1 if n_g else start - 1] * n_c
     places += [p - n_c + n_g for p in range(start + n_c, states.shape[0])]
     places = [min(max(p, 0), guides.shape[0] - 1) for p in places]
@@ -92,34 +109,37 @@ def train(pipe: Any, concepts: Sequence[Concept], config: UceConfig | None = Non
     if not concepts:
         raise FmnError("no concept to forget: pass at least one concept")
     started = time.perf_counter()
-    erased, guides = [], []
+    plans = []  # (prompt, guide, words, anchor) per edited prompt
     for concept in concepts:
         anchor = concept.anchor if concept.anchor is not None else (
             config.style_anchor if concept.category == "style" else config.anchor)
         _check_words(pipe, concept.words, "concept")
         _check_words(pipe, anchor, "anchor")
-        pairs = [(concept.words, anchor)]
+        plans.append((concept.words, anchor, concept.words, anchor))
         if config.expand_prompts:
-            pairs += [(t.format(concept.words), t.format(anchor).strip())
+            plans += [(t.format(concept.words), t.format(anchor).strip(), concept.words, anchor)
                       for t in concept.templates]
-        for prompt, guide in pairs:
-            if config.states == "tail":
-                own, target = tail_states(pipe, prompt, guide, concept.words, anchor)
-                erased += list(own)
-                guides += list(target)
-            else:
-                erased.append(text_state(pipe, prompt))
-                guides.append(text_state(pipe, guide))
     kept = _preserved(config, concepts)
-    states = [text_state(pipe, p) for p in kept]
-    if config.preserve_in_context:
-        templates = list(dict.fromkeys(t for c in concepts for t in c.templates))
-        for word in kept:
-            for t in templates:
-                if config.states == "tail":
-                    states += list(tail_states(pipe, t.format(word), t.format(word), word, word)[0])
-                else:
-                    states.append(text_state(pipe, t.format(word)))
+    templates = list(dict.fromkeys(t for c in concepts for t in c.templates))
+    in_context = [(t.format(w), w) for w in kept for t in templates] \
+        if config.preserve_in_context else []
+    encoded = Encoded(pipe)  # every prompt encoded once, in batches
+    encoded.prefetch([x for plan in plans for x in plan[:2]] + kept + [p for p, _ in in_context])
+    erased, guides = [], []
+    for prompt, guide, words, anchor in plans:
+        if config.states == "tail":
+            own, target = tail_states(pipe, prompt, guide, words, anchor, encoded)
+            erased += list(own)
+            guides += list(target)
+        else:
+            erased.append(text_state(pipe, prompt, encoded))
+            guides.append(text_state(pipe, guide, encoded))
+    states = [text_state(pipe, p, encoded) for p in kept]
+    for prompt, word in in_context:
+        if config.states == "tail":
+            states += list(tail_states(pipe, prompt, prompt, word, word, encoded)[0])
+        else:
+            states.append(text_state(pipe, prompt, encoded))
     preserved = torch.stack(states) if states else torch.zeros(0, erased[0].shape[0])
     c, cs = torch.stack(erased), torch.stack(guides)  # (n, D)
     tensors: dict[str, torch.Tensor] = {}
