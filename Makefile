@@ -11,7 +11,7 @@ OUT ?= out
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean browser
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ $(STAMP): requirements-lock.txt pyproject.toml
 demo: $(STAMP)
 	mkdir -p $(OUT)
 	$(BIN)/fmn world demo --target star --out $(OUT)/demo
+
+# Headless Chromium and its driver for the web page's browser test (Debian packages).
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -7,13 +7,29 @@ redrawn bars.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
 LOG_EVERY = 10  # lines per stage in a log, besides its first and last
+# Who else hears every stage's progress in this thread (the web page's job, for its bar).
+_LISTENER: contextvars.ContextVar[Callable[[str, int, int], None] | None] = \
+    contextvars.ContextVar("fmn_progress_listener", default=None)
+
+
+@contextlib.contextmanager
+def listening(callback: Callable[[str, int, int], None]) -> Iterator[None]:
+    """Within: every Progress calls `callback(label, done, total)` on each step."""
+    token = _LISTENER.set(callback)
+    try:
+        yield
+    finally:
+        _LISTENER.reset(token)
 
 
 class Progress:
@@ -36,6 +52,9 @@ class Progress:
         self.done += 1
         if self.callback is not None:
             self.callback(self.done, self.total, values)
+        listener = _LISTENER.get()
+        if listener is not None:
+            listener(self.label, self.done, self.total)
         shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         if self.bar is not None:
             self.bar.update(1)
