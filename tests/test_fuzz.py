@@ -197,3 +197,19 @@ def test_any_number_for_a_numeric_setting_is_taken_or_refused_in_one_error(value
 
 
 from pathlib import Path  # noqa: E402  (used by the umask test)
+
+
+def test_a_patch_passed_as_the_model_is_named_as_a_patch(tmp_path, capsys):
+    path = _patch(tmp_path, "asmodel")
+    code, err = _run(capsys, "generate", "--prompt", "a star", "--model", path, "--out",
+                     str(tmp_path / "g.png"))
+    assert code == 2 and "is a forget-me-not patch, not a model" in _one_error(err)
+
+
+def test_a_prompt_past_the_encoder_length_warns():
+    from forget_me_not.generation import warn_if_cut
+    from tiny_pipelines import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("sd1")
+    with pytest.warns(UserWarning, match="the rest is cut"):
+        warn_if_cut(pipe, " ".join(["star"] * 200))

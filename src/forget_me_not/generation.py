@@ -42,6 +42,19 @@ def check_size(pipe, size: int) -> None:
         )
 
 
+def warn_if_cut(pipe, prompt: str) -> None:
+    """A prompt longer than the text encoder reads is cut there: say so, once."""
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is None:
+        return
+    length = len(tok(prompt, truncation=False)["input_ids"])
+    if length > tok.model_max_length:
+        import warnings
+
+        warnings.warn(f"the prompt is {length} tokens; the text encoder reads the first "
+                      f"{tok.model_max_length}, so the rest is cut: shorten it", stacklevel=3)
+
+
 def generate_images(
     pipe,
     prompt: str,
@@ -61,6 +74,7 @@ def generate_images(
         raise FmnError("n, steps and batch size must be positive integers")
     size = size or default_size(pipe)
     check_size(pipe, size)
+    warn_if_cut(pipe, prompt)
 
     def callback(_pipe, _i, _t, kwargs):
         if on_step is not None:

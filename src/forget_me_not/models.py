@@ -196,6 +196,13 @@ def _from_single_file(
         )
         shapes = _pickle_shapes(path)
     elif suffix == ".safetensors":
+        try:
+            meta = _safetensors_header(path).get("__metadata__") or {}
+        except (OSError, ValueError, AttributeError):
+            meta = {}  # a damaged file: the shape reading below says so in its own words
+        if "forget_me_not" in meta and "fmn_family" not in meta:
+            raise FmnError(f"{path} is a forget-me-not patch, not a model: pass the model as "
+                           "--model and the patch with --patch")
         shapes = _safetensors_shapes(path)
     else:
         raise FmnError(
