@@ -84,9 +84,14 @@ def forget(
 
         check_anchor(str(cli["anchor"]))
     reference = "images" if images is not None else "noise" if no_real_image else "self"
-    sets += api.overrides(steps=steps, lr=lr, seed=seed, reference=reference,
-                          n_self_images=self_generate or DEFAULT_SELF_IMAGES)
     chosen = api.plan(None, method, recipe)
+    # What the user typed applies to every part (an error where no part has it); the reference
+    # source and seed only to the parts that take them (UCE's closed form takes neither).
+    sets += api.overrides(steps=steps, lr=lr)
+    keys = {f.name for part in chosen.parts for f in dataclasses.fields(part.config)}
+    implicit = api.overrides(seed=seed, reference=reference,
+                             n_self_images=self_generate or DEFAULT_SELF_IMAGES)
+    sets += [p for p in implicit if p.split("=", 1)[0] in keys]
     check_sets(chosen, sets)
     if chosen.needs_images and images is None:
         raise FmnError(f"recipe {chosen.name} trains on reference images: pass --images DIR "
@@ -117,7 +122,8 @@ def forget(
     from forget_me_not.models import detect_family
 
     family = detect_family(pipe)
-    api.plan(family, method, recipe)  # the family check, before any work
+    chosen = api.plan(family, method, recipe)  # the family check, before any work
+    keys = {f.name for part in chosen.parts for f in dataclasses.fields(part.config)}
     preset = None
     if not names and not token_files:  # --category nsfw alone
         from forget_me_not.presets import family_preset
@@ -133,7 +139,7 @@ def forget(
             concepts = [dataclasses.replace(c, anchor=str(cli["anchor"])) for c in concepts]
         if cli.get("extra_templates"):
             concepts = [c.with_extra_templates() for c in concepts]
-        if source == "world renders":
+        if source == "world renders" and "reference" in keys:
             sets.append("reference=images")
         separately = cli.get("separately")
         if separately is None and preset is not None:
