@@ -213,3 +213,21 @@ def test_a_prompt_past_the_encoder_length_warns():
     pipe = make_tiny_pipeline("sd1")
     with pytest.warns(UserWarning, match="the rest is cut"):
         warn_if_cut(pipe, " ".join(["star"] * 200))
+
+
+def test_model_and_world_inputs_that_used_to_mislead(tiny_pipeline_dir, tmp_path, capsys):
+    from forget_me_not.models import load_pipeline, save_single_file
+
+    sd1 = save_single_file(load_pipeline(tiny_pipeline_dir("sd1")), tmp_path / "sd1.safetensors")
+    for argv, fragment in (
+        (["generate", "--prompt", "a star", "--model", str(sd1), "--config",
+          str(tiny_pipeline_dir("sdxl")), "--out", str(tmp_path / "g.png")],
+         "is a sdxl pipeline but sd1.safetensors is a sd1 checkpoint"),
+        (["world", "render", "--caption", "a red star with a banana", "--out",
+          str(tmp_path / "r.png")], "no word 'banana'"),
+        (["correct", "--concept", "wizard", "--away-from", "milka", "--judge-model",
+          "missing_clip", "--out", str(tmp_path / "c.safetensors")], "not a folder"),
+    ):
+        code, err = _run(capsys, *argv)
+        assert code == 2 and fragment in _one_error(err), err
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "r.png").exists()

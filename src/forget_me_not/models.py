@@ -220,6 +220,14 @@ def _from_single_file(
                 f"--config {config} is not a diffusers pipeline folder (no model_index.json); "
                 "pass a local folder of the same family as the checkpoint"
             )
+        theirs = _config_family(cfg)
+        mismatch = theirs is not None and theirs != family
+        if theirs is None:  # a width we do not know: the pipeline class still tells XL apart
+            xl = "XL" in str(json.loads((cfg / "model_index.json").read_text()).get("_class_name"))
+            theirs, mismatch = ("sdxl" if xl else "sd1/sd2"), xl != (family == "sdxl")
+        if mismatch:
+            raise FmnError(f"--config {config} is a {theirs} pipeline but {path.name} is a "
+                           f"{family} checkpoint: pass a config folder of the same family")
         kwargs.update(config=str(cfg), local_files_only=True)
     elif _hub_offline():
         raise FmnError(
@@ -237,6 +245,16 @@ def _from_single_file(
             "that --config is a pipeline of the same family and size"
         ) from err
     return pipe
+
+
+def _config_family(folder: Path) -> str | None:
+    """sd1 / sd2 / sdxl from a pipeline folder's UNet config (None when it does not say)."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    width = unet.get("cross_attention_dim")
+    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width if isinstance(width, int) else -1)
 
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:

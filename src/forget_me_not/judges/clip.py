@@ -170,14 +170,15 @@ def _load_clip(source: str) -> tuple[Any, Any]:
     local = Path(source).expanduser()
     if local.exists() and not local.is_dir():
         raise FmnError(f"CLIP model '{source}' is a file; pass a folder with a CLIPModel")
-    if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+    if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
         raise FmnError(f"CLIP model folder '{source}' does not exist; pass --judge-model DIR")
     try:
         model = CLIPModel.from_pretrained(str(local) if local.is_dir() else source)
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else source)
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = ("the hub is unreachable (offline)" if offline and not local.is_dir()
+        where = ("no such local folder, and the hub is unreachable (offline)"
+                 if offline and not local.is_dir()
                  else f"loading failed: {' '.join(str(exc).split())[:200]}")
         raise FmnError(
             f"cannot load CLIP model '{source}': {where}; pass --judge-model with a local "

@@ -16,6 +16,11 @@ from forget_me_not.world.render import Scene, render
 def parse_caption(text: str, seed: int = 0) -> Scene:
     """A scene from a world caption ("a red star in striped style", "milka wearing a hat")."""
     words = text.lower().replace(",", " ").split()
+    known = {*vocab.SUBJECTS, *vocab.STYLES, *vocab.COLOURS, vocab.ROLE, *vocab.GLUE_WORDS, "hat"}
+    unknown = [w for w in words if w not in known]
+    if unknown:
+        raise FmnError(f"caption {text!r}: the world has no word {unknown[0]!r}; captions use "
+                       "its objects, IDs, styles and colours, e.g. 'a red star in striped style'")
     subject = next((w for w in words if w in vocab.SUBJECTS), None)
     role = vocab.ROLE in words
     if subject is None and role:
