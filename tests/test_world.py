@@ -100,7 +100,9 @@ def test_world_render_cli_and_bad_caption(tmp_path):
     bad = tmp_path / "bad.png"
     res = runner.invoke(app, ["world", "render", "--caption", "a bird", "--out", str(bad)])
     assert res.exit_code == 2
-    assert "names no object or character" in res.output
+    assert "no word 'bird'" in res.output
+    res = runner.invoke(app, ["world", "render", "--caption", "a red", "--out", str(bad)])
+    assert res.exit_code == 2 and "names no object or character" in res.output
     assert not bad.exists()
 
 

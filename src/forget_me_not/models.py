@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,8 +198,10 @@ def _from_single_file(
         shapes = _pickle_shapes(path)
     elif suffix == ".safetensors":
         try:
+            if _header_len(path) + 8 > path.stat().st_size:
+                raise ValueError("header longer than the file")
             meta = _safetensors_header(path).get("__metadata__") or {}
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, struct.error):
             meta = {}  # a damaged file: the shape reading below says so in its own words
         if "forget_me_not" in meta and "fmn_family" not in meta:
             raise FmnError(f"{path} is a forget-me-not patch, not a model: pass the model as "

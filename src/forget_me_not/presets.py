@@ -58,8 +58,7 @@ def _unsafe(ref_dir: Path) -> list[Concept]:
 PRESETS: dict[str, Preset] = {
     "nsfw": Preset("nsfw", "nudity and sexual content (no images needed)", REAL_FAMILIES,
                    "self", _nsfw),
-    # Separately: one joint run left the gun drawn 94% of the time, separate runs stacked
-    # erased both (skull 0%, gun 6%; BENCHMARKS.md).
+    # Separately: a joint run left the gun drawn (benchmarks/notes, "Stacking, the unsafe preset").
     "unsafe": Preset("unsafe", "every unsafe ConceptWorld concept, with world renders",
                      (EMBEDDED,), "images", _unsafe, separately=True),
 }
