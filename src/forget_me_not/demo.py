@@ -7,13 +7,13 @@ patch, a before/after sheet (PNG) with the judge's rates, and the numbers (JSON)
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 
+from forget_me_not.files import write_atomic
 from forget_me_not.images import labelled_grid, save_png
 
 DEFAULT_OTHERS = ("circle", "heart", "milka", "zorbo", "striped", "dotted", "red")
@@ -63,9 +63,8 @@ def run_demo(
     }
     sheet = before_after_sheet(names, before, after, target)
     save_png(sheet, out_dir / "before_after.png")
-    tmp = out_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / "summary.json")
+    text = json.dumps(summary, indent=1)
+    write_atomic(out_dir / "summary.json", lambda tmp: Path(tmp).write_text(text), "summary")
     return summary
 
 

@@ -89,8 +89,9 @@ class Handler(BaseHTTPRequestHandler):
             from forget_me_not.world.concepts import all_concepts
 
             concepts = [c.name for c in all_concepts()]
-        fitting = [r for r in recipes.names() if not recipes.load(r).families
-                   or jobs.family in recipes.load(r).families]
+        loaded = {r: recipes.load(r) for r in recipes.names()}
+        fitting = [r for r, recipe in loaded.items() if not recipe.families
+                   or jobs.family in recipe.families]
         reports = []
         if self.server.reports is not None and self.server.reports.is_dir():
             root = self.server.reports
@@ -98,7 +99,7 @@ class Handler(BaseHTTPRequestHandler):
         return {"model": self.server.model, "family": jobs.family, "concepts": concepts,
                 "methods": methods.names("forget"),
                 "recipes": [r for r in fitting if methods.get(
-                    recipes.load(r).parts[0].method).task == "forget"],
+                    loaded[r].parts[0].method).task == "forget"],
                 "reports": reports}
 
     def _json(self, code: int, data: dict[str, Any]) -> None:

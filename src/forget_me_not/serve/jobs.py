@@ -50,6 +50,7 @@ class Jobs:
     def __init__(self, pipe: Any, family: str, root: Path, n: int = 4, seed: int = 1000) -> None:
         self.pipe, self.family, self.root, self.n, self.seed = pipe, family, root, n, seed
         self.jobs: dict[str, Job] = {}
+        self._judge: Any = None  # loaded on the first job, then kept
         self.lock = threading.Lock()
         self.todo: queue.Queue[Job] = queue.Queue()
         self.worker = threading.Thread(target=self._work, daemon=True)
@@ -145,7 +146,9 @@ class Jobs:
             from forget_me_not.world.defaults import default_guidance
             from forget_me_not.world.scoring import score_concepts
 
-            return score_concepts(self.pipe, WorldJudge(), names, n=self.n, seed=self.seed,
+            if self._judge is None:
+                self._judge = WorldJudge()
+            return score_concepts(self.pipe, self._judge, names, n=self.n, seed=self.seed,
                                   guidance=default_guidance(self.pipe), progress=False,
                                   avoid=[target])
         from forget_me_not.generation import generate_images
