@@ -17,8 +17,8 @@ from forget_me_not.errors import FmnError
 
 # Each module exposes register(app). A group not present in this install is skipped, so a new
 # command is added by creating its module and naming it here.
-COMMAND_MODULES = ("generate", "forget", "invert", "evaluate", "bench", "patch", "world",
-                   "correct", "recipes", "serve")
+COMMAND_MODULES = ("generate", "forget", "invert", "evaluate", "attack", "bench", "patch",
+                   "world", "correct", "recipes", "serve")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

@@ -155,19 +155,32 @@ def train_judge_cmd(
     out: Annotated[Path | None, typer.Option(help="Weights file to write.")] = None,
     vae_dir: Annotated[Path | None, typer.Option(help="A world pipeline's vae folder.")] = None,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 3000,
+    init: Annotated[Path | None, typer.Option(
+        help="Start from these judge weights (heads they lack start fresh).")] = None,
+    model_dir: Annotated[Path | None, typer.Option(
+        help="A world pipeline folder: its failed one-step samples join the rejects.")] = None,
+    pool_size: Annotated[int, typer.Option(help="Rendered training images.")] = 20_000,
     seed: opt.Seed = 0,
     device: opt.Device = None,
 ) -> None:
-    """Train the judge classifier on renders (and VAE reconstructions), calibrated."""
+    """Train the judge classifier on renders (and VAE reconstructions) with a reject class
+    ("none of these"), calibrated."""
     from forget_me_not.models import resolve_device
     from forget_me_not.world.train_judge import TrainJudgeConfig, train_judge
 
     opt.require_positive("--steps", steps)
+    opt.require_positive("--pool-size", pool_size)
+    for name, path in (("--init", init), ("--model-dir", model_dir), ("--vae-dir", vae_dir)):
+        if path is not None and not path.exists():
+            raise FmnError(f"{name} {path} does not exist; pass an existing path")
     cfg = TrainJudgeConfig(
         run_dir=run_dir,
         out=out,
         vae_dir=vae_dir,
         steps=steps,
+        init=init,
+        model_dir=model_dir,
+        pool_size=pool_size,
         seed=seed,
         device=str(resolve_device(device)),
     )

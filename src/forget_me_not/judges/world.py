@@ -111,10 +111,18 @@ class WorldJudge(BaseJudge):
             return np.zeros(0)
         head, label = found
         probs = self.heads(images)
-        p = probs[head][:, label]
+        # An image the judge rejects ("none of these") shows no concept, whatever a head says.
+        p = probs[head][:, label] * probs["reject"][:, 0]
         if concept.name.strip().lower() == vocab.ROLE:
             p = p * probs["hat"][:, 1]
         return p
+
+    @torch.no_grad()
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The judge's image features (N, 256), for image-quality distances (KID)."""
+        chunks = [self.net.embed(images_to_tensor(images[i : i + 256])).numpy()
+                  for i in range(0, len(images), 256)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, 256), np.float32)
 
     def describe(self, images: Sequence[Image.Image]) -> list[dict]:
         """The judge's reading of each image: most likely label and its probability per head."""

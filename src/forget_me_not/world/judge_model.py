@@ -1,7 +1,9 @@
 """The ConceptWorld judge: a small CNN that says what a 32 px picture shows.
 
 Heads: subject (each object, unsafe object and ID), style, colour (with "none" for IDs, which
-keep their own palette), hat, unsafe. Trained on fresh renders with augmentation (blur, noise,
+keep their own palette), hat, unsafe, and reject ("none of these": noise, blobs, corrupted
+renders, the model's failed samples; see `rejects.py`), so a degraded image is never counted as
+a concept. Trained on fresh renders with augmentation (blur, noise,
 small colour and position jitter, and the world VAE's own reconstructions, so it stays reliable on
 the model's slightly soft samples), then calibrated per head by temperature scaling.
 """
@@ -20,6 +22,7 @@ HEADS: dict[str, tuple[str, ...]] = {
     "colour": COLOUR_LABELS,
     "hat": ("no", "yes"),
     "unsafe": ("no", "yes"),
+    "reject": ("no", "yes"),
 }
 
 
@@ -54,6 +57,10 @@ class JudgeNet(nn.Module):
         h = self.trunk(self.features(x))
         return {k: head(h) for k, head in self.heads.items()}
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's features (B, 256): what image-quality distances are measured on."""
+        return self.trunk[:3](self.features(x))
+
     def probabilities(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.forward(x)
         return {
@@ -69,4 +76,5 @@ def labels_for(scene) -> dict[str, int]:
         "colour": COLOUR_LABELS.index(scene.colour or "none"),
         "hat": int(scene.hat),
         "unsafe": int(scene.subject in vocab.UNSAFE_OBJECTS),
+        "reject": 0,
     }

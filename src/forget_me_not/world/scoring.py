@@ -2,7 +2,8 @@
 
 For every concept, `n` samples from its trained prompt forms (sample i: seed + i) are read by the
 judge on the head that concerns it: subject for objects, unsafe objects and IDs, style for
-styles, colour for colours; the role counts as drawn when the judge reads its ID.
+styles, colour for colours; the role counts as drawn when the judge reads its ID. An image the
+judge rejects ("none of these") counts as no concept.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def score_concepts(pipe, judge, names: Sequence[str] | None = None, *, n: int = 
         idx = [i for i, o in enumerate(owner) if o == c.name]
         head = HEAD_OF_KIND[c.kind]
         labels = judge_labels(head)
-        read = [labels[int(probs[head][i].argmax())] for i in idx]
+        read = [labels[int(probs[head][i].argmax())] if probs["reject"][i].argmax() == 0
+                else "none" for i in idx]
         out[c.name] = {
             "rate": float(np.mean([r == target_label(c) for r in read])),
             "hat": float(np.mean([probs["hat"][i].argmax() == 1 for i in idx])),

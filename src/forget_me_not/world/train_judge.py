@@ -18,6 +18,7 @@ from tqdm import tqdm
 from forget_me_not.world.captions import random_scene
 from forget_me_not.world.data import to_unit_range
 from forget_me_not.world.judge_model import HEADS, JudgeNet, labels_for
+from forget_me_not.world.rejects import failed_samples, make_rejects
 from forget_me_not.world.render import render
 
 
@@ -34,6 +35,9 @@ class TrainJudgeConfig:
     lr: float = 2e-3
     checkpoint_every: int = 500
     device: str = "cpu"
+    init: Path | None = None  # start from these weights (heads they lack start fresh)
+    model_dir: Path | None = None  # a world pipeline: its one-step samples join the rejects
+    reject_share: float = 0.25  # of each batch: images that show none of the concepts
 
 
 def _render_set(n: int, seed: int, desc: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -136,7 +140,13 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
         vae = _load_vae(cfg.vae_dir)
         x_recon = _vae_roundtrip(vae, x_all)
         x_val_recon = _vae_roundtrip(vae, x_val)
+    failed = failed_samples(str(cfg.model_dir), 512, cfg.seed) if cfg.model_dir else None
     net = JudgeNet().to(cfg.device)
+    if cfg.init is not None:
+        state = load_file(str(cfg.init))
+        own = net.state_dict()
+        net.load_state_dict({k: v for k, v in state.items() if k in own
+                             and v.shape == own[k].shape}, strict=False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     ckpt, state_path = cfg.run_dir / "judge-ckpt.safetensors", cfg.run_dir / "state.json"
@@ -155,8 +165,15 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
         if x_recon is not None:  # a third of each batch: the VAE's reconstructions
             use = torch.rand(cfg.batch_size, 1, 1, 1, generator=gen) < 0.33
             x = torch.where(use, x_recon[idx], x)
-        logits = net(augment(x, gen).to(cfg.device))
-        loss = sum(F.cross_entropy(logits[k], labels[k][idx].to(cfg.device)) for k in HEADS)
+        n_bad = int(cfg.batch_size * cfg.reject_share)
+        bad = make_rejects(x[:n_bad], labels["subject"][idx[:n_bad]], gen, failed)
+        x = torch.cat([augment(x, gen), bad]).to(cfg.device)
+        logits = net(x)
+        valid = {k: labels[k][idx].to(cfg.device) for k in HEADS if k != "reject"}
+        # A reject image has no subject, style or colour: only the reject head learns from it.
+        loss = sum(F.cross_entropy(logits[k][: cfg.batch_size], v) for k, v in valid.items())
+        is_bad = torch.cat([torch.zeros(cfg.batch_size), torch.ones(n_bad)]).long()
+        loss = loss + F.cross_entropy(logits["reject"], is_bad.to(cfg.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -171,6 +188,12 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
     cal_x = x_val if x_val_recon is None else torch.cat([x_val, x_val_recon])
     cal_labels = {k: v if x_val_recon is None else torch.cat([v, v]) for k, v in val_labels.items()}
     logits = evaluate(net, cal_x, cal_labels)
+    gen_val = torch.Generator().manual_seed(cfg.seed + 7)
+    bad_val = make_rejects(x_val, val_labels["subject"], gen_val, failed)
+    said = evaluate(net, bad_val, val_labels)["reject"]
+    # The reject head is calibrated on both kinds: on valid images alone its labels are all "no".
+    logits["reject"] = torch.cat([logits["reject"], said])
+    cal_labels["reject"] = torch.cat([cal_labels["reject"], torch.ones(len(said)).long()])
     temps = [fit_temperature(logits[k], cal_labels[k]) for k in HEADS]
     net.temperature.copy_(torch.tensor(temps))
     metrics: dict = {"minutes": (time.time() - t0) / 60, "steps": cfg.steps}
@@ -181,6 +204,7 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
         metrics[name] = {
             k: float((lg[k].argmax(-1) == val_labels[k]).float().mean()) for k in HEADS
         }
+    metrics["rejects_recognised"] = float((said.argmax(-1) == 1).float().mean())
     metrics["ece"] = {
         k: expected_calibration_error(torch.softmax(logits[k] / temps[i], -1), cal_labels[k])
         for i, k in enumerate(HEADS)

@@ -130,10 +130,31 @@ class FmnConfig(ResteerSettings):
     text_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
                                       "LoRA on to_k/to_v does to the preserve prompts' text "
                                       "states (0: off).")
+    adversarial_every: int = setting(0, "Robust mode: every this many steps, a token per "
+                                     "concept is learnt by inversion on the model being trained "
+                                     "and re-steered beside the word (0: off).")
+    adversarial_steps: int = setting(10, "Robust mode: inversion steps per concept at each "
+                                     "refresh (the token is kept between refreshes).")
+    adversarial_lr: float = setting(5e-3, "Robust mode: the inversion's Adam learning rate.")
+    erase_weight: float = setting(0.0, "Weight of the erase term: on the concept's images, the "
+                                  "prediction through its prompts (and the adversary's tokens) "
+                                  "pulled to the base model's unprompted one, as ESD does (0: "
+                                  "off).")
+    erase_guidance: float = setting(1.0, "Erase term: negative guidance (ESD's eta) pushing "
+                                    "away from what the base model draws for the concept.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("train", self.train, TRAIN_MODES)
+        if not isinstance(self.adversarial_every, int) or self.adversarial_every < 0:
+            raise FmnError(f"adversarial_every must be an integer >= 0, got "
+                           f"{self.adversarial_every}")
+        if not isinstance(self.adversarial_steps, int) or self.adversarial_steps < 1:
+            raise FmnError(f"adversarial_steps must be an integer >= 1, got "
+                           f"{self.adversarial_steps}")
+        check_number("adversarial_lr", self.adversarial_lr, strict=True)
+        check_number("erase_weight", self.erase_weight)
+        check_number("erase_guidance", self.erase_guidance)
         if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise FmnError(f"lora_rank must be an integer >= 1, got {self.lora_rank}")
         check_number("lora_alpha", self.lora_alpha, strict=True, optional=True)

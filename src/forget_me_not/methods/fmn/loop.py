@@ -24,6 +24,7 @@ from forget_me_not.concepts import Concept, TokenMask, locate_in_pipeline, merge
 from forget_me_not.data import model_resolution
 from forget_me_not.errors import FmnError
 from forget_me_not.methods.fmn import terms as T
+from forget_me_not.methods.fmn.adversary import Adversary
 from forget_me_not.methods.fmn.references import build_references, pixel_weights
 from forget_me_not.pipeline_io import Row, added_cond, autocast, encode_prompt, freeze
 from forget_me_not.progress import Progress
@@ -136,6 +137,8 @@ def _terms(run: Run, concepts: list[Concept]) -> list[T.Term]:
         out.append(T.Preserve(run, cfg.preserve_prompts))
     if cfg.hold_prompts:
         out.append(T.Hold(run))
+    if getattr(cfg, "erase_weight", 0.0) > 0:
+        out.append(T.Erase(run))
     return out
 
 
@@ -156,8 +159,12 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
     losses: list[float] = []
     term_losses: dict[str, list[float]] = {}
     started = time.perf_counter()
+    stack = contextlib.ExitStack()
     try:
         params = trainable.setup()
+        adversary = None
+        if getattr(config, "adversarial_every", 0) > 0:
+            adversary = stack.enter_context(Adversary(run, concepts, references).installed())
         keep = next((t for t in terms if isinstance(t, T.Preserve)), None)
         weight = getattr(config, "text_keep_weight", 0.0)
         if weight > 0 and keep is not None and getattr(trainable, "adapter", None):
@@ -171,6 +178,12 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             index = [(number * config.batch_size + r) % len(rows)
                      for r in range(config.batch_size)]
             batch = [rows[i] for i in index]
+            if adversary is not None:
+                if adversary.due(number):
+                    adversary.refresh(params)
+                # The attack's token re-steered beside the word, on the same concept's images.
+                found = [adversary.row_for(row.concept, number) for row in batch]
+                batch += [row for row in found if row is not None]
             drawn = [references.sample(row.concept, gen) for row in batch]
             latents = torch.cat([latent for latent, _ in drawn])
             latents = latents.to(run.device, run.unet.dtype)  # (B, C, h, w)
@@ -215,6 +228,7 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
     finally:
         if run.probes is not None:
             run.probes.remove()
+        stack.close()
         trainable.restore()
     return {"kind": kind, "tensors": tensors, "lora_config": lora_config, "losses": losses,
             "term_losses": term_losses, "seconds": round(time.perf_counter() - started, 3)}

@@ -107,6 +107,33 @@ class Anchor(Term):
         return run.matched(self.noisy, step.t, step.live_embeds, step.live_cond, self.base)
 
 
+class Erase(Term):
+    """ESD's target inside FMN's loop: the concept's images, through the batch's prompts (its
+    words and the adversary's tokens), predicted as the base model predicts them unprompted,
+    minus `erase_guidance` times the concept's pull. Re-steering attention removes where the
+    word is read; this removes what the UNet draws from whatever conditioning asks for it."""
+
+    name, draws_at = "erase", 4
+
+    def __init__(self, run: Any) -> None:
+        cfg = run.config
+        super().__init__(cfg.erase_weight)
+        self.guidance = cfg.erase_guidance
+        self.empty = encode_plain(run.pipe, [""])[0]
+
+    def before(self, run: Any, step: Any) -> None:
+        b = len(step.batch)
+        empty = self.empty.embeds.to(run.device).expand(b, -1, -1)
+        uncond = run.predict(step.noisy, step.t, empty, run.cond([self.empty] * b), base=True)
+        self.target = uncond
+        if self.guidance > 0:
+            asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
+            self.target = uncond - self.guidance * (asked - uncond)
+
+    def loss(self, run: Any, step: Any) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(step.own.float(), self.target.float())
+
+
 class Hold(Term):
     """Training on top of patches: their concepts held to what the patched model draws."""
 
