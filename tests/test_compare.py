@@ -68,7 +68,7 @@ def test_a_comparison_on_the_embedded_model_writes_and_resumes(tmp_path):
     for row in rows:
         assert row["target"] == "star" and row["g_before"] is not None
         assert row["i_after"] is not None and row["patch_bytes"] > 0
-        parts = [row[k] for k in ("g_after", "i_after", "e_after", "p_after")]
+        parts = [row[k] for k in ("g_after", "i_after", "e_after", "p_after", "a_after")]
         assert row["m_score"] == max(parts)
     # A token-row patch only hides the word: the base text encoder gets the concept back as the
     # base model draws it (same seeds), and the M-Score says so.
@@ -102,5 +102,5 @@ def test_attacks_encoder_view_and_paraphrases():
     found = paraphrases(star, exclude=("a star",))
     assert found and "a photo of a star" not in found and "a star" not in found
     assert any("STAR" in p for p in found) and any("in striped style" in p for p in found)
-    with pytest.raises(FmnError, match="unknown attack 'magic'.*inversion"):
+    with pytest.raises(FmnError, match="unknown attack 'magic'.*adversarial"):
         check(["magic"])

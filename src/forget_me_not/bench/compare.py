@@ -4,8 +4,10 @@ judge, in one leaderboard.
 Each entry is a recipe (trained here, per target group) or a patch file (scored as it is). The
 base model is scored once; each run is then scored with its patch applied: G of every concept,
 and the attacks on its targets: inversion I (anchors from the concept's references or the base
-model's samples), the base text encoder E, unseen paraphrases P. M = max(G, I, E, P); retention
-is G_after / G_before of every other concept. Each run's row is written to `runs/` as soon as
+model's samples), the base text encoder E, unseen paraphrases P, the adversarial prompt search
+A. M = max(G, I, E, P, A); retention is G_after / G_before of every other concept, and image
+quality the KID of every other concept's samples to fresh renders on the judge's features,
+against the base model's run-to-run spread. Each run's row is written to `runs/` as soon as
 it is done, so an interrupted comparison resumes.
 """
 
@@ -20,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from forget_me_not.attacks import encoder_view, paraphrases
 from forget_me_not.errors import FmnError
 
 KEEP = 0.95  # retention min an entry needs to be ranked as a forgetting that costs little
@@ -142,6 +143,7 @@ def run_compare(model: Any, specs: Sequence[str], suite_name: str, targets: str,
     judges = build_judges(suite, main, device=device)
     scorer = _Scorer(pipe, suite, main, judges, settings, progress)
     base = scorer.score(set())
+    quality = scorer.quality_base(base)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fmn_compare_") as tmp:
         forgettable, scored = scorer.with_references(base, Path(tmp))
@@ -158,22 +160,13 @@ def run_compare(model: Any, specs: Sequence[str], suite_name: str, targets: str,
                 names = group or [c["name"] for c in patch.metadata.get("concepts", [])]
                 patch.apply(pipe)
                 try:
-                    after = scorer.score(set(names), scored)
-                    worded = scorer.score(set(), scored, only=names, prompts={
-                        n: paraphrases(scored[n], exclude=tuple(forgettable[n].prompts()))
-                        for n in names})
+                    after = scorer.score(set(names), scored, keep=quality is not None)
                 finally:
                     patch.remove(pipe)
-                unet_only = encoder_view(patch)
-                if unet_only is not None:
-                    unet_only.apply(pipe)
-                try:
-                    encoded = scorer.score(set(), scored, only=names)
-                finally:
-                    if unet_only is not None:
-                        unet_only.remove(pipe)
-                attacks = {"encoder": _rate(encoded), "prompts": _rate(worded)}
+                attacks = scorer.attacks(patch, names, scored, forgettable)
                 row = _row(entry, patch, names, base, after, seconds, peak, size, attacks)
+                if quality is not None:
+                    row.update(scorer.quality_after(quality, after, names))
                 cached.write_text(json.dumps(row, indent=1, default=str))
                 rows.append(row)
     ranked = rank(rows, KEEP)
@@ -195,7 +188,7 @@ class _Scorer:
             self.settings["guidance"] = default_guidance(pipe)
 
     def score(self, targets: set[str], concepts: dict | None = None, only: list | None = None,
-              prompts: dict | None = None):
+              prompts: dict | None = None, keep: bool = False, seed: int | None = None):
         """G of every concept (of `only` when given), I for `targets`; `prompts` by name
         replace a concept's own."""
         from forget_me_not.evaluate import evaluate_suite
@@ -208,11 +201,65 @@ class _Scorer:
         own.update({e.key: list(prompts[e.concept.name]) for e in entries
                     if prompts and e.concept.name in prompts})
         return evaluate_suite(
-            self.pipe, [], chosen, self.judges, n=s["n"], seed=s["seed"], steps=s["steps"],
+            self.pipe, [], chosen, self.judges, n=s["n"], seed=s["seed"] if seed is None else seed,
+            steps=s["steps"],
             guidance=s["guidance"], batch_size=s["batch_size"], inversion=keys or "none",
             budget=s["budget"], num_tokens=s["num_tokens"], lr=s["lr"],
             init_words=s["init_words"], max_anchors=s["max_anchors"], targets=targets,
-            prompts=own, keep_images=not targets and only is None, progress=self.progress)
+            prompts=own, keep_images=keep or (not targets and only is None),
+            progress=self.progress)
+
+    def attack_settings(self) -> Any:
+        from forget_me_not.attacks import AttackSettings
+
+        s = self.settings
+        return AttackSettings(n=s["n"], seed=s["seed"], steps=s["steps"], guidance=s["guidance"],
+                              batch_size=s["batch_size"], budget=s["budget"],
+                              num_tokens=s["num_tokens"], lr=s["lr"], init_words=s["init_words"],
+                              max_anchors=s["max_anchors"])
+
+    def attacks(self, patch: Any, names: list[str], scored: dict, trained: dict
+                ) -> dict[str, dict[str, Any]]:
+        """E, P and A on each target (I comes with the scoring): {attack: {"rate", ...}}, the
+        highest rate over the targets."""
+        from forget_me_not import attacks
+
+        settings = self.attack_settings()
+        by_name = {e.concept.name: e.key for e in self.entries}
+        out: dict[str, dict[str, Any]] = {}
+        for attack in ("encoder", "prompts", "adversarial"):
+            for name in names:
+                extra = {"exclude": tuple(trained[name].prompts())} if attack == "prompts" else {}
+                found = attacks.run(attack, self.pipe, [patch], scored[name],
+                                    self.judges[by_name[name]], settings,
+                                    progress=self.progress, **extra)
+                if attack not in out or found.rate > out[attack]["rate"]:
+                    out[attack] = {"rate": found.rate, "concept": name, **found.detail}
+        return out
+
+    def quality_base(self, base) -> dict | None:
+        """KID of every concept on the base model at two seed ranges (its run-to-run spread),
+        when the judges expose features; None otherwise."""
+        from forget_me_not import quality
+
+        if not all(hasattr(j, "features") for j in self.judges.values()):
+            return None
+        judge = next(iter(self.judges.values()))
+        names = [e.concept.name for e in self.entries]
+        refs = quality.references(names, max(32, self.settings["n"]))
+        again = self.score(set(), seed=self.settings["seed"] + 50_000, keep=True)
+        first = quality.distances(judge, _images(base), refs)
+        second = quality.distances(judge, _images(again), refs)
+        return {"judge": judge, "refs": refs, "base": first, "spread_by": second}
+
+    def quality_after(self, q: dict, after, names: list[str]) -> dict[str, Any]:
+        from forget_me_not import quality
+
+        now = quality.distances(q["judge"], _images(after), q["refs"])
+        worst, grown = quality.worst_change(now, q["base"], skip=names)
+        return {"kid_worst": worst, "kid_change": grown,
+                "kid_spread": quality.spread(q["base"], q["spread_by"], skip=names),
+                "kid_targets": {n: now.get(n) for n in names}}
 
     def with_references(self, base, folder: Path) -> tuple[dict, dict]:
         """Per concept name: the concept to train on (as `fmn forget` would: world renders and
@@ -240,13 +287,13 @@ class _Scorer:
         return train, score
 
 
-def _rate(result) -> float:
-    """The highest G among a scoring's concepts (the targets' recovery)."""
-    return max(c.before.g.rate for c in result.concepts)
+def _images(result) -> dict[str, list]:
+    """Each concept's G samples of a scoring (its 'before' phase), by name."""
+    return {c.concept.name: list(c.before.g.images) for c in result.concepts}
 
 
 def _row(entry: Entry, patch, names: list[str], base, after, seconds, peak, size,
-         attacks: dict[str, float]) -> dict:
+         attacks: dict[str, dict[str, Any]]) -> dict:
     before = {c.key: c.before for c in base.concepts}
     now = {c.key: c.before for c in after.concepts}
     by_name = {c.key: c.concept.name for c in base.concepts}
@@ -263,9 +310,11 @@ def _row(entry: Entry, patch, names: list[str], base, after, seconds, peak, size
         "target": "+".join(names),
         "g_after": g,
         "i_after": max(inv) if inv else None,
-        "e_after": attacks["encoder"],
-        "p_after": attacks["prompts"],
-        "m_score": max([g, *inv, *attacks.values()]),
+        "e_after": attacks["encoder"]["rate"],
+        "p_after": attacks["prompts"]["rate"],
+        "a_after": attacks["adversarial"]["rate"],
+        "a_tokens": attacks["adversarial"].get("tokens"),
+        "m_score": max([g, *inv, *(a["rate"] for a in attacks.values())]),
         "g_before": max(before[k].g.rate for k in targets),
         "retention_min": min(kept.values()) if kept else None,
         "retention_mean": sum(kept.values()) / len(kept) if kept else None,

@@ -15,9 +15,10 @@ from forget_me_not.files import write_atomic
 COLUMNS = (
     ("entry", "entry"), ("method", "method"), ("target", "target"), ("g_before", "G before"),
     ("g_after", "G after"), ("i_after", "I after"), ("e_after", "E after"),
-    ("p_after", "P after"), ("m_score", "M-Score"),
+    ("p_after", "P after"), ("a_after", "A after"), ("m_score", "M-Score"),
     ("retention_min", "retention min"), ("retention_mean", "retention mean"),
-    ("below", "below 0.9"), ("forget_seconds", "forget s"), ("peak_mb", "peak MB"),
+    ("below", "below 0.9"), ("kid_change", "KID change"), ("kid_spread", "KID spread"),
+    ("kid_worst", "KID worst"), ("forget_seconds", "forget s"), ("peak_mb", "peak MB"),
     ("patch_bytes", "patch bytes"),
 )
 
@@ -41,8 +42,10 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key == "below":
         return ", ".join(value) or "-"
-    if key in ("g_before", "g_after", "i_after", "e_after", "p_after", "m_score"):
+    if key in ("g_before", "g_after", "i_after", "e_after", "p_after", "a_after", "m_score"):
         return f"{100 * value:.0f}%"
+    if key in ("kid_change", "kid_spread"):
+        return f"{value:+.3f}" if key == "kid_change" else f"{value:.3f}"
     if key.startswith("retention"):
         return f"{value:.2f}"
     if key in ("forget_seconds", "peak_mb"):
@@ -55,8 +58,10 @@ def markdown(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     lines = [f"# Leaderboard: suite {info.get('suite')}, {info.get('n')} samples per concept, "
              f"seed {info.get('seed')}, inversion budget {info.get('budget')}", "",
              f"Ranked per target: retention min >= {info.get('keep')} first, then the lowest "
-             "M-Score = max(G, I, E, P): G the prompts, I textual inversion, E the base text "
-             "encoder with the patched UNet, P unseen paraphrases.", "", head,
+             "M-Score = max(G, I, E, P, A): G the prompts, I textual inversion, E the base text "
+             "encoder with the patched UNet, P unseen paraphrases, A the adversarial prompt "
+             "search. KID change: the largest growth of an other concept's KID to fresh renders "
+             "(judge features), beside the base model's run-to-run spread.", "", head,
              "|" + "---|" * (len(COLUMNS) + 1)]
     for row in rows:
         cells = [str(row["rank"])] + [_cell(k, row.get(k)) for k, _ in COLUMNS]
@@ -100,7 +105,7 @@ def html_page(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}</style></head><body>"
             f"<h1>{title}</h1><p>Ranked per target: retention min &ge; {info.get('keep')} first,"
-            " then the lowest M-Score = max(G, I, E, P).</p><img src='leaderboard.png' "
+            " then the lowest M-Score = max(G, I, E, P, A).</p><img src='leaderboard.png' "
             f"alt='M-Score and retention per entry'><table><tr><th>rank</th>{head}</tr>{body}"
             "</table></body></html>\n")
 
