@@ -111,3 +111,34 @@ def test_bad_attack_input_is_named():
         from forget_me_not.attacks.base import anchors_for
 
         anchors_for(STAR, 4, None)
+
+
+def test_cli_attack_writes_every_part_and_refuses_bad_input(world_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from forget_me_not.cli.main import app
+    from forget_me_not.methods.token_rows.train import train
+    from forget_me_not.models import load_pipeline
+    from tiny_pipelines import fmn_config
+
+    pipe = load_pipeline(str(world_dir))
+    rows = train(pipe, [STAR], fmn_config(train="tokens", steps=2, reference="noise"))
+    patch = rows.save(tmp_path / "rows.safetensors")
+    runner = CliRunner()
+    common = ["attack", "--model", str(world_dir), "--concept", "star", "--n", "2",
+              "--steps", "2", "--budget", "2"]
+    out = tmp_path / "attack"
+    result = runner.invoke(app, [*common, "--patch", str(patch), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "attack.json").read_text())
+    assert set(data["attacks"]) == {"inversion", "encoder", "prompts", "adversarial"}
+    parts = [data["g"], *(a["rate"] for a in data["attacks"].values())]
+    assert data["m_score"] == max(parts) and "M-Score" in result.output
+    assert (out / "adversarial.png").stat().st_size > 0
+    for extra, message in ((["--attack", "magic"], "unknown attack 'magic'"),
+                           (["--budget", "0"], "--budget"),
+                           (["--attack", "encoder"], "--patch")):
+        bad = runner.invoke(app, [*common, *extra])
+        assert bad.exit_code == 2 and message in bad.output, bad.output

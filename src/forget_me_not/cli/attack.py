@@ -51,11 +51,15 @@ def attack(
     from forget_me_not.models import load_pipeline
     from forget_me_not.report import check_out_dir
 
+    for flag, value in (("--n", n), ("--steps", steps), ("--budget", budget),
+                        ("--tokens", tokens)):
+        opt.require_positive(flag, value)
     names = check(attack_names or list(ATTACKS))
     if "encoder" in (attack_names or []) and not patch:
         raise FmnError("the encoder attack needs the base model and the forgetting apart: pass the "
                        "base model as --model and the forgetting as --patch")
-    suite = load_suite("world" if model == "embedded" else "conceptbench")
+    world = model == "embedded" or (Path(model) / "conceptworld.json").is_file()
+    suite = load_suite("world" if world else "conceptbench")
     entry = resolve_entry(suite, concept, None, None)
     defaults = suite.settings(n=n, seed=seed, steps=steps, budget=budget)
     settings = AttackSettings(n=defaults["n"], seed=defaults["seed"],

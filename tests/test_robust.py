@@ -1,0 +1,48 @@
+"""FMN's robust mode (adversarial re-steering) and the erase term on a tiny pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forget_me_not.concepts import Concept
+from forget_me_not.errors import FmnError
+from tiny_pipelines import fmn_config, make_tiny_pipeline, train_any, unet_probe
+
+
+def _cfg(**kw):
+    return fmn_config(**{"steps": 4, "reference": "noise", "lr": 1e-2, "lora_rank": 2, **kw})
+
+
+def test_adversarial_resteering_trains_against_a_learnt_token_and_leaves_no_token():
+    pipe = make_tiny_pipeline("sd1")
+    vocab = len(pipe.tokenizer)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    probe = unet_probe(pipe)
+    plain = train_any(pipe, [Concept("star")], _cfg())
+    robust = train_any(pipe, [Concept("star")], _cfg(adversarial_every=2, adversarial_steps=2))
+    assert len(pipe.tokenizer) == vocab and "<fmn-adv0>" not in pipe.tokenizer.get_vocab()
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight, table,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(unet_probe(pipe), probe, rtol=0, atol=0)  # UNet put back
+    # The adversary's rows joined the batch: the run is not the plain one.
+    assert any(not torch.equal(robust.tensors[k], plain.tensors[k]) for k in plain.tensors)
+
+
+def test_the_erase_term_is_logged_and_changes_the_patch():
+    pipe = make_tiny_pipeline("sd1")
+    plain = train_any(pipe, [Concept("star")], _cfg())
+    erased = train_any(pipe, [Concept("star")], _cfg(erase_weight=1.0, erase_guidance=1.0))
+    assert len(erased.metadata["term_losses"]["erase"]) == 4
+    assert "erase" not in plain.metadata["term_losses"]
+    assert any(not torch.equal(erased.tensors[k], plain.tensors[k]) for k in plain.tensors)
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("adversarial_every", -1, "adversarial_every must be an integer >= 0"),
+    ("adversarial_steps", 0, "adversarial_steps must be an integer >= 1"),
+    ("erase_weight", -1.0, "erase_weight"),
+])
+def test_bad_robust_settings_are_named(key, value, match):
+    with pytest.raises(FmnError, match=match):
+        fmn_config(**{key: value})
