@@ -1,0 +1,67 @@
+"""One recipe (with --set overrides) on one ConceptWorld target under every attack, quickly:
+what the robust-mode trials in BENCHMARKS.md ("Robust mode") were measured with.
+
+Forgets the target with the recipe, scores every world concept before and after (16 samples,
+seeds 1000+), runs the four attacks on the target (inversion, base encoder, paraphrases,
+adversarial search; budget 150) and prints one JSON line: G and each attack's rate, the three
+lowest retentions, the forget seconds.
+
+    python benchmarks/robust_trials.py conceptworld-robust star --threads 1 --set fmn.seed=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from forget_me_not.api import forget
+from forget_me_not.attacks import ATTACKS, AttackSettings
+from forget_me_not.attacks.report import attack_all
+from forget_me_not.evaluate import applied
+from forget_me_not.judges.world import WorldJudge
+from forget_me_not.models import load_pipeline
+from forget_me_not.presets import world_concepts
+from forget_me_not.world import concepts as wc
+from forget_me_not.world.scoring import score_concepts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("recipe")
+    p.add_argument("target", help="a world concept, or several joined by '+'")
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    targets = a.target.split("+")
+    pipe = load_pipeline("embedded")
+    with tempfile.TemporaryDirectory() as tmp:
+        concepts = world_concepts(targets, Path(tmp))
+        started = time.perf_counter()
+        patch = forget(pipe, concepts, recipe=a.recipe, sets=a.sets, progress=False)
+        seconds = time.perf_counter() - started
+        judge = WorldJudge()
+        names = [c.name for c in wc.all_concepts()]
+        base = score_concepts(pipe, judge, names, n=a.n, progress=False)
+        with applied(pipe, [patch]):
+            after = score_concepts(pipe, judge, names, n=a.n, progress=False, avoid=targets)
+        kept = {k: after[k]["rate"] / base[k]["rate"] for k in names
+                if k not in targets and base[k]["rate"] > 0}
+        row = {"recipe": a.recipe, "sets": a.sets, "target": a.target,
+               "forget_s": round(seconds, 1),
+               "lowest_retention": sorted(kept.items(), key=lambda kv: kv[1])[:3]}
+        settings = AttackSettings(n=a.n, budget=150)
+        for c in concepts:
+            r = attack_all(pipe, [patch], c, judge, list(ATTACKS), settings)
+            row[c.name] = {"G": r["g"], **{n: x.rate for n, x in r["attacks"].items()}}
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
