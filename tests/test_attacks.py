@@ -137,6 +137,11 @@ def test_cli_attack_writes_every_part_and_refuses_bad_input(world_dir, tmp_path)
     parts = [data["g"], *(a["rate"] for a in data["attacks"].values())]
     assert data["m_score"] == max(parts) and "M-Score" in result.output
     assert (out / "adversarial.png").stat().st_size > 0
+    evaluated = runner.invoke(app, ["eval", "--model", str(world_dir), "--suite", "world",
+                                    "--concept", "star", "--patch", str(patch), "--n", "2",
+                                    "--steps", "2", "--budget", "2", "--attack", "encoder"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "encoder" in evaluated.output and "M-Score" in evaluated.output
     for extra, message in ((["--attack", "magic"], "unknown attack 'magic'"),
                            (["--budget", "0"], "--budget"),
                            (["--attack", "encoder"], "--patch")):

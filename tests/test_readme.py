@@ -13,6 +13,7 @@ SMALL = {  # what each command gets added so the whole README runs in a minute
     "forget": ["--steps", "2"],
     "bench": ["--n", "1", "--budget", "1", "--concepts", "star,circle"],
     "generate": ["--n", "1", "--steps", "2"],
+    "attack": ["--n", "1", "--steps", "2", "--budget", "2"],
 }
 LONG_RUNNING = {"serve"}  # covered by tests/test_serve.py
 

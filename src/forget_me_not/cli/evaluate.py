@@ -64,6 +64,9 @@ def evaluate(
     no_inversion: Annotated[bool, typer.Option("--no-inversion",
                                                help="Skip the inversion score (M = G).")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write a report folder here.")] = None,
+    attack_names: Annotated[list[str] | None, typer.Option(
+        "--attack", help="Also run these attacks on the patched model and print the M-Score "
+                         "over G and every one (as `fmn attack`; repeatable).")] = None,
     overwrite: Overwrite = False,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
@@ -81,6 +84,13 @@ def evaluate(
         opt.require_positive(name, value)
     if category is not None and category not in CATEGORIES:
         raise FmnError(f"unknown category '{category}'; use one of {', '.join(CATEGORIES)}")
+    if attack_names:
+        from forget_me_not.attacks import check
+
+        check(attack_names)
+        if not patch:
+            raise FmnError("--attack needs the forgetting as --patch (and the base model as "
+                           "--model)")
     base = load_suite(suite or ("world" if model == "embedded" else "conceptbench"))
     entry = resolve_entry(base, concept, category, judge)
     one = Suite(base.name, base.description, [entry], base.labels, base.defaults, base.path)
@@ -95,6 +105,12 @@ def evaluate(
         print_summary(result)
         if out is not None:
             typer.echo(f"wrote {out / 'report.html'}")
+    if attack_names and processes().is_main:
+        from forget_me_not.cli.attack import attack
+
+        attack(concept=entry.concept.name, model=model, patch=patch,
+               attack_names=attack_names, n=n, seed=seed, steps=steps, budget=budget,
+               device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
 
 
 def register(app: typer.Typer) -> None:
