@@ -16,7 +16,6 @@ REFERENCES = ("images", "self", "noise")
 PRECISIONS = ("no", "fp16", "bf16")
 PRESERVE_LATENTS = ("shared", "own")
 STEPS_PER = ("run", "concept")
-SCHEDULES = ("constant", "cosine")
 # Which positions besides the concept's own tokens are re-steered (see concepts.locate_tokens).
 EXTRA_POSITIONS = ("none", "eot", "pooler", "padding")
 TRAIN_MODES = ("lora", "xattn", "unet")
@@ -32,10 +31,7 @@ class ResteerSettings:
     steps: int = setting(35, "Optimiser steps (the official recipe: 35 in total).")
     steps_per: str = setting("run", "'run': `steps` in total; 'concept': `steps` for each "
                              "concept of a joint run.", STEPS_PER)
-    lr: float = setting(2e-6, "AdamW learning rate.")
-    lr_schedule: str = setting("constant", "'constant' (the official recipe), or 'cosine': "
-                               "decayed to 0 over the run, so the patch does not depend on "
-                               "where the last large steps happened to land.", SCHEDULES)
+    lr: float = setting(2e-6, "AdamW learning rate, constant.")
     weight_decay: float = setting(0.01, "AdamW decoupled weight decay; a larger one keeps the "
                                   "trained change small.")
     batch_size: int = setting(1, "Prompts per step.")
@@ -86,7 +82,6 @@ class ResteerSettings:
 
     def __post_init__(self) -> None:
         check_choice("steps_per", self.steps_per, STEPS_PER)
-        check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         check_choice("reference", self.reference, REFERENCES)
         check_choice("extra_positions", self.extra_positions, EXTRA_POSITIONS)
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)

@@ -172,8 +172,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             if text_keep.layers:  # no LoRA on to_k / to_v: nothing text-side to keep
                 terms.append(text_keep)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
-                    if config.lr_schedule == "cosine" else None)
         run.probes = install_probes(pipe.unet)
         bar = Progress(config.steps, label, enabled=progress)
         for number in range(config.steps):
@@ -222,8 +220,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if schedule is not None:
-                schedule.step()
             losses.append(loss.item())
             term_losses.setdefault("attention", []).append(shown["attention"])
             bar.update(loss=losses[-1], **{k: v for k, v in shown.items() if k != "attention"})
