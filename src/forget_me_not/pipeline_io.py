@@ -99,10 +99,18 @@ def added_cond(
     """SDXL's extra conditioning: pooled text embedding + (size, crop, target size) ids."""
     if batch[0].pooled is None:
         return None
-    text_embeds = torch.cat([row.pooled for row in batch]).to(device)  # (B, P)
+    return pooled_cond(torch.cat([row.pooled for row in batch]), resolution, device)
+
+
+def pooled_cond(pooled: torch.Tensor | None, resolution: int, device: torch.device
+                ) -> dict[str, torch.Tensor] | None:
+    """`added_cond` from pooled embeddings (B, P) directly (None: not SDXL)."""
+    if pooled is None:
+        return None
+    text_embeds = pooled.to(device)
     # Same ids the pipeline uses at inference for a full, uncropped image at its native size.
     ids = [resolution, resolution, 0, 0, resolution, resolution]
-    time_ids = torch.tensor([ids] * len(batch), dtype=text_embeds.dtype, device=device)
+    time_ids = torch.tensor([ids] * len(text_embeds), dtype=text_embeds.dtype, device=device)
     return {"text_embeds": text_embeds, "time_ids": time_ids}
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from forget_me_not.attacks.base import Attack, Attempt, anchors_for
 from forget_me_not.errors import FmnError
-from forget_me_not.pipeline_io import encode_images, encode_prompt, text_encoders
+from forget_me_not.pipeline_io import encode_images, encode_prompt, pooled_cond, text_encoders
 
 MARKER = "a"  # a word every CLIP tokenizer keeps as one token; its K copies are overwritten
 
@@ -151,11 +151,7 @@ def search(pipe: Any, patches: Sequence[Any], prompts: Sequence[str], pixels: to
 
     def predict(texts: Sequence[str], idx: torch.Tensor) -> torch.Tensor:
         states, pooled = encode_prompt(pipe, list(texts))
-        added = None
-        if pooled is not None:
-            ids = [resolution, resolution, 0, 0, resolution, resolution]
-            added = {"text_embeds": pooled, "time_ids": torch.tensor(
-                [ids] * len(texts), dtype=pooled.dtype, device=device)}
+        added = pooled_cond(pooled, resolution, device)
         return unet(noisy[idx], t[idx], encoder_hidden_states=states, added_cond_kwargs=added,
                     return_dict=False)[0].float()
 
