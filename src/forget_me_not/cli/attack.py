@@ -42,13 +42,27 @@ def attack(
     config: opt.Config = None,
 ) -> None:
     """Try to bring --concept back from --model with --patch applied; print the M-Score."""
+    from forget_me_not.models import load_pipeline
+
+    plan = prepare(concept, model, patch, attack_names, n=n, seed=seed, steps=steps,
+                   budget=budget, tokens=tokens, init_word=init_word, images=images, out=out,
+                   overwrite=overwrite, device=device)
+    pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                         config=config)
+    run(pipe, plan)
+
+
+def prepare(concept: str, model: str, patch: list[Path] | None, attack_names: list[str] | None,
+            *, n: int | None = None, seed: int | None = None, steps: int | None = None,
+            budget: int | None = None, tokens: int = 4, init_word: bool = False,
+            images: Path | None = None, out: Path | None = None, overwrite: bool = False,
+            device: str | None = None) -> dict:
+    """Every check of an attack run, before any model is loaded; what `run` needs."""
     from forget_me_not.attacks import ATTACKS, AttackSettings, check
-    from forget_me_not.attacks.report import attack_all, summary_lines, write_attack_report
     from forget_me_not.bench.runner import build_judges
     from forget_me_not.bench.suites import load_suite
     from forget_me_not.cli.evaluate import resolve_entry
     from forget_me_not.evaluate import load_patches
-    from forget_me_not.models import load_pipeline
     from forget_me_not.report import check_out_dir
 
     for flag, value in (("--n", n), ("--steps", steps), ("--budget", budget),
@@ -70,18 +84,26 @@ def attack(
         raise FmnError(f"--images {images} is not a folder; pass a folder of the concept's images")
     if out is not None:
         check_out_dir(out, overwrite)
-    patches = load_patches([Path(p) for p in patch or []])
-    judge = build_judges(suite, [entry], device=device)[entry.key]
-    pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                         config=config)
+    return {"names": names, "concept": entry.concept, "settings": settings, "images": images,
+            "out": out, "model": model, "patch_files": [str(p) for p in patch or []],
+            "patches": load_patches([Path(p) for p in patch or []]),
+            "judge": build_judges(suite, [entry], device=device)[entry.key]}
+
+
+def run(pipe, plan: dict) -> None:
+    """The attacks of `prepare`d run on a loaded pipeline: printed, and written when --out."""
+    from forget_me_not.attacks.report import attack_all, summary_lines, write_attack_report
+
     with tempfile.TemporaryDirectory(prefix="fmn_attack_") as tmp:
-        target = _with_images(pipe, entry.concept, images, Path(tmp))
-        result = attack_all(pipe, patches, target, judge, names, settings, progress=True)
+        target = _with_images(pipe, plan["concept"], plan["images"], Path(tmp))
+        result = attack_all(pipe, plan["patches"], target, plan["judge"], plan["names"],
+                            plan["settings"], progress=True)
         for line in summary_lines(result):
             typer.echo(line)
+        out = plan["out"]
         if out is not None:
-            write_attack_report(result, out, settings, {
-                "model": model, "patches": [str(p) for p in patch or []]})
+            write_attack_report(result, out, plan["settings"], {
+                "model": plan["model"], "patches": plan["patch_files"]})
             typer.echo(f"wrote {out / 'attack.json'}")
 
 

@@ -84,18 +84,26 @@ def evaluate(
         opt.require_positive(name, value)
     if category is not None and category not in CATEGORIES:
         raise FmnError(f"unknown category '{category}'; use one of {', '.join(CATEGORIES)}")
+    plan = None
     if attack_names:
-        from forget_me_not.attacks import check
+        from forget_me_not.cli.attack import prepare
 
-        check(attack_names)
         if not patch:
             raise FmnError("--attack needs the forgetting as --patch (and the base model as "
                            "--model)")
+        plan = prepare(concept, model, patch, attack_names, n=n, seed=seed, steps=steps,
+                       budget=budget, device=device)
     base = load_suite(suite or ("world" if model == "embedded" else "conceptbench"))
     entry = resolve_entry(base, concept, category, judge)
     one = Suite(base.name, base.description, [entry], base.labels, base.defaults, base.path)
+    pipe = model
+    if plan is not None:  # loaded once, for the scoring and the attacks
+        from forget_me_not.models import load_pipeline
+
+        pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                             config=config)
     result = run_bench(
-        model, one, None, [Path(p) for p in patch or []], out, overwrite=overwrite, n=n,
+        pipe, one, None, [Path(p) for p in patch or []], out, overwrite=overwrite, n=n,
         seed=seed, steps=steps, guidance=guidance, batch_size=batch_size,
         inversion="none" if no_inversion else "all", budget=budget, judge=judge,
         judge_model=judge_model, device=device, dtype=dtype, allow_pickle=allow_pickle,
@@ -105,12 +113,10 @@ def evaluate(
         print_summary(result)
         if out is not None:
             typer.echo(f"wrote {out / 'report.html'}")
-    if attack_names and processes().is_main:
-        from forget_me_not.cli.attack import attack
+    if plan is not None and processes().is_main:
+        from forget_me_not.cli.attack import run
 
-        attack(concept=entry.concept.name, model=model, patch=patch,
-               attack_names=attack_names, n=n, seed=seed, steps=steps, budget=budget,
-               device=device, dtype=dtype, allow_pickle=allow_pickle, config=config)
+        run(pipe, plan)
 
 
 def register(app: typer.Typer) -> None:
