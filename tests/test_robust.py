@@ -46,3 +46,46 @@ def test_the_erase_term_is_logged_and_changes_the_patch():
 def test_bad_robust_settings_are_named(key, value, match):
     with pytest.raises(FmnError, match=match):
         fmn_config(**{key: value})
+
+
+def _combo(tmp_path, sequential: bool = True, second: str = "fmn"):
+    second_cfg = ("{train: lora, lora_rank: 2, steps: 3, steps_per: run, lr: 1.0e-2, "
+                  "reference: noise, preserve_weight: 1.0, "
+                  "preserve_prompts: [a photo of a circle]}" if second == "fmn"
+                  else "{preserve_set: ''}")
+    path = tmp_path / ("combo.yaml" if sequential else "apart.yaml")
+    path.write_text(f"description: test\nsequential: {str(sequential).lower()}\nparts:\n"
+                    "  - {method: uce, config: {preserve_set: ''}}\n"
+                    f"  - {{method: {second}, config: {second_cfg}}}\n")
+    return path
+
+
+def test_a_sequential_recipe_trains_fmn_on_top_of_the_uce_edit_and_compares_with_the_base(
+        tmp_path):
+    from forget_me_not.api import forget
+
+    pipe = make_tiny_pipeline("sd1")
+    probe = unet_probe(pipe)
+    combo = forget(pipe, Concept("star"), recipe=_combo(tmp_path), progress=False)
+    apart = forget(pipe, Concept("star"), recipe=_combo(tmp_path, sequential=False),
+                   progress=False)
+    torch.testing.assert_close(unet_probe(pipe), probe, rtol=0, atol=0)  # UNet put back
+    assert combo.metadata["method"] == "uce+fmn" and combo.kind == "lora"
+    uce_part, fmn_part = combo.metadata["recipe_parts"]
+    # The FMN part switched the UCE adapter off for its base-model targets ...
+    assert any(name.startswith("uce") for name in fmn_part["settings"]["compare_without"])
+    assert not apart.metadata["recipe_parts"][1]["settings"]["compare_without"]
+    # ... and, trained beside it, learnt something else than it does on the base model.
+    assert uce_part["losses"] == apart.metadata["recipe_parts"][0]["losses"]
+    assert fmn_part["losses"] != apart.metadata["recipe_parts"][1]["losses"]
+
+
+def test_a_sequential_recipe_needs_a_later_fmn_lora_part(tmp_path):
+    from forget_me_not import recipes
+
+    with pytest.raises(FmnError, match=r"parts\[1\] follows earlier parts"):
+        recipes.load(_combo(tmp_path, second="uce"))
+    one = tmp_path / "one.yaml"
+    one.write_text("sequential: true\nparts:\n  - {method: uce}\n")
+    with pytest.raises(FmnError, match="at least two parts"):
+        recipes.load(one)

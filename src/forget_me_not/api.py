@@ -95,7 +95,9 @@ def forget(
     items, inverted = _inversion_stage(pipe, items, chosen, progress)
     apart = chosen.separately if separately is None else separately
     groups = [[c] for c in items] if apart and len(items) > 1 else [items]
-    done = [_train_parts(pipe, group, parts, list(on_top_of), progress) for group in groups]
+    sequential = chosen.sequential and not on_top_of  # on top of patches: the LoRA part alone
+    done = [_train_parts(pipe, group, parts, list(on_top_of), progress, sequential)
+            for group in groups]
     patch = done[0] if len(done) == 1 else _stacked(done, items)
     patch.metadata["recipe"] = chosen.name
     patch.metadata["recipe_file"] = chosen.path
@@ -159,13 +161,20 @@ def _inversion_stage(pipe: Any, items: list[Concept], chosen: recipes.Recipe,
 
 
 def _train_parts(pipe: Any, items: list[Concept], parts: list, earlier: list[Patch],
-                 progress: bool) -> Patch:
-    """Each part trained on the base model (with `earlier` applied), scaled, then combined."""
+                 progress: bool, sequential: bool = False) -> Patch:
+    """Each part trained on the base model (with `earlier` applied), scaled, then combined;
+    `sequential`: each part also with the parts before it applied."""
     trained = []
     for part, cfg in parts:
+        below = list(earlier)
         if earlier:
             cfg = _on_top_config(cfg, earlier, items)
-        patch = _with_applied(pipe, earlier, lambda c=cfg, p=part: methods.get(p.method).train(
+        if sequential and trained:
+            below += _after_parts(cfg, [p for _, p in trained])
+            # its retention terms compare with the base model, not the model the parts made
+            cfg = dataclasses.replace(cfg, compare_without=(
+                *cfg.compare_without, *(p.name for p in below)))
+        patch = _with_applied(pipe, below, lambda c=cfg, p=part: methods.get(p.method).train(
             pipe, items, c, progress=progress))
         if earlier:
             patch.metadata["trained_on_top_of"] = [p.name for p in earlier]
@@ -174,6 +183,21 @@ def _train_parts(pipe: Any, items: list[Concept], parts: list, earlier: list[Pat
         scaled.metadata.pop("strength", None)  # the part's share is recorded as its scale
         trained.append((part, scaled))
     return _combined(trained)
+
+
+def _after_parts(cfg: Any, done: list[Patch]) -> list[Patch]:
+    """The earlier parts of a sequential recipe, checked: a later part switches them off by
+    adapter name to compare with the base model, which only LoRAs have."""
+    odd = next((p for p in done if p.kind != "lora" or p.has_rows), None)
+    if odd is not None:
+        raise FmnError(f"a sequential recipe's later parts train on top of LoRA parts, but part "
+                       f"{odd.metadata.get('method')} made a {odd.kind} patch: set its output to "
+                       "lora")
+    names = [p.name for p in done]
+    if len(set(names)) != len(names) or getattr(cfg, "compare_without", None) is None:
+        raise FmnError("a sequential recipe's parts need distinct LoRA names and a later fmn "
+                       "part: reorder the parts")
+    return done
 
 
 def _on_top_config(cfg: Any, earlier: list[Patch], items: list[Concept]) -> Any:

@@ -23,9 +23,11 @@ def attack_all(pipe: Any, patches: Sequence[Any], concept: Any, judge: Any,
     gen = settings.generation()
     base = recognition_score(pipe, concept, judge, concept.prompts(), gen,
                              desc=f"G {concept.name} (base)", progress=progress)
-    with applied(pipe, patches):
-        after = recognition_score(pipe, concept, judge, concept.prompts(), gen,
-                                  desc=f"G {concept.name}", progress=progress)
+    after = base  # no patches: the model under test is the base model, same seeds
+    if patches:
+        with applied(pipe, patches):
+            after = recognition_score(pipe, concept, judge, concept.prompts(), gen,
+                                      desc=f"G {concept.name}", progress=progress)
     attempts = {n: run(n, pipe, patches, concept, judge, settings, base=base, progress=progress)
                 for n in names}
     parts = {"generation": after.rate, **{n: a.rate for n, a in attempts.items()}}

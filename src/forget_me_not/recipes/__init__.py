@@ -20,8 +20,8 @@ from forget_me_not.errors import FmnError
 from forget_me_not.settings import build, check_number, parse_pair
 
 HERE = Path(__file__).parent
-RECIPE_KEYS = ("description", "families", "needs_images", "separately", "inversion", "parts",
-               "departs")
+RECIPE_KEYS = ("description", "families", "needs_images", "separately", "sequential",
+               "inversion", "parts", "departs")
 PART_KEYS = ("method", "recipe", "config", "anchored", "scale")
 INVERSION_KEYS = ("num_tokens", "init", "init_sigma", "lr", "steps", "weight_decay",
                   "norm_target", "flip_p")
@@ -44,6 +44,7 @@ class Recipe:
     families: tuple[str, ...] = ()  # () = written for any family
     needs_images: bool = False
     separately: bool = False  # several concepts: one run each, patches stacked
+    sequential: bool = False  # each part trains on the model with the parts before it applied
     inversion: dict[str, Any] | None = None  # the textual-inversion first stage, with images
     departs: str = ""  # how it departs from the official recipe, and why
     path: str = ""
@@ -133,12 +134,28 @@ def _parse(data: Any, path: Path) -> Recipe:
     if inversion is not None:
         if not isinstance(inversion, dict) or any(k not in INVERSION_KEYS for k in inversion):
             raise FmnError(f"{where}: inversion takes {', '.join(INVERSION_KEYS)}")
-    for key in ("needs_images", "separately"):
+    for key in ("needs_images", "separately", "sequential"):
         if not isinstance(data.get(key, False), bool):
             raise FmnError(f"{where}: {key} must be true or false")
+    sequential = bool(data.get("sequential", False))
+    if sequential:
+        _check_sequential(parts, where)
     return Recipe(path.stem, str(data.get("description", "")), parts, tuple(families),
                   bool(data.get("needs_images", False)), bool(data.get("separately", False)),
-                  inversion, str(data.get("departs", "")), where)
+                  sequential, inversion, str(data.get("departs", "")), where)
+
+
+def _check_sequential(parts: tuple[Part, ...], where: str) -> None:
+    """A later part trains beside the earlier parts' adapters and compares with the model
+    without them, so it must be a LoRA that can (fmn, train: lora) and there must be two."""
+    if len(parts) < 2:
+        raise FmnError(f"{where}: sequential needs at least two parts")
+    for i, part in enumerate(parts[1:], start=1):
+        if not hasattr(part.config, "compare_without") or \
+                getattr(part.config, "train", None) != "lora":
+            raise FmnError(f"{where}: parts[{i}] follows earlier parts (sequential), which only "
+                           "an fmn part with train: lora can; reorder the parts or drop "
+                           "sequential")
 
 
 def _part(raw: Any, where: str) -> Part:
