@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from forget_me_not.bench.compare import parse_entries, parse_targets, run_compare
-from forget_me_not.bench.leaderboard import rank
+from forget_me_not.bench.leaderboard import choice, overall, rank
 from forget_me_not.cli.main import app
 from forget_me_not.errors import FmnError
 
@@ -33,6 +33,26 @@ def test_rank_puts_kept_entries_first_then_the_lowest_m_score():
             {"target": "t", "entry": "b", "m_score": 0.3, "retention_min": 0.99},
             {"target": "t", "entry": "c", "m_score": 0.1, "retention_min": 0.97}]
     assert [r["entry"] for r in rank(rows, 0.95)] == ["c", "b", "a"]
+
+
+def _row(entry, method, target, m, kept):
+    return {"entry": entry, "method": method, "target": target, "m_score": m,
+            "retention_min": kept}
+
+
+def test_the_default_rule_prefers_removal_then_retention_everywhere_then_the_lowest_mean_m():
+    rows = [_row("rows", "token_rows", t, 0.9, 1.0) for t in ("a", "b")]
+    rows += [_row("lora", "fmn", "a", 0.1, 0.96), _row("lora", "fmn", "b", 0.3, 0.97)]
+    rows += [_row("uce", "uce", "a", 0.0, 0.99), _row("uce", "uce", "b", 0.1, 0.5)]
+    rows += [_row("both", "uce+fmn", "a", 0.4, 0.98), _row("both", "uce+fmn", "b", 0.4, 0.95)]
+    summary = overall(rows, 0.95)
+    assert [o["entry"] for o in summary] == ["lora", "both", "uce", "rows"]
+    assert summary[0]["m_mean"] == pytest.approx(0.2) and summary[2]["kept_targets"] == 1
+    assert not summary[-1]["removes"] and summary[1]["removes"]
+    assert choice(summary, 0.95).startswith("Choice: lora")
+    hurt = [r if r["entry"] != "lora" and r["entry"] != "both" else {**r, "retention_min": 0.2}
+            for r in rows]
+    assert choice(overall(hurt, 0.95), 0.95).endswith("uce (5%, worst retention min 0.50).")
 
 
 def test_cli_compare_refuses_bad_input_before_loading(tmp_path):

@@ -37,6 +37,54 @@ def rank(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]:
     return out
 
 
+def overall(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]:
+    """Per entry over its targets: mean and worst M-Score, worst retention min, how many
+    targets keep every other concept >= `keep`; ordered as the default is chosen: entries that
+    remove the concept from the UNet first, then those that keep on every target, then the
+    lowest mean M-Score."""
+    from forget_me_not import methods
+
+    out = []
+    for entry in dict.fromkeys(r["entry"] for r in rows):
+        mine = [r for r in rows if r["entry"] == entry]
+        scores = [r["m_score"] for r in mine]
+        kept = [r["retention_min"] or 0.0 for r in mine]
+        parts = str(mine[0]["method"]).split("+")
+        out.append({
+            "entry": entry, "method": mine[0]["method"], "targets": len(mine),
+            "m_mean": sum(scores) / len(scores), "m_worst": max(scores),
+            "retention_worst": min(kept), "kept_targets": sum(k >= keep for k in kept),
+            "removes": all(m not in methods.names() or methods.get(m).removes_from_unet
+                           for m in parts)})
+    out.sort(key=lambda o: (not o["removes"], o["kept_targets"] < o["targets"], o["m_mean"]))
+    return out
+
+
+def choice(summary: Sequence[dict[str, Any]], keep: float) -> str:
+    """The default rule in one sentence, with the entry it picks."""
+    removing = [o for o in summary if o["removes"]]
+    if not removing:
+        return "No entry removes the concept from the UNet."
+    first = removing[0]
+    if first["kept_targets"] == first["targets"]:
+        return (f"Choice: {first['entry']} (lowest mean M-Score {first['m_mean']:.0%} among the "
+                f"entries that remove the concept from the UNet with retention min >= {keep} "
+                "on every target).")
+    return (f"No entry that removes the concept from the UNet keeps retention min >= {keep} on "
+            f"every target; the lowest mean M-Score among them: {first['entry']} "
+            f"({first['m_mean']:.0%}, worst retention min {first['retention_worst']:.2f}).")
+
+
+def overall_markdown(summary: Sequence[dict[str, Any]], keep: float) -> list[str]:
+    lines = ["", f"## Over all targets (retention kept: min >= {keep})", "",
+             "| entry | method | removes from UNet | targets | mean M | worst M | "
+             "worst retention min | targets kept |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {o['entry']} | {o['method']} | {'yes' if o['removes'] else 'no (hides)'} | "
+              f"{o['targets']} | {o['m_mean']:.0%} | {o['m_worst']:.0%} | "
+              f"{o['retention_worst']:.2f} | {o['kept_targets']} |" for o in summary]
+    return [*lines, "", choice(summary, keep)]
+
+
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
@@ -66,6 +114,7 @@ def markdown(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     for row in rows:
         cells = [str(row["rank"])] + [_cell(k, row.get(k)) for k, _ in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += overall_markdown(overall(rows, info.get("keep", 0.95)), info.get("keep", 0.95))
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +149,13 @@ def html_page(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
         "<tr><td>" + str(r["rank"]) + "</td>"
         + "".join(f"<td>{html.escape(_cell(k, r.get(k)))}</td>" for k, _ in COLUMNS) + "</tr>"
         for r in rows)
+    keep = info.get("keep", 0.95)
+    summary = overall(rows, keep)
+    over = "".join(
+        f"<tr><td>{html.escape(o['entry'])}</td><td>{html.escape(str(o['method']))}</td>"
+        f"<td>{'yes' if o['removes'] else 'no (hides)'}</td><td>{o['targets']}</td>"
+        f"<td>{o['m_mean']:.0%}</td><td>{o['m_worst']:.0%}</td>"
+        f"<td>{o['retention_worst']:.2f}</td><td>{o['kept_targets']}</td></tr>" for o in summary)
     title = html.escape(f"Leaderboard: {info.get('suite')} ({info.get('n')} samples)")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -107,7 +163,10 @@ def html_page(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
             f"<h1>{title}</h1><p>Ranked per target: retention min &ge; {info.get('keep')} first,"
             " then the lowest M-Score = max(G, I, E, P, A).</p><img src='leaderboard.png' "
             f"alt='M-Score and retention per entry'><table><tr><th>rank</th>{head}</tr>{body}"
-            "</table></body></html>\n")
+            "</table><h2>Over all targets</h2><table><tr><th>entry</th><th>method</th>"
+            "<th>removes from UNet</th><th>targets</th><th>mean M</th><th>worst M</th>"
+            f"<th>worst retention min</th><th>targets kept</th></tr>{over}</table>"
+            f"<p>{html.escape(choice(summary, keep))}</p></body></html>\n")
 
 
 def write_leaderboard(rows: Sequence[dict[str, Any]], out: Path, info: dict[str, Any]) -> None:
@@ -119,7 +178,8 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], out: Path, info: dict[str,
         writer.writerow([r["rank"], *(";".join(r[k]) if k == "below" else r.get(k)
                                       for k, _ in COLUMNS)])
     files = {
-        "leaderboard.json": json.dumps({"info": info, "rows": list(rows)}, indent=1).encode(),
+        "leaderboard.json": json.dumps({"info": info, "rows": list(rows), "overall": overall(
+            rows, info.get("keep", 0.95))}, indent=1).encode(),
         "leaderboard.csv": buffer.getvalue().encode(),
         "leaderboard.md": markdown(rows, info).encode(),
         "leaderboard.png": plot_png(rows),
