@@ -186,13 +186,26 @@ def _train_parts(pipe: Any, items: list[Concept], parts: list, earlier: list[Pat
 
 
 def _after_parts(cfg: Any, done: list[Patch]) -> list[Patch]:
-    """The earlier parts of a sequential recipe, checked: a later part switches them off by
-    adapter name to compare with the base model, which only LoRAs have."""
-    odd = next((p for p in done if p.kind != "lora" or p.has_rows), None)
-    if odd is not None:
-        raise FmnError(f"a sequential recipe's later parts train on top of LoRA parts, but part "
-                       f"{odd.metadata.get('method')} made a {odd.kind} patch: set its output to "
-                       "lora")
+    """The earlier parts of a sequential recipe as LoRAs: a later part switches them off by
+    adapter name to compare with the base model. A weight delta becomes a LoRA of full rank,
+    which is exact (UCE stores one when its edit's rank reaches a weight's width)."""
+    from forget_me_not.patch.ops import extract_lora
+
+    out = []
+    for p in done:
+        if p.kind == "delta" and not p.has_rows:
+            full = max(min(t.shape) for t in p.unet_tensors.values() if t.ndim == 2)
+            lora = extract_lora(p, full)
+            if lora.metadata["extraction"]["dropped"] or \
+                    lora.metadata["extraction"]["overall_relative_error"] > 1e-4:
+                lora = None
+            p = lora or p
+        if p.kind != "lora" or p.has_rows:
+            raise FmnError(f"a sequential recipe's later parts train on top of LoRA parts, but "
+                           f"part {p.metadata.get('method')} made a {p.kind} patch that no LoRA "
+                           "carries exactly: put that part last")
+        out.append(p)
+    done = out
     names = [p.name for p in done]
     if len(set(names)) != len(names) or getattr(cfg, "compare_without", None) is None:
         raise FmnError("a sequential recipe's parts need distinct LoRA names and a later fmn "
@@ -241,6 +254,9 @@ def _combined(trained: list) -> Patch:
                       first.lora_config, first.name)
     else:
         patch = stack_patches(patches)
+        named = {c["name"]: c for c in patch.metadata["concepts"]}  # each part forgot them all
+        patch.metadata.update({"concepts": list(named.values()),
+                               "losses": list(trained[-1][1].metadata["losses"])})
     patch.metadata.update({
         "method": "+".join(r["method"] for r in records),
         "recipe_parts": records,
