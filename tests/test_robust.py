@@ -48,14 +48,14 @@ def test_bad_robust_settings_are_named(key, value, match):
         fmn_config(**{key: value})
 
 
-def _combo(tmp_path, sequential: bool = True, second: str = "fmn"):
+def _combo(tmp_path, sequential: bool = True, second: str = "fmn", first: str = "preserve_set: ''"):
     second_cfg = ("{train: lora, lora_rank: 2, steps: 3, steps_per: run, lr: 1.0e-2, "
                   "reference: noise, preserve_weight: 1.0, "
                   "preserve_prompts: [a photo of a circle]}" if second == "fmn"
                   else "{preserve_set: ''}")
     path = tmp_path / ("combo.yaml" if sequential else "apart.yaml")
     path.write_text(f"description: test\nsequential: {str(sequential).lower()}\nparts:\n"
-                    "  - {method: uce, config: {preserve_set: ''}}\n"
+                    f"  - {{method: uce, config: {{{first}}}}}\n"
                     f"  - {{method: {second}, config: {second_cfg}}}\n")
     return path
 
@@ -78,6 +78,24 @@ def test_a_sequential_recipe_trains_fmn_on_top_of_the_uce_edit_and_compares_with
     # ... and, trained beside it, learnt something else than it does on the base model.
     assert uce_part["losses"] == apart.metadata["recipe_parts"][0]["losses"]
     assert fmn_part["losses"] != apart.metadata["recipe_parts"][1]["losses"]
+
+
+def test_a_uce_delta_is_carried_as_an_exact_lora_for_the_part_after_it(tmp_path):
+    from forget_me_not.api import forget
+
+    pipe = make_tiny_pipeline("sd1")
+    wide = "preserve_set: '', states: tail, expand_prompts: true"  # rank reaches the width
+    combo = forget(pipe, Concept("star"), recipe=_combo(tmp_path, first=wide), progress=False)
+    uce_part = combo.metadata["parts"][0]["name"]
+    assert combo.kind == "delta" and combo.metadata["method"] == "uce+fmn"
+    assert combo.metadata["concepts"] == [Concept("star").to_dict()]
+    apart = forget(pipe, Concept("star"), recipe=_combo(tmp_path, sequential=False, first=wide),
+                   progress=False)
+    # The FMN part trained beside the delta, carried as a LoRA it could switch off by name.
+    (switched,) = combo.metadata["recipe_parts"][1]["settings"]["compare_without"]
+    assert switched.startswith(f"{uce_part}_r")
+    assert combo.metadata["recipe_parts"][1]["losses"] != apart.metadata["recipe_parts"][1][
+        "losses"]
 
 
 def test_a_sequential_recipe_needs_a_later_fmn_lora_part(tmp_path):
