@@ -127,9 +127,6 @@ class FmnConfig(ResteerSettings):
                                        "scale 1).")
     lora_targets: tuple[str, ...] = setting(LORA_TARGETS, "train=lora: projections of each "
                                             "cross-attention layer that get a LoRA.")
-    lora_layers: tuple[str, ...] = setting(("attn2",), "train=lora: attention layers whose "
-                                           "projections get the LoRA: attn2 (cross-attention, "
-                                           "the paper), attn1 (self-attention) or both.")
     text_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
                                       "LoRA on to_k/to_v does to the preserve prompts' text "
                                       "states (0: off).")
@@ -166,10 +163,6 @@ class FmnConfig(ResteerSettings):
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if not self.lora_targets or bad:
             raise FmnError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}: {bad}")
-        self.lora_layers = tuple(self.lora_layers)
-        if not self.lora_layers or any(x not in ("attn1", "attn2") for x in self.lora_layers):
-            raise FmnError(f"lora_layers must be a non-empty subset of (attn1, attn2), got "
-                           f"{list(self.lora_layers)}")
         if self.compare_without and self.train != "lora":
             raise FmnError("training on top of other patches needs train=lora: stack the "
                            "patches afterwards with `fmn patch stack` instead")

@@ -119,8 +119,7 @@ class UnetTrainable:
         return {
             "r": cfg.lora_rank,
             "lora_alpha": cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
-            "target_modules": [f"{layer}.{t}" for layer in cfg.lora_layers
-                               for t in cfg.lora_targets],
+            "target_modules": [f"attn2.{t}" for t in cfg.lora_targets],
             "init_lora_weights": True,
         }
 
