@@ -1,4 +1,4 @@
-"""The base model's M-Score on every ConceptWorld concept with every attack that applies to a
+"""The base model's M-Score on every concept of the world suite with every attack that applies to a
 model without patches (inversion, paraphrases, adversarial search; the base encoder attack is G
 itself there): what "Base model under attack" in BENCHMARKS.md was measured with.
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from forget_me_not.bench.suites import load_suite
 from forget_me_not.cli.attack import prepare, run
 from forget_me_not.files import write_atomic
 from forget_me_not.models import load_pipeline
-from forget_me_not.world import concepts as wc
 
 ATTACKS = ["inversion", "prompts", "adversarial"]
 
@@ -36,7 +36,8 @@ def main() -> None:
     p.add_argument("--concepts", help="comma-separated (default: every world concept)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    names = a.concepts.split(",") if a.concepts else [c.name for c in wc.all_concepts()]
+    suite = [e.concept.name for e in load_suite("world").select(None) if e.group == "main"]
+    names = a.concepts.split(",") if a.concepts else suite
     a.out.mkdir(parents=True, exist_ok=True)
     pipe = None
     for name in names:
