@@ -53,6 +53,9 @@ def test_the_default_rule_prefers_removal_then_retention_everywhere_then_the_low
     hurt = [r if r["entry"] != "lora" and r["entry"] != "both" else {**r, "retention_min": 0.2}
             for r in rows]
     assert choice(overall(hurt, 0.95), 0.95).endswith("uce (5%, worst retention min 0.50).")
+    partial = [*rows, _row("new", "fmn", "a", 0.0, 1.0)]  # one target so far: not ranked first
+    assert overall(partial, 0.95)[-2]["entry"] == "new"
+    assert choice(overall(partial, 0.95), 0.95).startswith("Choice: lora")
 
 
 def test_cli_compare_refuses_bad_input_before_loading(tmp_path):

@@ -41,7 +41,8 @@ def overall(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]
     """Per entry over its targets: mean and worst M-Score, worst retention min, how many
     targets keep every other concept >= `keep`; ordered as the default is chosen: entries that
     remove the concept from the UNet first, then those that keep on every target, then the
-    lowest mean M-Score."""
+    lowest mean M-Score. An entry with fewer targets than the others (a comparison still
+    running) comes after the complete ones: its mean is over other targets."""
     from forget_me_not import methods
 
     out = []
@@ -56,13 +57,16 @@ def overall(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]
             "retention_worst": min(kept), "kept_targets": sum(k >= keep for k in kept),
             "removes": all(m not in methods.names() or methods.get(m).removes_from_unet
                            for m in parts)})
-    out.sort(key=lambda o: (not o["removes"], o["kept_targets"] < o["targets"], o["m_mean"]))
+    most = max((o["targets"] for o in out), default=0)
+    out.sort(key=lambda o: (not o["removes"], o["targets"] < most,
+                            o["kept_targets"] < o["targets"], o["m_mean"]))
     return out
 
 
 def choice(summary: Sequence[dict[str, Any]], keep: float) -> str:
     """The default rule in one sentence, with the entry it picks."""
-    removing = [o for o in summary if o["removes"]]
+    most = max((o["targets"] for o in summary), default=0)
+    removing = [o for o in summary if o["removes"] and o["targets"] == most]
     if not removing:
         return "No entry removes the concept from the UNet."
     first = removing[0]
