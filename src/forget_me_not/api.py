@@ -164,53 +164,46 @@ def _train_parts(pipe: Any, items: list[Concept], parts: list, earlier: list[Pat
                  progress: bool, sequential: bool = False) -> Patch:
     """Each part trained on the base model (with `earlier` applied), scaled, then combined;
     `sequential`: each part also with the parts before it applied."""
-    trained = []
+    trained: list = []
+    carried: list[Patch] = []  # a sequential recipe's parts so far, as LoRAs
     for part, cfg in parts:
-        below = list(earlier)
         if earlier:
             cfg = _on_top_config(cfg, earlier, items)
-        if sequential and trained:
-            below += _after_parts(cfg, [p for _, p in trained])
+        if carried:
             # its retention terms compare with the base model, not the model the parts made
             cfg = dataclasses.replace(cfg, compare_without=(
-                *cfg.compare_without, *(p.name for p in below)))
-        patch = _with_applied(pipe, below, lambda c=cfg, p=part: methods.get(p.method).train(
-            pipe, items, c, progress=progress))
+                *cfg.compare_without, *(p.name for p in carried)))
+        patch = _with_applied(pipe, [*earlier, *carried],
+                              lambda c=cfg, p=part: methods.get(p.method).train(
+                                  pipe, items, c, progress=progress))
         if earlier:
             patch.metadata["trained_on_top_of"] = [p.name for p in earlier]
         scaled = (dataclasses.replace(patch.scaled(part.scale), name=patch.name)
                   if part.scale != 1.0 else patch)
         scaled.metadata.pop("strength", None)  # the part's share is recorded as its scale
         trained.append((part, scaled))
+        if sequential and len(trained) < len(parts):
+            carried.append(_as_lora(scaled))
     return _combined(trained)
 
 
-def _after_parts(cfg: Any, done: list[Patch]) -> list[Patch]:
-    """The earlier parts of a sequential recipe as LoRAs: a later part switches them off by
-    adapter name to compare with the base model. A weight delta becomes a LoRA of full rank,
-    which is exact (UCE stores one when its edit's rank reaches a weight's width)."""
+def _as_lora(patch: Patch) -> Patch:
+    """A sequential recipe's earlier part as a LoRA, which a later part can switch off by
+    adapter name: a weight delta becomes a LoRA of full rank, which is exact (UCE stores one
+    when its edit's rank reaches a weight's width)."""
     from forget_me_not.patch.ops import extract_lora
 
-    out = []
-    for p in done:
-        if p.kind == "delta" and not p.has_rows:
-            full = max(min(t.shape) for t in p.unet_tensors.values() if t.ndim == 2)
-            lora = extract_lora(p, full)
-            if lora.metadata["extraction"]["dropped"] or \
-                    lora.metadata["extraction"]["overall_relative_error"] > 1e-4:
-                lora = None
-            p = lora or p
-        if p.kind != "lora" or p.has_rows:
-            raise FmnError(f"a sequential recipe's later parts train on top of LoRA parts, but "
-                           f"part {p.metadata.get('method')} made a {p.kind} patch that no LoRA "
-                           "carries exactly: put that part last")
-        out.append(p)
-    done = out
-    names = [p.name for p in done]
-    if len(set(names)) != len(names) or getattr(cfg, "compare_without", None) is None:
-        raise FmnError("a sequential recipe's parts need distinct LoRA names and a later fmn "
-                       "part: reorder the parts")
-    return done
+    if patch.kind == "delta" and not patch.has_rows:
+        full = max(min(t.shape) for t in patch.unet_tensors.values() if t.ndim == 2)
+        lora = extract_lora(patch, full)
+        extraction = lora.metadata["extraction"]
+        if not extraction["dropped"] and extraction["overall_relative_error"] <= 1e-4:
+            return lora
+    if patch.kind != "lora" or patch.has_rows:
+        raise FmnError(f"a sequential recipe's later parts train on top of LoRA parts, but part "
+                       f"{patch.metadata.get('method')} made a {patch.kind} patch that no LoRA "
+                       "carries exactly: put that part last")
+    return patch
 
 
 def _on_top_config(cfg: Any, earlier: list[Patch], items: list[Concept]) -> Any:
