@@ -38,10 +38,25 @@ def test_the_erase_term_is_logged_and_changes_the_patch():
     assert any(not torch.equal(erased.tensors[k], plain.tensors[k]) for k in plain.tensors)
 
 
+def test_the_erase_term_can_keep_the_prompts_other_words():
+    pipe = make_tiny_pipeline("sd1")
+    erase = {"erase_weight": 1.0, "erase_guidance": 1.0}
+    context = Concept("star", templates=("a red {} on grass",))
+    empty = train_any(pipe, [context], _cfg(**erase))
+    neutral = train_any(pipe, [context], _cfg(**erase, erase_neutral="prompt"))
+    assert any(not torch.equal(neutral.tensors[k], empty.tensors[k]) for k in empty.tensors)
+    # A bare word has no other words: its neutral prompt is the empty one, the same patch.
+    bare = Concept("star", templates=("{}",))
+    a = train_any(pipe, [bare], _cfg(**erase))
+    b = train_any(pipe, [bare], _cfg(**erase, erase_neutral="prompt"))
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
 @pytest.mark.parametrize(("key", "value", "match"), [
     ("adversarial_every", -1, "adversarial_every must be an integer >= 0"),
     ("adversarial_steps", 0, "adversarial_steps must be an integer >= 1"),
     ("erase_weight", -1.0, "erase_weight"),
+    ("erase_neutral", "anchor", "unknown erase_neutral 'anchor': use one of empty, prompt"),
 ])
 def test_bad_robust_settings_are_named(key, value, match):
     with pytest.raises(FmnError, match=match):

@@ -22,6 +22,8 @@ TRAIN_MODES = ("lora", "xattn", "unet")
 # All four cross-attention projections, as the paper's "cross-attention only" mode trains them.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PROMPT_SETS = ("", "conceptworld")
+# What the erase term pushes the concept's prediction toward (see terms.Erase).
+ERASE_NEUTRALS = ("empty", "prompt")
 
 
 @dataclass
@@ -142,10 +144,16 @@ class FmnConfig(ResteerSettings):
                                   "off).")
     erase_guidance: float = setting(1.0, "Erase term: negative guidance (ESD's eta) pushing "
                                     "away from what the base model draws for the concept.")
+    erase_neutral: str = setting(
+        "empty", "Erase term: the prediction the concept's is pulled to. 'empty': the "
+        "unprompted one (ESD's); 'prompt': the same prompt with the concept's words taken out "
+        "(or put as its anchor), so the prompt's other words (subject, colour, setting) are "
+        "kept and only the concept's pull is removed.", ERASE_NEUTRALS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("train", self.train, TRAIN_MODES)
+        check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
         if not isinstance(self.adversarial_every, int) or self.adversarial_every < 0:
             raise FmnError(f"adversarial_every must be an integer >= 0, got "
                            f"{self.adversarial_every}")

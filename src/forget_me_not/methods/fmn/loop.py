@@ -138,7 +138,7 @@ def _terms(run: Run, concepts: list[Concept]) -> list[T.Term]:
     if cfg.hold_prompts:
         out.append(T.Hold(run))
     if getattr(cfg, "erase_weight", 0.0) > 0:
-        out.append(T.Erase(run))
+        out.append(T.Erase(run, concepts))
     return out
 
 

@@ -109,22 +109,36 @@ class Anchor(Term):
 
 class Erase(Term):
     """ESD's target inside FMN's loop: the concept's images, through the batch's prompts (its
-    words and the adversary's tokens), predicted as the base model predicts them unprompted,
-    minus `erase_guidance` times the concept's pull. Re-steering attention removes where the
-    word is read; this removes what the UNet draws from whatever conditioning asks for it."""
+    words and the adversary's tokens), predicted as the base model predicts them from a neutral
+    prompt, minus `erase_guidance` times the concept's pull. Re-steering attention removes where
+    the word is read; this removes what the UNet draws from whatever conditioning asks for it.
+
+    The neutral prompt is the empty one (`erase_neutral` 'empty', as ESD), or the same prompt
+    with the concept's words taken out or put as its anchor ('prompt'): then "a red circle in
+    outlined style" is pulled to "a red circle in solid style", not to no circle at all."""
 
     name, draws_at = "erase", 4
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, concepts: list[Concept]) -> None:
         cfg = run.config
         super().__init__(cfg.erase_weight)
         self.guidance = cfg.erase_guidance
         self.empty = encode_plain(run.pipe, [""])[0]
+        self.neutral: dict[str, Row] = {}
+        if cfg.erase_neutral == "prompt":
+            for concept in concepts:
+                words = concept.anchor or ""
+                pairs = {p: " ".join(t.format(words).split())
+                         for p, t in zip(concept.prompts(), concept.templates, strict=True)}
+                rows = encode_plain(run.pipe, list(dict.fromkeys(pairs.values())))
+                by_prompt = {row.prompt: row for row in rows}
+                self.neutral.update({p: by_prompt[n] for p, n in pairs.items()})
 
     def before(self, run: Any, step: Any) -> None:
-        b = len(step.batch)
-        empty = self.empty.embeds.to(run.device).expand(b, -1, -1)
-        uncond = run.predict(step.noisy, step.t, empty, run.cond([self.empty] * b), base=True)
+        # A row with no neutral of its own (the adversary's tokens) takes the empty prompt.
+        rows = [self.neutral.get(row.prompt, self.empty) for row in step.batch]
+        embeds = torch.cat([row.embeds for row in rows]).to(run.device)
+        uncond = run.predict(step.noisy, step.t, embeds, run.cond(rows), base=True)
         self.target = uncond
         if self.guidance > 0:
             asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
