@@ -89,6 +89,11 @@ class Concept:
         """The templates filled with the anchor words (one per prompt, same order); [] without."""
         return [t.format(self.anchor) for t in self.templates] if self.anchor else []
 
+    def neutral_prompts(self) -> list[str]:
+        """The templates with the anchor words in the concept's place, or with nothing (one per
+        prompt, same order): what its prompts say besides the concept."""
+        return [_normalise(t.format(self.anchor or "")) for t in self.templates]
+
     def with_extra_templates(self) -> Concept:
         """The same concept with the category's extra paraphrase templates added."""
         extra = tuple(t for t in EXTRA_TEMPLATES[self.category] if t not in self.templates)

@@ -127,12 +127,9 @@ class Erase(Term):
         self.neutral: dict[str, Row] = {}
         if cfg.erase_neutral == "prompt":
             for concept in concepts:
-                words = concept.anchor or ""
-                pairs = {p: " ".join(t.format(words).split())
-                         for p, t in zip(concept.prompts(), concept.templates, strict=True)}
-                rows = encode_plain(run.pipe, list(dict.fromkeys(pairs.values())))
-                by_prompt = {row.prompt: row for row in rows}
-                self.neutral.update({p: by_prompt[n] for p, n in pairs.items()})
+                self.neutral.update(zip(concept.prompts(),
+                                        encode_plain(run.pipe, concept.neutral_prompts()),
+                                        strict=True))
 
     def before(self, run: Any, step: Any) -> None:
         # A row with no neutral of its own (the adversary's tokens) takes the empty prompt.
