@@ -16,6 +16,7 @@ REFERENCES = ("images", "self", "noise")
 PRECISIONS = ("no", "fp16", "bf16")
 PRESERVE_LATENTS = ("shared", "own")
 STEPS_PER = ("run", "concept")
+TIMESTEP_DRAWS = ("uniform", "even")
 # Which positions besides the concept's own tokens are re-steered (see concepts.locate_tokens).
 EXTRA_POSITIONS = ("none", "eot", "pooler", "padding")
 TRAIN_MODES = ("lora", "xattn", "unet")
@@ -37,6 +38,11 @@ class ResteerSettings:
     weight_decay: float = setting(0.01, "AdamW decoupled weight decay; a larger one keeps the "
                                   "trained change small.")
     batch_size: int = setting(1, "Prompts per step.")
+    timesteps: str = setting(
+        "uniform", "How the steps' timesteps are drawn: 'uniform' (independently, the paper); "
+        "'even' (a golden-ratio sequence from a seeded start, as VDM's low-discrepancy sampler:"
+        " any run of consecutive steps covers the range evenly, so a patch that weight decay "
+        "makes mostly its last steps' moves less with the seed).", TIMESTEP_DRAWS)
     max_grad_norm: float | None = setting(None, "Clip the gradient's global norm (null: off).")
     reference: str = setting("images", "Each step's clean latent: 'images' (VAE-encoded "
                              "references), 'self' (drawn by the model), 'noise' (zero latent).",
@@ -84,6 +90,7 @@ class ResteerSettings:
 
     def __post_init__(self) -> None:
         check_choice("steps_per", self.steps_per, STEPS_PER)
+        check_choice("timesteps", self.timesteps, TIMESTEP_DRAWS)
         check_choice("reference", self.reference, REFERENCES)
         check_choice("extra_positions", self.extra_positions, EXTRA_POSITIONS)
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)

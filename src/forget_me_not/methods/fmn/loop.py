@@ -73,6 +73,18 @@ class Run:
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.n_train_t = self.scheduler.config.num_train_timesteps
         self.probes: ProbeSet | None = None
+        # 'even': one seeded start per run; every later timestep follows from it.
+        self.phase = (torch.rand((), generator=gen).item()
+                      if getattr(config, "timesteps", "uniform") == "even" else None)
+
+    def timesteps(self, count: int, first: int, low: int = 0) -> torch.Tensor:
+        """`count` timesteps in [low, T): independent draws, or the even sequence's entries
+        `first`..`first + count - 1`."""
+        if self.phase is None:
+            return torch.randint(low, self.n_train_t, (count,), generator=self.gen)
+        golden = (5 ** 0.5 - 1) / 2
+        u = (self.phase + golden * torch.arange(first, first + count, dtype=torch.float64)) % 1
+        return (low + (u * (self.n_train_t - low)).long()).clamp(max=self.n_train_t - 1)
 
     def predict(self, x, timesteps, hidden, cond, *, base: bool = False, original: bool = True):
         """The UNet's noise prediction; `base`: of the untouched model, without a graph."""
@@ -188,7 +200,7 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             latents = torch.cat([latent for latent, _ in drawn])
             latents = latents.to(run.device, run.unet.dtype)  # (B, C, h, w)
             noise = torch.randn(latents.shape, generator=gen).to(run.device, latents.dtype)
-            t = torch.randint(0, run.n_train_t, (len(batch),), generator=gen).to(run.device)
+            t = run.timesteps(len(batch), number * len(batch)).to(run.device)
             embeds = torch.cat([row.embeds for row in batch]).to(run.device)  # (B, T, D)
             step = Step(number, index, batch, run.scheduler.add_noise(latents, noise, t), t,
                         embeds, run.cond(batch), pixel_weights(drawn, run.resolution))
