@@ -89,22 +89,7 @@ def test_even_timesteps_change_the_patch_and_repeat_with_the_seed():
     assert all(torch.equal(even.tensors[k], again.tensors[k]) for k in even.tensors)
 
 
-def test_a_learning_rate_schedule_starts_at_the_peak_and_decays():
-    pipe = make_tiny_pipeline("sd1")
-    star = [Concept("star")]
-
-    def tensors(steps: int, schedule: str) -> dict:
-        return train_any(pipe, star, _cfg(steps=steps, lr_schedule=schedule)).tensors
-
-    one, one_cosine = tensors(1, "constant"), tensors(1, "cosine")
-    assert all(torch.equal(one[k], one_cosine[k]) for k in one)  # step 1 at the peak
-    four, four_linear = tensors(4, "constant"), tensors(4, "linear")
-    assert any(not torch.equal(four[k], four_linear[k]) for k in four)
-
-
 @pytest.mark.parametrize(("key", "value", "match"), [
-    ("lr_schedule", "warmup", "unknown lr_schedule 'warmup': use one of constant, linear, "
-     "cosine"),
     ("timesteps", "sobol", "unknown timesteps 'sobol': use one of uniform, even"),
     ("adversarial_every", -1, "adversarial_every must be an integer >= 0"),
     ("adversarial_steps", 0, "adversarial_steps must be an integer >= 1"),

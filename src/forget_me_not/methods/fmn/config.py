@@ -17,8 +17,6 @@ PRECISIONS = ("no", "fp16", "bf16")
 PRESERVE_LATENTS = ("shared", "own")
 STEPS_PER = ("run", "concept")
 TIMESTEP_DRAWS = ("uniform", "even")
-# diffusers' schedules without warm-up (the runs are a few dozen to a few hundred steps).
-LR_SCHEDULES = ("constant", "linear", "cosine")
 # Which positions besides the concept's own tokens are re-steered (see concepts.locate_tokens).
 EXTRA_POSITIONS = ("none", "eot", "pooler", "padding")
 TRAIN_MODES = ("lora", "xattn", "unet")
@@ -36,11 +34,7 @@ class ResteerSettings:
     steps: int = setting(35, "Optimiser steps (the official recipe: 35 in total).")
     steps_per: str = setting("run", "'run': `steps` in total; 'concept': `steps` for each "
                              "concept of a joint run.", STEPS_PER)
-    lr: float = setting(2e-6, "AdamW learning rate (its peak under a schedule).")
-    lr_schedule: str = setting(
-        "constant", "The learning rate over the run (diffusers' schedules): 'constant' (the "
-        "official recipe); 'linear' or 'cosine' down to 0, so the last steps, which AdamW's "
-        "decoupled weight decay makes the patch mostly of, move it less.", LR_SCHEDULES)
+    lr: float = setting(2e-6, "AdamW learning rate, constant.")
     weight_decay: float = setting(0.01, "AdamW decoupled weight decay; a larger one keeps the "
                                   "trained change small.")
     batch_size: int = setting(1, "Prompts per step.")
@@ -97,7 +91,6 @@ class ResteerSettings:
     def __post_init__(self) -> None:
         check_choice("steps_per", self.steps_per, STEPS_PER)
         check_choice("timesteps", self.timesteps, TIMESTEP_DRAWS)
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("reference", self.reference, REFERENCES)
         check_choice("extra_positions", self.extra_positions, EXTRA_POSITIONS)
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
 
 from forget_me_not.attention import ProbeSet, install_probes
 from forget_me_not.concepts import Concept, TokenMask, locate_in_pipeline, merge_positions
@@ -185,10 +184,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             if text_keep.layers:  # no LoRA on to_k / to_v: nothing text-side to keep
                 terms.append(text_keep)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        schedule = getattr(config, "lr_schedule", "constant")
-        scheduler = (None if schedule == "constant" else
-                     get_scheduler(schedule, optimizer, num_warmup_steps=0,
-                                   num_training_steps=config.steps))
         run.probes = install_probes(pipe.unet)
         bar = Progress(config.steps, label, enabled=progress)
         for number in range(config.steps):
@@ -237,8 +232,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:
-                scheduler.step()
             losses.append(loss.item())
             term_losses.setdefault("attention", []).append(shown["attention"])
             bar.update(loss=losses[-1], **{k: v for k, v in shown.items() if k != "attention"})
