@@ -38,6 +38,11 @@ class ResteerSettings:
     weight_decay: float = setting(0.01, "AdamW decoupled weight decay; a larger one keeps the "
                                   "trained change small.")
     batch_size: int = setting(1, "Prompts per step.")
+    ema_decay: float = setting(
+        0.0, "Keep an exponential moving average of what trains (diffusers' EMAModel, as SD "
+        "fine-tuning does) and return it instead of the last step's state, so the patch does "
+        "not depend on where a noisy run happens to stop; e.g. 0.95 averages about the last 20 "
+        "steps (0: off, the paper).")
     timesteps: str = setting(
         "uniform", "How the steps' timesteps are drawn: 'uniform' (independently, the paper); "
         "'even' (a golden-ratio sequence from a seeded start, as VDM's low-discrepancy sampler:"
@@ -104,6 +109,8 @@ class ResteerSettings:
         if not isinstance(self.preserve_t_min, int) or self.preserve_t_min < 0:
             raise FmnError(f"preserve_t_min must be an integer >= 0, got {self.preserve_t_min}")
         check_number("learning rate (lr)", self.lr, strict=True)
+        if not isinstance(self.ema_decay, (int, float)) or not 0 <= self.ema_decay < 1:
+            raise FmnError(f"ema_decay must be a number in [0, 1), got {self.ema_decay}")
         check_number("max_grad_norm", self.max_grad_norm, strict=True, optional=True)
         for name in ("weight_decay", "preserve_weight", "transparent_weight", "anchor_weight",
                      "concept_anchor_weight", "hold_weight"):

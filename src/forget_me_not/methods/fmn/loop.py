@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
 
 from forget_me_not.attention import ProbeSet, install_probes
 from forget_me_not.concepts import Concept, TokenMask, locate_in_pipeline, merge_positions
@@ -184,6 +185,8 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             if text_keep.layers:  # no LoRA on to_k / to_v: nothing text-side to keep
                 terms.append(text_keep)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        decay = getattr(config, "ema_decay", 0.0)
+        average = EMAModel(params, decay=decay) if decay > 0 else None
         run.probes = install_probes(pipe.unet)
         bar = Progress(config.steps, label, enabled=progress)
         for number in range(config.steps):
@@ -232,10 +235,14 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.step(params)
             losses.append(loss.item())
             term_losses.setdefault("attention", []).append(shown["attention"])
             bar.update(loss=losses[-1], **{k: v for k, v in shown.items() if k != "attention"})
         bar.close()
+        if average is not None:
+            average.copy_to(params)
         kind, tensors, lora_config = trainable.result()
     finally:
         if run.probes is not None:
