@@ -89,7 +89,27 @@ def test_even_timesteps_change_the_patch_and_repeat_with_the_seed():
     assert all(torch.equal(even.tensors[k], again.tensors[k]) for k in even.tensors)
 
 
+def test_ema_returns_the_moving_average_of_the_runs_states():
+    pipe = make_tiny_pipeline("sd1")
+    star = [Concept("star")]
+    # A shorter run is a prefix of a longer one (same draws): its patch is the state there.
+    states = [train_any(pipe, star, _cfg(steps=k)).tensors for k in (1, 2, 3)]
+    averaged = train_any(pipe, star, _cfg(steps=3, ema_decay=0.5)).tensors
+    # diffusers' EMAModel: the first step copies, then decay min((1 + s) / (10 + s), 0.5).
+    expected = {}
+    for key in states[0]:
+        shadow = states[0][key]
+        for s, state in enumerate(states[1:], start=1):
+            decay = min((1 + s) / (10 + s), 0.5)
+            shadow = decay * shadow + (1 - decay) * state[key]
+        expected[key] = shadow
+    for key, value in expected.items():
+        torch.testing.assert_close(averaged[key], value, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(averaged[k], states[2][k]) for k in averaged)
+
+
 @pytest.mark.parametrize(("key", "value", "match"), [
+    ("ema_decay", 1.0, r"ema_decay must be a number in \[0, 1\), got 1.0"),
     ("timesteps", "sobol", "unknown timesteps 'sobol': use one of uniform, even"),
     ("adversarial_every", -1, "adversarial_every must be an integer >= 0"),
     ("adversarial_steps", 0, "adversarial_steps must be an integer >= 1"),
