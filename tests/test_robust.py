@@ -52,65 +52,7 @@ def test_the_erase_term_can_keep_the_prompts_other_words():
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
-def _gaps(t: torch.Tensor, total: int) -> torch.Tensor:
-    """Gaps between sorted timesteps on the circle [0, total)."""
-    s = torch.sort(t).values
-    return torch.cat([s[1:] - s[:-1], (s[:1] + total - s[-1:])])
-
-
-def test_even_timesteps_cover_the_range_in_any_window_and_follow_the_seed():
-    from forget_me_not.methods.fmn.loop import Run
-
-    pipe = make_tiny_pipeline("sd1")
-
-    def run(seed: int, draws: str) -> Run:
-        cfg = _cfg(timesteps=draws, seed=seed)
-        return Run(pipe, cfg, None, torch.Generator().manual_seed(seed))
-
-    even = run(0, "even")
-    total = even.n_train_t
-    for first in (0, 37, 500):  # any 20 consecutive steps leave no gap of 3/20 of the range
-        assert int(_gaps(even.timesteps(20, first), total).max()) < 3 * total // 20
-    low = even.timesteps(50, 0, low=600)
-    assert int(low.min()) >= 600 and int(low.max()) < total
-    assert torch.equal(run(0, "even").timesteps(8, 3), even.timesteps(8, 3))
-    assert not torch.equal(run(1, "even").timesteps(8, 3), even.timesteps(8, 3))
-    # Independent draws leave wide gaps somewhere in 20 steps for almost any seed.
-    assert int(_gaps(run(0, "uniform").timesteps(20, 0), total).max()) >= 3 * total // 20
-
-
-def test_even_timesteps_change_the_patch_and_repeat_with_the_seed():
-    pipe = make_tiny_pipeline("sd1")
-    star = [Concept("star")]
-    uniform = train_any(pipe, star, _cfg())
-    even = train_any(pipe, star, _cfg(timesteps="even"))
-    again = train_any(pipe, star, _cfg(timesteps="even"))
-    assert any(not torch.equal(even.tensors[k], uniform.tensors[k]) for k in uniform.tensors)
-    assert all(torch.equal(even.tensors[k], again.tensors[k]) for k in even.tensors)
-
-
-def test_ema_returns_the_moving_average_of_the_runs_states():
-    pipe = make_tiny_pipeline("sd1")
-    star = [Concept("star")]
-    # A shorter run is a prefix of a longer one (same draws): its patch is the state there.
-    states = [train_any(pipe, star, _cfg(steps=k)).tensors for k in (1, 2, 3)]
-    averaged = train_any(pipe, star, _cfg(steps=3, ema_decay=0.5)).tensors
-    # diffusers' EMAModel: the first step copies, then decay min((1 + s) / (10 + s), 0.5).
-    expected = {}
-    for key in states[0]:
-        shadow = states[0][key]
-        for s, state in enumerate(states[1:], start=1):
-            decay = min((1 + s) / (10 + s), 0.5)
-            shadow = decay * shadow + (1 - decay) * state[key]
-        expected[key] = shadow
-    for key, value in expected.items():
-        torch.testing.assert_close(averaged[key], value, rtol=1e-5, atol=1e-7)
-    assert any(not torch.equal(averaged[k], states[2][k]) for k in averaged)
-
-
 @pytest.mark.parametrize(("key", "value", "match"), [
-    ("ema_decay", 1.0, r"ema_decay must be a number in \[0, 1\), got 1.0"),
-    ("timesteps", "sobol", "unknown timesteps 'sobol': use one of uniform, even"),
     ("adversarial_every", -1, "adversarial_every must be an integer >= 0"),
     ("adversarial_steps", 0, "adversarial_steps must be an integer >= 1"),
     ("erase_weight", -1.0, "erase_weight"),

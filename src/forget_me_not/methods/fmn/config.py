@@ -16,7 +16,6 @@ REFERENCES = ("images", "self", "noise")
 PRECISIONS = ("no", "fp16", "bf16")
 PRESERVE_LATENTS = ("shared", "own")
 STEPS_PER = ("run", "concept")
-TIMESTEP_DRAWS = ("uniform", "even")
 # Which positions besides the concept's own tokens are re-steered (see concepts.locate_tokens).
 EXTRA_POSITIONS = ("none", "eot", "pooler", "padding")
 TRAIN_MODES = ("lora", "xattn", "unet")
@@ -38,16 +37,6 @@ class ResteerSettings:
     weight_decay: float = setting(0.01, "AdamW decoupled weight decay; a larger one keeps the "
                                   "trained change small.")
     batch_size: int = setting(1, "Prompts per step.")
-    ema_decay: float = setting(
-        0.0, "Keep an exponential moving average of what trains (diffusers' EMAModel, as SD "
-        "fine-tuning does) and return it instead of the last step's state, so the patch does "
-        "not depend on where a noisy run happens to stop; e.g. 0.95 averages about the last 20 "
-        "steps (0: off, the paper).")
-    timesteps: str = setting(
-        "uniform", "How the steps' timesteps are drawn: 'uniform' (independently, the paper); "
-        "'even' (a golden-ratio sequence from a seeded start, as VDM's low-discrepancy sampler:"
-        " any run of consecutive steps covers the range evenly, so a patch that weight decay "
-        "makes mostly its last steps' moves less with the seed).", TIMESTEP_DRAWS)
     max_grad_norm: float | None = setting(None, "Clip the gradient's global norm (null: off).")
     reference: str = setting("images", "Each step's clean latent: 'images' (VAE-encoded "
                              "references), 'self' (drawn by the model), 'noise' (zero latent).",
@@ -95,7 +84,6 @@ class ResteerSettings:
 
     def __post_init__(self) -> None:
         check_choice("steps_per", self.steps_per, STEPS_PER)
-        check_choice("timesteps", self.timesteps, TIMESTEP_DRAWS)
         check_choice("reference", self.reference, REFERENCES)
         check_choice("extra_positions", self.extra_positions, EXTRA_POSITIONS)
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
@@ -109,8 +97,6 @@ class ResteerSettings:
         if not isinstance(self.preserve_t_min, int) or self.preserve_t_min < 0:
             raise FmnError(f"preserve_t_min must be an integer >= 0, got {self.preserve_t_min}")
         check_number("learning rate (lr)", self.lr, strict=True)
-        if not isinstance(self.ema_decay, (int, float)) or not 0 <= self.ema_decay < 1:
-            raise FmnError(f"ema_decay must be a number in [0, 1), got {self.ema_decay}")
         check_number("max_grad_norm", self.max_grad_norm, strict=True, optional=True)
         for name in ("weight_decay", "preserve_weight", "transparent_weight", "anchor_weight",
                      "concept_anchor_weight", "hold_weight"):

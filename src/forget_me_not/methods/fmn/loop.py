@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import EMAModel
 
 from forget_me_not.attention import ProbeSet, install_probes
 from forget_me_not.concepts import Concept, TokenMask, locate_in_pipeline, merge_positions
@@ -74,18 +73,6 @@ class Run:
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.n_train_t = self.scheduler.config.num_train_timesteps
         self.probes: ProbeSet | None = None
-        # 'even': one seeded start per run; every later timestep follows from it.
-        self.phase = (torch.rand((), generator=gen).item()
-                      if getattr(config, "timesteps", "uniform") == "even" else None)
-
-    def timesteps(self, count: int, first: int, low: int = 0) -> torch.Tensor:
-        """`count` timesteps in [low, T): independent draws, or the even sequence's entries
-        `first`..`first + count - 1`."""
-        if self.phase is None:
-            return torch.randint(low, self.n_train_t, (count,), generator=self.gen)
-        golden = (5 ** 0.5 - 1) / 2
-        u = (self.phase + golden * torch.arange(first, first + count, dtype=torch.float64)) % 1
-        return (low + (u * (self.n_train_t - low)).long()).clamp(max=self.n_train_t - 1)
 
     def predict(self, x, timesteps, hidden, cond, *, base: bool = False, original: bool = True):
         """The UNet's noise prediction; `base`: of the untouched model, without a graph."""
@@ -185,8 +172,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             if text_keep.layers:  # no LoRA on to_k / to_v: nothing text-side to keep
                 terms.append(text_keep)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        decay = getattr(config, "ema_decay", 0.0)
-        average = EMAModel(params, decay=decay) if decay > 0 else None
         run.probes = install_probes(pipe.unet)
         bar = Progress(config.steps, label, enabled=progress)
         for number in range(config.steps):
@@ -203,7 +188,7 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             latents = torch.cat([latent for latent, _ in drawn])
             latents = latents.to(run.device, run.unet.dtype)  # (B, C, h, w)
             noise = torch.randn(latents.shape, generator=gen).to(run.device, latents.dtype)
-            t = run.timesteps(len(batch), number * len(batch)).to(run.device)
+            t = torch.randint(0, run.n_train_t, (len(batch),), generator=gen).to(run.device)
             embeds = torch.cat([row.embeds for row in batch]).to(run.device)  # (B, T, D)
             step = Step(number, index, batch, run.scheduler.add_noise(latents, noise, t), t,
                         embeds, run.cond(batch), pixel_weights(drawn, run.resolution))
@@ -235,14 +220,10 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if average is not None:
-                average.step(params)
             losses.append(loss.item())
             term_losses.setdefault("attention", []).append(shown["attention"])
             bar.update(loss=losses[-1], **{k: v for k, v in shown.items() if k != "attention"})
         bar.close()
-        if average is not None:
-            average.copy_to(params)
         kind, tensors, lora_config = trainable.result()
     finally:
         if run.probes is not None:

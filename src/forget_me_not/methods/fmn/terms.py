@@ -57,7 +57,8 @@ class Preserve(Term):
         self.t = step.t.repeat(cfg.preserve_batch)
         if self.latents is not None and cfg.preserve_t_min:
             low = min(cfg.preserve_t_min, run.n_train_t - 1)
-            self.t = run.timesteps(len(self.t), step.number * len(self.t), low).to(run.device)
+            self.t = torch.randint(low, run.n_train_t, self.t.shape,
+                                   generator=run.gen).to(run.device)
         self.noisy, embeds, cond = run.noised(self.rows, self.index, self.latents, self.t)
         if self.latents is None:
             self.noisy = step.noisy.repeat(cfg.preserve_batch, 1, 1, 1)
