@@ -52,10 +52,23 @@ def test_the_erase_term_can_keep_the_prompts_other_words():
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
+def test_the_retention_can_hold_the_guided_prediction():
+    pipe = make_tiny_pipeline("sd1")
+    keep = {"preserve_weight": 1.0, "preserve_prompts": ("a photo of a circle",)}
+    plain = train_any(pipe, [Concept("star")], _cfg(**keep))
+    held = train_any(pipe, [Concept("star")], _cfg(**keep, preserve_guidance=7.5))
+    assert len(held.metadata["term_losses"]["preserve"]) == 4
+    assert any(not torch.equal(held.tensors[k], plain.tensors[k]) for k in plain.tensors)
+    # At scale 1 the guided prediction is the prompt's own: the same patch, to float rounding.
+    one = train_any(pipe, [Concept("star")], _cfg(**keep, preserve_guidance=1.0))
+    assert all(torch.allclose(one.tensors[k], plain.tensors[k], atol=1e-5) for k in plain.tensors)
+
+
 @pytest.mark.parametrize(("key", "value", "match"), [
     ("adversarial_every", -1, "adversarial_every must be an integer >= 0"),
     ("adversarial_steps", 0, "adversarial_steps must be an integer >= 1"),
     ("erase_weight", -1.0, "erase_weight"),
+    ("preserve_guidance", -1.0, "preserve_guidance"),
     ("erase_neutral", "anchor", "unknown erase_neutral 'anchor': use one of empty, prompt"),
 ])
 def test_bad_robust_settings_are_named(key, value, match):

@@ -58,6 +58,10 @@ class ResteerSettings:
                                 "targets' own words left out ('conceptworld': every other "
                                 "world concept).", PROMPT_SETS)
     preserve_batch: int = setting(1, "Preserve prompts compared per step.")
+    preserve_guidance: float = setting(
+        0.0, "Retention term: hold the classifier-free-guided prediction (empty + scale x "
+        "(prompt - empty)) at this scale, as sampling amplifies it, instead of the prompt's "
+        "prediction alone (0: the prompt's alone).")
     preserve_latents: str = setting("shared", "Latents of the retention term: the target's "
                                     "('shared') or an image the base model draws per preserve "
                                     "prompt ('own').", PRESERVE_LATENTS)
@@ -98,8 +102,8 @@ class ResteerSettings:
             raise FmnError(f"preserve_t_min must be an integer >= 0, got {self.preserve_t_min}")
         check_number("learning rate (lr)", self.lr, strict=True)
         check_number("max_grad_norm", self.max_grad_norm, strict=True, optional=True)
-        for name in ("weight_decay", "preserve_weight", "transparent_weight", "anchor_weight",
-                     "concept_anchor_weight", "hold_weight"):
+        for name in ("weight_decay", "preserve_weight", "preserve_guidance", "transparent_weight",
+                     "anchor_weight", "concept_anchor_weight", "hold_weight"):
             check_number(name, getattr(self, name))
         for name in ("preserve_prompts", "anchor_prompts", "hold_prompts", "compare_without",
                      "also_avoid"):

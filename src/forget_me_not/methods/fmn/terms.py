@@ -44,6 +44,7 @@ class Preserve(Term):
         cfg = run.config
         super().__init__(cfg.preserve_weight)
         self.rows = encode_plain(run.pipe, prompts)
+        self.empty = encode_plain(run.pipe, [""])[0]
         # "own": one image the base model draws per prompt, compared at its own timesteps.
         self.latents = (draw_latents(run.pipe, prompts, cfg.preserve_steps, cfg.seed)
                         if cfg.preserve_latents == "own" else None)
@@ -63,10 +64,30 @@ class Preserve(Term):
         if self.latents is None:
             self.noisy = step.noisy.repeat(cfg.preserve_batch, 1, 1, 1)
         self.base = run.predict(self.noisy, self.t, embeds, cond, base=True)
+        if cfg.preserve_guidance > 0:
+            empty = self._empty(run)
+            self.base = guided(run.predict(self.noisy, self.t, *empty, base=True), self.base,
+                               cfg.preserve_guidance)
+
+    def _empty(self, run: Any) -> tuple[torch.Tensor, dict | None]:
+        """The empty prompt's text states for every preserve sample, as the model computes them."""
+        return run.live([self.empty] * len(self.index))
 
     def loss(self, run: Any, step: Any) -> torch.Tensor:
         embeds, cond = run.live([self.rows[i] for i in self.index])
-        return run.matched(self.noisy, self.t, embeds, cond, self.base)
+        scale = run.config.preserve_guidance
+        if scale <= 0:
+            return run.matched(self.noisy, self.t, embeds, cond, self.base)
+        run.probes.deactivate()
+        prompted = run.predict(self.noisy, self.t, embeds, cond)
+        unprompted = run.predict(self.noisy, self.t, *self._empty(run))
+        return torch.nn.functional.mse_loss(guided(unprompted, prompted, scale).float(),
+                                            self.base.float())
+
+
+def guided(unprompted: torch.Tensor, prompted: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: what a sampling step at `scale` uses."""
+    return unprompted + scale * (prompted - unprompted)
 
 
 class Transparent(Term):
