@@ -27,7 +27,7 @@ from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.presets import world_concepts
 from forget_me_not.world import concepts as wc
-from forget_me_not.world.scoring import HEAD_OF_KIND, judge_labels, sample_many
+from forget_me_not.world.scoring import read_labels, sample_many
 
 
 def read(pipe, judge: WorldJudge, name: str, n: int, avoid: list[str]) -> tuple[list, list]:
@@ -35,11 +35,7 @@ def read(pipe, judge: WorldJudge, name: str, n: int, avoid: list[str]) -> tuple[
     concept = wc.get(name)
     images = sample_many(pipe, wc.prompts(concept, n, avoid), [1000 + i for i in range(n)],
                          progress=False)
-    probs = judge.heads(images)
-    head = HEAD_OF_KIND[concept.kind]
-    labels = judge_labels(head)
-    return [labels[int(probs[head][i].argmax())] if probs["reject"][i].argmax() == 0
-            else "none" for i in range(n)], images
+    return read_labels(judge.heads(images), range(n), concept.kind), images
 
 
 def main() -> None:

@@ -58,10 +58,7 @@ def score_concepts(pipe, judge, names: Sequence[str] | None = None, *, n: int = 
     out: dict[str, dict] = {}
     for c in chosen:
         idx = [i for i, o in enumerate(owner) if o == c.name]
-        head = HEAD_OF_KIND[c.kind]
-        labels = judge_labels(head)
-        read = [labels[int(probs[head][i].argmax())] if probs["reject"][i].argmax() == 0
-                else "none" for i in idx]
+        read = read_labels(probs, idx, c.kind)
         out[c.name] = {
             "rate": float(np.mean([r == target_label(c) for r in read])),
             "hat": float(np.mean([probs["hat"][i].argmax() == 1 for i in idx])),
@@ -69,6 +66,14 @@ def score_concepts(pipe, judge, names: Sequence[str] | None = None, *, n: int = 
             "prompts": [prompts[i] for i in idx],
         }
     return out
+
+
+def read_labels(probs: dict, indices: Sequence[int], kind: str) -> list[str]:
+    """The judge's label of each image on the head of `kind` ('none' where it rejects it)."""
+    head = HEAD_OF_KIND[kind]
+    labels = judge_labels(head)
+    return [labels[int(probs[head][i].argmax())] if probs["reject"][i].argmax() == 0
+            else "none" for i in indices]
 
 
 def judge_labels(head: str) -> tuple[str, ...]:

@@ -65,13 +65,10 @@ class Preserve(Term):
             self.noisy = step.noisy.repeat(cfg.preserve_batch, 1, 1, 1)
         self.base = run.predict(self.noisy, self.t, embeds, cond, base=True)
         if cfg.preserve_guidance > 0:
-            empty = self._empty(run)
-            self.base = guided(run.predict(self.noisy, self.t, *empty, base=True), self.base,
-                               cfg.preserve_guidance)
-
-    def _empty(self, run: Any) -> tuple[torch.Tensor, dict | None]:
-        """The empty prompt's text states for every preserve sample, as the model computes them."""
-        return run.live([self.empty] * len(self.index))
+            # The base model's empty prompt, as encoded once (not the model in training's).
+            _, embeds, cond = run.noised([self.empty], [0] * len(self.index), None, self.t)
+            self.base = guided(run.predict(self.noisy, self.t, embeds, cond, base=True),
+                               self.base, cfg.preserve_guidance)
 
     def loss(self, run: Any, step: Any) -> torch.Tensor:
         embeds, cond = run.live([self.rows[i] for i in self.index])
@@ -80,7 +77,7 @@ class Preserve(Term):
             return run.matched(self.noisy, self.t, embeds, cond, self.base)
         run.probes.deactivate()
         prompted = run.predict(self.noisy, self.t, embeds, cond)
-        unprompted = run.predict(self.noisy, self.t, *self._empty(run))
+        unprompted = run.predict(self.noisy, self.t, *run.live([self.empty] * len(self.index)))
         return torch.nn.functional.mse_loss(guided(unprompted, prompted, scale).float(),
                                             self.base.float())
 
