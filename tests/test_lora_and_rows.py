@@ -48,6 +48,7 @@ def test_the_patch_holds_the_scaled_lora_and_the_words_rows(pair):
     pipe, plain, both = pair
     assert both.kind == "lora" and both.has_rows and not plain.has_rows
     assert both.metadata["method"] == "fmn+token_rows"
+    assert both.name != plain.name  # the recipe's patch is not its LoRA part: both stack
     assert [p["scale"] for p in both.metadata["recipe_parts"]] == [0.5, 1.0]
     for key, value in plain.tensors.items():  # the same LoRA run (same seed), B halved
         expected = value * 0.5 if ".lora_B." in key else value
@@ -62,6 +63,13 @@ def test_the_patch_holds_the_scaled_lora_and_the_words_rows(pair):
     alone = train_any(pipe, [Concept("star")], fmn_config(reference="noise", train="tokens",
                                                           steps=3), progress=False)
     torch.testing.assert_close(both.token_rows(), alone.token_rows(), rtol=0, atol=0)
+
+
+def test_a_run_is_named_by_what_was_trained_not_by_how_long_it_took(pair):
+    pipe, plain, _ = pair
+    again = train_any(pipe, [Concept("star")], _cfg(train="lora", lr=1e-2), progress=False)
+    other = train_any(pipe, [Concept("star")], _cfg(train="lora", lr=2e-2), progress=False)
+    assert again.name == plain.name and other.name != plain.name
 
 
 def test_apply_changes_only_the_words_and_remove_restores_everything(pair, tmp_path):

@@ -19,7 +19,7 @@ from forget_me_not import methods, recipes
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.inversion import Embedding, train_inversion
-from forget_me_not.patch import Patch, family_of, stack_patches
+from forget_me_not.patch import Patch, adapter_name, family_of, stack_patches
 
 
 def plan(family: str | None, method: str | None = None, recipe: str | Path | None = None,
@@ -244,7 +244,7 @@ def _combined(trained: list) -> Patch:
     elif len(unet) == 1 and len(rows) == 1 and not unet[0].has_rows:
         first = unet[0]
         patch = Patch(first.kind, {**first.tensors, **rows[0].tensors}, dict(first.metadata),
-                      first.lora_config, first.name)
+                      first.lora_config, adapter_name(f"{first.name}_rows"))
     else:
         patch = stack_patches(patches)
         named = {c["name"]: c for c in patch.metadata["concepts"]}  # each part forgot them all

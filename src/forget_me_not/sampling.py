@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import time
@@ -38,6 +39,7 @@ class _Processes:
             state = PartialState(cpu=not torch.cuda.is_available())
             self.rank, self.world = state.process_index, state.num_processes
             self.device = "cpu" if state.device.type == "cpu" else str(state.device)
+            _leave_at_exit(state)
 
     @property
     def is_main(self) -> bool:
@@ -58,6 +60,17 @@ class _Processes:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([obj], from_process=0)[0]
+
+
+_LEAVING: list[Any] = []
+
+
+def _leave_at_exit(state: Any) -> None:
+    """Close the process group before exit: a process that exits with gloo's threads still
+    running is aborted ("terminate called without an active exception")."""
+    if not _LEAVING:
+        _LEAVING.append(state)
+        atexit.register(lambda: (state.wait_for_everyone(), state.destroy_process_group()))
 
 
 def processes() -> _Processes:

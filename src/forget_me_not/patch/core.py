@@ -432,5 +432,7 @@ def same_family(patches: Sequence[Patch]) -> str | None:
 def run_name(prefix: str, concepts: Any, metadata: dict[str, Any]) -> str:
     """A readable adapter name, unique per run so patches stack under their own names."""
     words = "_".join("".join(ch if ch.isalnum() else "_" for ch in c.words) for c in concepts)
-    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True, default=str).encode())
+    # the wall-clock time is not part of what was trained: the same run keeps its name
+    identity = {k: v for k, v in metadata.items() if k != "seconds"}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     return f"{prefix}_{words[:48]}_{digest.hexdigest()[:8]}"
