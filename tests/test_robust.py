@@ -64,7 +64,32 @@ def test_the_retention_can_hold_the_guided_prediction():
     assert all(torch.allclose(one.tensors[k], plain.tensors[k], atol=1e-5) for k in plain.tensors)
 
 
+def test_a_run_stops_where_the_pull_is_low_and_is_the_run_of_that_many_steps():
+    pipe = make_tiny_pipeline("sd1")
+    # Any reading is below 100: the run stops at the first check.
+    early = train_any(pipe, [Concept("star")], _cfg(steps=8, stop_pull=100.0, stop_every=3))
+    assert early.metadata["stop"]["at"] == 3 and early.metadata["stop"]["reached"]
+    assert len(early.metadata["losses"]) == 3
+    # The checks draw nothing from the run: the state is that of a 3-step run.
+    three = train_any(pipe, [Concept("star")], _cfg(steps=3))
+    assert "stop" not in three.metadata
+    assert all(torch.equal(early.tensors[k], three.tensors[k]) for k in three.tensors)
+
+
+def test_a_run_that_never_gets_low_enough_keeps_its_lowest_pull_state():
+    pipe = make_tiny_pipeline("sd1")
+    run = train_any(pipe, [Concept("star")], _cfg(steps=5, stop_pull=1e-9, stop_every=2))
+    stop = run.metadata["stop"]
+    assert not stop["reached"] and [s for s, _ in stop["pull"]] == [2, 4, 5]
+    lowest = min(stop["pull"], key=lambda reading: reading[1])[0]
+    assert stop["at"] == lowest
+    same = train_any(pipe, [Concept("star")], _cfg(steps=lowest))
+    assert all(torch.equal(run.tensors[k], same.tensors[k]) for k in same.tensors)
+
+
 @pytest.mark.parametrize(("key", "value", "match"), [
+    ("stop_pull", -0.1, "stop_pull"),
+    ("stop_every", 0, "stop_every must be an integer >= 1"),
     ("adversarial_every", -1, "adversarial_every must be an integer >= 0"),
     ("adversarial_steps", 0, "adversarial_steps must be an integer >= 1"),
     ("erase_weight", -1.0, "erase_weight"),

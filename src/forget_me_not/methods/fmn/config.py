@@ -48,6 +48,12 @@ class ResteerSettings:
         "'pooler' (every end-of-text id, as the official use_pooler), 'padding' (end-of-text "
         "and everything after it).", EXTRA_POSITIONS)
     seed: int = setting(0, "Seed of every random draw.")
+    stop_pull: float = setting(
+        0.0, "Stop once every concept's remaining pull is at most this: what its prompts add "
+        "over the empty prompt at high noise, where the layout is drawn, as a share of the base "
+        "model's (1: as before, 0: gone); `steps` is then the most, and a run that never gets "
+        "there keeps its lowest-pull state (0: run all `steps`).")
+    stop_every: int = setting(10, "stop_pull > 0: steps between two readings of the pull.")
     mixed_precision: str = setting("no", "Autocast of the forward passes; trained tensors stay "
                                    "float32.", PRECISIONS)
     preserve_weight: float = setting(0.0, "Retention term: weight of the MSE between the "
@@ -94,7 +100,7 @@ class ResteerSettings:
         check_choice("preserve_latents", self.preserve_latents, PRESERVE_LATENTS)
         check_choice("preserve_set", self.preserve_set, PROMPT_SETS)
         for name in ("steps", "batch_size", "n_self_images", "self_steps", "preserve_batch",
-                     "preserve_steps", "concept_anchor_images"):
+                     "preserve_steps", "concept_anchor_images", "stop_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise FmnError(f"{name} must be an integer >= 1, got {value}")
@@ -102,8 +108,9 @@ class ResteerSettings:
             raise FmnError(f"preserve_t_min must be an integer >= 0, got {self.preserve_t_min}")
         check_number("learning rate (lr)", self.lr, strict=True)
         check_number("max_grad_norm", self.max_grad_norm, strict=True, optional=True)
-        for name in ("weight_decay", "preserve_weight", "preserve_guidance", "transparent_weight",
-                     "anchor_weight", "concept_anchor_weight", "hold_weight"):
+        for name in ("stop_pull", "weight_decay", "preserve_weight", "preserve_guidance",
+                     "transparent_weight", "anchor_weight", "concept_anchor_weight",
+                     "hold_weight"):
             check_number(name, getattr(self, name))
         for name in ("preserve_prompts", "anchor_prompts", "hold_prompts", "compare_without",
                      "also_avoid"):

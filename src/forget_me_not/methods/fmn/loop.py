@@ -26,6 +26,7 @@ from forget_me_not.errors import FmnError
 from forget_me_not.methods.fmn import terms as T
 from forget_me_not.methods.fmn.adversary import Adversary
 from forget_me_not.methods.fmn.references import build_references, pixel_weights
+from forget_me_not.methods.fmn.stopping import PullCheck
 from forget_me_not.pipeline_io import Row, added_cond, autocast, encode_prompt, freeze
 from forget_me_not.progress import Progress
 
@@ -154,6 +155,8 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
     run = Run(pipe, config, trainable, gen)
     rows = encode_rows(pipe, concepts, config.extra_positions)
     terms = _terms(run, concepts)
+    check = PullCheck(run, rows) if getattr(config, "stop_pull", 0.0) > 0 else None
+    stop: dict[str, Any] | None = None
     references = build_references(pipe, concepts, config.reference, run.resolution,
                                   config.n_self_images, config.self_steps, config.seed)
     losses: list[float] = []
@@ -222,13 +225,26 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             term_losses.setdefault("attention", []).append(shown["attention"])
+            done = number + 1
+            if check is not None and (done % config.stop_every == 0 or done == config.steps):
+                shown["pull"] = check.check(run, done, params)
             bar.update(loss=losses[-1], **{k: v for k, v in shown.items() if k != "attention"})
+            if "pull" in shown and shown["pull"] <= config.stop_pull:
+                stop = {"at": done, "reached": True}
+                break
         bar.close()
+        if check is not None:
+            if stop is None:  # never low enough: the state where the pull was lowest
+                stop = {"at": check.restore_best(params), "reached": False}
+            stop["pull"] = check.history
         kind, tensors, lora_config = trainable.result()
     finally:
         if run.probes is not None:
             run.probes.remove()
         stack.close()
         trainable.restore()
-    return {"kind": kind, "tensors": tensors, "lora_config": lora_config, "losses": losses,
-            "term_losses": term_losses, "seconds": round(time.perf_counter() - started, 3)}
+    out = {"kind": kind, "tensors": tensors, "lora_config": lora_config, "losses": losses,
+           "term_losses": term_losses, "seconds": round(time.perf_counter() - started, 3)}
+    if stop is not None:
+        out["stop"] = stop
+    return out

@@ -45,5 +45,7 @@ def to_patch(pipe: Any, method: str, concepts: list[Concept], config: Any, out: 
         "term_losses": out["term_losses"],
         "seconds": out["seconds"],
     }
+    if "stop" in out:  # where the run stopped, and the pull read along it
+        metadata["stop"] = out["stop"]
     return Patch(kind=out["kind"], tensors=out["tensors"], metadata=metadata,
                  lora_config=out["lora_config"], name=run_name("fmn", concepts, metadata))
