@@ -155,7 +155,7 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
     run = Run(pipe, config, trainable, gen)
     rows = encode_rows(pipe, concepts, config.extra_positions)
     terms = _terms(run, concepts)
-    check = PullCheck(run, rows) if getattr(config, "stop_pull", 0.0) > 0 else None
+    check = PullCheck(run, rows, concepts) if getattr(config, "stop_pull", 0.0) > 0 else None
     stop: dict[str, Any] | None = None
     references = build_references(pipe, concepts, config.reference, run.resolution,
                                   config.n_self_images, config.self_steps, config.seed)

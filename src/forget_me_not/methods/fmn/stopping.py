@@ -1,12 +1,13 @@
 """Stopping when the concept is gone: its remaining pull at high noise, checked along the run.
 
-What a prompt adds over the empty prompt at high noise (the prompted minus the unprompted noise
-prediction) is what sets the image's layout, the object or face it will show. Its projection on
-the base model's own, on latents the base model draws for the concept's prompts, is 1 on the
-base model, 0 once the prompts ask for nothing the empty prompt does not, and negative under the
-erase term's push. A fixed number of steps ends wherever the run's last draws leave it; this
-ends where the measure says the concept is gone, and otherwise keeps the state where it was
-lowest.
+What a prompt adds at high noise over what the run pulls it to is what sets the image's
+layout, the object or face it will show: over the empty prompt, or, for a concept with an
+anchor (or with `erase_neutral: prompt`), over the same prompt with the anchor or without the
+concept's words ("... in outlined style" over "... in solid style"). Its projection on the base
+model's own, on latents the base model draws for the concept's prompts, is 1 on the base model,
+0 once the prompt asks for nothing more, and negative under the erase term's push. A fixed
+number of steps ends wherever the run's last draws leave it; this ends where the measure says
+the concept is gone, and otherwise keeps the state where it was lowest.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from forget_me_not.concepts import Concept
 from forget_me_not.pipeline_io import Row, draw_latents, encode_plain
 
 # The layout is drawn in the first tenth of sampling: the pull is read at 90% of the schedule.
@@ -25,15 +27,19 @@ CHUNK = 8  # latents per forward pass: real models check 512+ px images
 class PullCheck:
     """The concepts' remaining pull (the highest over concepts), and the best state so far."""
 
-    def __init__(self, run: Any, rows: list[Row]) -> None:
+    def __init__(self, run: Any, rows: list[Row], concepts: list[Concept]) -> None:
         cfg = run.config
+        by_prompt = getattr(cfg, "erase_neutral", "empty") == "prompt"
+        neutral = {(ci, prompt): without if c.anchor or by_prompt else ""
+                   for ci, c in enumerate(concepts)
+                   for prompt, without in zip(c.prompts(), c.neutral_prompts(), strict=True)}
         self.rows, self.concepts = rows, [row.concept for row in rows]
-        self.empty = encode_plain(run.pipe, [""])[0]
+        self.neutral = encode_plain(run.pipe, [neutral[row.concept, row.prompt] for row in rows])
         latents = draw_latents(run.pipe, [row.prompt for row in rows], cfg.preserve_steps,
                                cfg.seed + 5)
         # Its own generator: the run's draws stay those of a run without checks.
         noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(cfg.seed))
-        self.t = torch.full((len(rows),), int(HIGH_NOISE * run.n_train_t))
+        self.t = torch.full((len(self.rows),), int(HIGH_NOISE * run.n_train_t))
         self.noisy = run.scheduler.add_noise(latents, noise, self.t)
         self.base: torch.Tensor | None = None
         self.history: list[tuple[int, float]] = []
@@ -42,18 +48,17 @@ class PullCheck:
     def _pulls(self, run: Any, base: bool) -> torch.Tensor:
         out = []
         for i in range(0, len(self.rows), CHUNK):
-            rows = self.rows[i : i + CHUNK]
+            rows, neutral = self.rows[i : i + CHUNK], self.neutral[i : i + CHUNK]
             x = self.noisy[i : i + CHUNK].to(run.device, run.unet.dtype)
             t = self.t[i : i + CHUNK].to(run.device)
             if base:
-                prompted = (torch.cat([r.embeds for r in rows]).to(run.device), run.cond(rows))
-                empty = (self.empty.embeds.repeat(len(rows), 1, 1).to(run.device),
-                         run.cond([self.empty] * len(rows)))
+                prompted, without = ((torch.cat([r.embeds for r in part]).to(run.device),
+                                      run.cond(part)) for part in (rows, neutral))
             else:  # the text states as the model in training computes them
-                prompted, empty = run.live(rows), run.live([self.empty] * len(rows))
+                prompted, without = run.live(rows), run.live(neutral)
             with torch.no_grad():
                 out.append((run.predict(x, t, *prompted, base=base)
-                            - run.predict(x, t, *empty, base=base)).float().cpu())
+                            - run.predict(x, t, *without, base=base)).float().cpu())
         return torch.cat(out).flatten(1)
 
     def remaining(self, run: Any) -> float:
