@@ -55,7 +55,9 @@ def main() -> None:
                 if k not in targets and base[k]["rate"] > 0}
         row = {"recipe": a.recipe, "sets": a.sets, "target": a.target,
                "forget_s": round(seconds, 1),
-               "stopped_at": (patch.metadata.get("stop") or {}).get("at"),  # with stop_pull
+               # with stop_pull: the step kept, and whether the threshold was reached there
+               "stopped_at": (patch.metadata.get("stop") or {}).get("at"),
+               "stop_reached": (patch.metadata.get("stop") or {}).get("reached"),
                "lowest_retention": sorted(kept.items(), key=lambda kv: kv[1])[:3]}
         settings = AttackSettings(n=a.n, budget=150)
         for c in concepts:
