@@ -64,8 +64,9 @@ def test_the_retention_can_hold_the_guided_prediction():
     assert all(torch.allclose(one.tensors[k], plain.tensors[k], atol=1e-5) for k in plain.tensors)
 
 
-def test_a_run_stops_where_the_pull_is_low_and_is_the_run_of_that_many_steps():
-    pipe = make_tiny_pipeline("sd1")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_run_stops_where_the_pull_is_low_and_is_the_run_of_that_many_steps(family):
+    pipe = make_tiny_pipeline(family)
     # Any reading is below 100: the run stops at the first check.
     early = train_any(pipe, [Concept("star")], _cfg(steps=8, stop_pull=100.0, stop_every=3))
     assert early.metadata["stop"]["at"] == 3 and early.metadata["stop"]["reached"]

@@ -43,7 +43,7 @@ class PullCheck:
         self.noisy = run.scheduler.add_noise(latents, noise, self.t)
         self.base: torch.Tensor | None = None
         self.history: list[tuple[int, float]] = []
-        self.best: tuple[float, list[torch.Tensor]] | None = None
+        self.best: tuple[float, int, list[torch.Tensor]] | None = None
 
     def _pulls(self, run: Any, base: bool) -> torch.Tensor:
         out = []
@@ -76,13 +76,13 @@ class PullCheck:
         value = self.remaining(run)
         self.history.append((step, round(value, 4)))
         if self.best is None or value < self.best[0]:
-            self.best = (value, [p.detach().clone() for p in params])
+            self.best = (value, step, [p.detach().clone() for p in params])
         return value
 
     def restore_best(self, params: list[torch.nn.Parameter]) -> int:
         """Put back the lowest-pull state; returns the step it was read at."""
         assert self.best is not None
         with torch.no_grad():
-            for p, kept in zip(params, self.best[1], strict=True):
+            for p, kept in zip(params, self.best[2], strict=True):
                 p.copy_(kept)
-        return min(self.history, key=lambda h: h[1])[0]
+        return self.best[1]
