@@ -50,10 +50,10 @@ class ResteerSettings:
     seed: int = setting(0, "Seed of every random draw.")
     stop_pull: float = setting(
         0.0, "Stop once every concept's remaining pull is at most this: what its prompts add "
-        "over the same prompts without it (or with its anchor) at high noise, where the layout "
-        "is drawn, as a share of the base model's (1: as before, 0: gone); `steps` is then the "
-        "most, and a run that never gets there keeps its lowest-pull state (0: run all "
-        "`steps`).")
+        "over the empty prompt (a concept with an anchor: over its prompts with the anchor) at "
+        "high noise, where the layout is drawn, as a share of the base model's (1: as "
+        "before, 0: gone); `steps` is then the most, and a run that never gets there keeps "
+        "its lowest-pull state (0: run all `steps`).")
     stop_every: int = setting(10, "stop_pull > 0: steps between two readings of the pull.")
     mixed_precision: str = setting("no", "Autocast of the forward passes; trained tensors stay "
                                    "float32.", PRECISIONS)
