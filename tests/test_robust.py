@@ -65,11 +65,13 @@ def test_the_retention_can_hold_the_guided_prediction():
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_a_run_stops_where_the_pull_is_low_and_is_the_run_of_that_many_steps(family):
+def test_a_run_stops_where_the_pull_is_low_and_is_the_run_of_that_many_steps(family, capsys):
     pipe = make_tiny_pipeline(family)
     # Any reading is below 100: the run stops at the first check.
-    early = train_any(pipe, [Concept("star")], _cfg(steps=8, stop_pull=100.0, stop_every=3))
+    early = train_any(pipe, [Concept("star")], _cfg(steps=8, stop_pull=100.0, stop_every=3),
+                      progress=True)
     assert early.metadata["stop"]["at"] == 3 and early.metadata["stop"]["reached"]
+    assert "at step 3: stopped there" in capsys.readouterr().err
     assert len(early.metadata["losses"]) == 3
     # The checks draw nothing from the run: the state is that of a 3-step run.
     three = train_any(pipe, [Concept("star")], _cfg(steps=3))
@@ -77,13 +79,16 @@ def test_a_run_stops_where_the_pull_is_low_and_is_the_run_of_that_many_steps(fam
     assert all(torch.equal(early.tensors[k], three.tensors[k]) for k in three.tensors)
 
 
-def test_a_run_that_never_gets_low_enough_keeps_its_lowest_pull_state():
+def test_a_run_that_never_gets_low_enough_keeps_its_lowest_pull_state(capsys):
     pipe = make_tiny_pipeline("sd1")
-    run = train_any(pipe, [Concept("star")], _cfg(steps=5, stop_pull=1e-9, stop_every=2))
+    run = train_any(pipe, [Concept("star")], _cfg(steps=5, stop_pull=1e-9, stop_every=2),
+                    progress=True)
     stop = run.metadata["stop"]
     assert not stop["reached"] and [s for s, _ in stop["pull"]] == [2, 4, 5]
     lowest = min(stop["pull"], key=lambda reading: reading[1])[0]
     assert stop["at"] == lowest
+    # The log says which state was kept, not only that the run went to the end.
+    assert f"kept step {lowest}, where it was lowest" in capsys.readouterr().err
     same = train_any(pipe, [Concept("star")], _cfg(steps=lowest))
     assert all(torch.equal(run.tensors[k], same.tensors[k]) for k in same.tensors)
 

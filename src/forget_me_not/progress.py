@@ -64,6 +64,13 @@ class Progress:
             if self.done % every == 0 and self.done < self.total:
                 self._line(f"{self.label}: step {self.done}/{self.total} {shown}".rstrip())
 
+    def note(self, text: str) -> None:
+        """One line about the stage (e.g. where a run stopped), on a terminal or in the log."""
+        if self.bar is not None:
+            self.bar.write(f"{self.label}: {text}", file=self.stream)
+        elif self.lines:
+            self._line(f"{self.label}: {text}")
+
     def close(self) -> None:
         seconds = time.perf_counter() - self.started
         if self.bar is not None:

@@ -123,23 +123,34 @@ def markdown(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
 
 
 def plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
-    """Bars: M-Score and retention min per entry, grouped by target."""
+    """Two grids, entries (best mean M first) by targets: the M-Score and retention min, each
+    cell written out, so a table of many entries and targets still reads at a glance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['entry']}\n{r['target']}" for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.6), dpi=100)
-    ax.bar([x - 0.2 for x in xs], [r["m_score"] for r in rows], 0.4, label="M-Score (lower: "
-           "forgotten)")
-    ax.bar([x + 0.2 for x in xs], [r["retention_min"] or 0 for r in rows], 0.4,
-           label="retention min (higher: kept)")
-    ax.set_xticks(list(xs), labels, fontsize=7)
-    ax.set_ylim(0, 1.05)
-    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
-    ax.legend(fontsize=7, loc="upper right")
+    entries = [o["entry"] for o in overall(rows, 0.95)]
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    cell = {(r["entry"], r["target"]): r for r in rows}
+    width = max(8.0, 2.4 * len(targets) + 3.0)
+    fig, axes = plt.subplots(1, 2, figsize=(width, 1.2 + 0.38 * len(entries)), dpi=100,
+                             sharey=True)
+    # Retention's colours span 0.5-1: the bar is 0.95, and 0.7 is already a visible loss.
+    panels = (("m_score", "M-Score (lower: forgotten)", "RdYlGn_r", 0.0, "{:.0%}"),
+              ("retention_min", "retention min (higher: kept)", "RdYlGn", 0.5, "{:.2f}"))
+    for ax, (key, title, cmap, low, fmt) in zip(axes, panels, strict=True):
+        grid = [[float("nan") if (e, t) not in cell or cell[e, t].get(key) is None
+                 else float(cell[e, t][key]) for t in targets] for e in entries]
+        ax.imshow(grid, cmap=cmap, vmin=low, vmax=1.0, aspect="auto")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                if value == value:  # not NaN: the entry ran on this target
+                    ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(targets)), [t.replace("+", "+\n") for t in targets],
+                      fontsize=7)
+        ax.set_yticks(range(len(entries)), entries, fontsize=7)
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -26,7 +26,7 @@ from forget_me_not.errors import FmnError
 from forget_me_not.methods.fmn import terms as T
 from forget_me_not.methods.fmn.adversary import Adversary
 from forget_me_not.methods.fmn.references import build_references, pixel_weights
-from forget_me_not.methods.fmn.stopping import PullCheck
+from forget_me_not.methods.fmn.stopping import PullCheck, stop_line
 from forget_me_not.pipeline_io import Row, added_cond, autocast, encode_prompt, freeze
 from forget_me_not.progress import Progress
 
@@ -237,6 +237,7 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             if stop is None:  # never low enough: the state where the pull was lowest
                 stop = {"at": check.restore_best(params), "reached": False}
             stop["pull"] = check.history
+            bar.note(stop_line(stop, config.stop_pull))
         kind, tensors, lora_config = trainable.result()
     finally:
         if run.probes is not None:

@@ -86,3 +86,12 @@ class PullCheck:
             for p, kept in zip(params, self.best[2], strict=True):
                 p.copy_(kept)
         return self.best[1]
+
+
+def stop_line(stop: dict[str, Any], threshold: float) -> str:
+    """Where a run with stop_pull ended, in one line."""
+    pull = dict(stop["pull"]).get(stop["at"])
+    if stop["reached"]:
+        return f"the pull was {pull} <= {threshold} at step {stop['at']}: stopped there"
+    return (f"the pull never fell to {threshold}: kept step {stop['at']}, where it was lowest "
+            f"({pull})")
