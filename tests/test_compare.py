@@ -93,6 +93,11 @@ def test_a_comparison_on_the_embedded_model_writes_and_resumes(tmp_path):
         assert row["i_after"] is not None and row["patch_bytes"] > 0
         parts = [row[k] for k in ("g_after", "i_after", "e_after", "p_after", "a_after")]
         assert row["m_score"] == max(parts)
+        # Each other concept's retention is in the row; the lowest is retention min.
+        each = row["retention_each"]
+        assert set(each) <= {"moon", "circle"} and "star" not in each
+        assert each == {} or abs(min(each.values()) - row["retention_min"]) < 1e-3
+        assert row["stop"] is None  # neither recipe stops on the pull
     # A token-row patch only hides the word: the base text encoder gets the concept back as the
     # base model draws it (same seeds), and the M-Score says so.
     rows_row = next(r for r in rows if r["entry"] == "conceptworld-rows")

@@ -319,6 +319,9 @@ def _row(entry: Entry, patch, names: list[str], base, after, seconds, peak, size
         "retention_min": min(kept.values()) if kept else None,
         "retention_mean": sum(kept.values()) / len(kept) if kept else None,
         "below": sorted(k for k, v in kept.items() if v < LOW),
+        "retention_each": {k: round(v, 4) for k, v in sorted(kept.items())},
+        # stop_pull runs: the step kept and whether the threshold was reached there
+        "stop": {k: v for k, v in (meta.get("stop") or {}).items() if k != "pull"} or None,
         "forget_seconds": seconds,
         "peak_mb": peak,
         "patch_bytes": size,
