@@ -45,6 +45,8 @@ def test_paper_is_refused_on_sdxl_with_a_suggestion():
     ("speed: fast\nparts: [{method: fmn}]", "unknown key 'speed'"),
     ("parts: [{method: fmn, scale: 2}]", "scale"),
     ("parts: [{: :", "not valid YAML"),
+    ("parts: [{method: fmn}]\nparts: [{method: uce}]", "key 'parts' appears twice"),
+    ("parts: [{method: fmn, config: {lr: 0.1, lr: 0.2}}]", "key 'lr' appears twice"),
 ])
 def test_bad_recipe_files_name_the_key_and_the_file(tmp_path, text, fragment):
     path = tmp_path / "mine.yaml"

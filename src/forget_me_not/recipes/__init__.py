@@ -101,11 +101,37 @@ def load(name_or_path: str | Path) -> Recipe:
     if not path.is_file():
         raise FmnError(f"recipe file {path} does not exist: pass a shipped name or a .yaml file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as err:
+        raise FmnError(f"recipe file {path}: key {err.key!r} appears twice (line {err.line}): "
+                       "keep one (YAML would silently use the last)") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise FmnError(f"recipe file {path} is not valid YAML ({str(err).splitlines()[0]})") \
             from None
     return _parse(data, path)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (two `parts:`, two `lr:`)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise _DuplicateKey(key, key_node.start_mark.line + 1)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def from_method(method: str) -> Recipe:
