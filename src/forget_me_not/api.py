@@ -88,6 +88,11 @@ def forget(
     if chosen.needs_images and not all(c.images for c in items):
         raise FmnError(f"recipe {chosen.name} trains on reference images: pass --images DIR "
                        "(the official data has 10 per concept), or use paper-lora")
+    missing = next((c for c in items if not any(part.takes(c) for part in chosen.parts)), None)
+    if missing is not None:
+        kind = "that name an anchor (a style)" if missing.anchor else "without an anchor"
+        raise FmnError(f"recipe {chosen.name} has no part for {missing.name!r}: none of its "
+                       f"parts trains concepts {kind}; choose another --recipe")
     configs = chosen.configs(any(c.anchor for c in items), list(sets))
     parts = list(zip(chosen.parts, configs, strict=True))
     if on_top_of:
@@ -167,15 +172,18 @@ def _train_parts(pipe: Any, items: list[Concept], parts: list, earlier: list[Pat
     trained: list = []
     carried: list[Patch] = []  # a sequential recipe's parts so far, as LoRAs
     for part, cfg in parts:
+        mine = [c for c in items if part.takes(c)]  # a part may be for one kind of concept
+        if not mine:
+            continue
         if earlier:
-            cfg = _on_top_config(cfg, earlier, items)
+            cfg = _on_top_config(cfg, earlier, mine)
         if carried:
             # its retention terms compare with the base model, not the model the parts made
             cfg = dataclasses.replace(cfg, compare_without=(
                 *cfg.compare_without, *(p.name for p in carried)))
         patch = _with_applied(pipe, [*earlier, *carried],
-                              lambda c=cfg, p=part: methods.get(p.method).train(
-                                  pipe, items, c, progress=progress))
+                              lambda c=cfg, p=part, m=mine: methods.get(p.method).train(
+                                  pipe, m, c, progress=progress))
         if earlier:
             patch.metadata["trained_on_top_of"] = [p.name for p in earlier]
         scaled = (dataclasses.replace(patch.scaled(part.scale), name=patch.name)

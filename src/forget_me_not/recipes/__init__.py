@@ -22,7 +22,9 @@ from forget_me_not.settings import build, check_number, parse_pair
 HERE = Path(__file__).parent
 RECIPE_KEYS = ("description", "families", "needs_images", "separately", "sequential",
                "inversion", "parts", "departs")
-PART_KEYS = ("method", "recipe", "config", "anchored", "scale")
+PART_KEYS = ("method", "recipe", "config", "anchored", "scale", "only")
+# `only`: the concepts a part trains on; "" (every one), or those that name an anchor or not.
+ONLY = ("", "anchored", "plain")
 INVERSION_KEYS = ("num_tokens", "init", "init_sigma", "lr", "steps", "weight_decay",
                   "norm_target", "flip_p")
 
@@ -34,6 +36,11 @@ class Part:
     anchored: dict[str, Any]  # overrides for runs where a concept names an anchor
     scale: float = 1.0  # the share of its trained size the part keeps in the patch
     source: str = ""
+    only: str = ""  # "anchored" / "plain": the part trains on those concepts alone
+
+    def takes(self, concept: Any) -> bool:
+        """Whether this part trains on `concept` (by whether it names an anchor)."""
+        return not self.only or (self.only == "anchored") == bool(concept.anchor)
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,8 @@ class Recipe:
         for part in self.parts:
             values = {f.name: getattr(part.config, f.name)
                       for f in dataclasses.fields(part.config)}
-            if anchored:
+            # a part for one kind of concept knows whether its concepts name an anchor
+            if (part.only == "anchored") if part.only else anchored:
                 values.update(part.anchored)
             out.append((part, values))
         for pair in sets:
@@ -166,6 +174,9 @@ def _parse(data: Any, path: Path) -> Recipe:
     sequential = bool(data.get("sequential", False))
     if sequential:
         _check_sequential(parts, where)
+        if any(part.only for part in parts):
+            raise FmnError(f"{where}: a sequential recipe trains every part on every concept; "
+                           "drop 'only' or 'sequential'")
     return Recipe(path.stem, str(data.get("description", "")), parts, tuple(families),
                   bool(data.get("needs_images", False)), bool(data.get("separately", False)),
                   sequential, inversion, str(data.get("departs", "")), where)
@@ -189,12 +200,17 @@ def _part(raw: Any, where: str) -> Part:
         raise FmnError(f"{where}: a part takes {', '.join(PART_KEYS)}")
     scale = raw.get("scale", 1.0)
     check_number(f"{where}: scale", scale, strict=True, high=1.0)
+    only = raw.get("only", "")
+    if only not in ONLY:
+        raise FmnError(f"{where}: only must be 'anchored' (concepts that name an anchor, e.g. "
+                       f"a style) or 'plain' (the others), not {only!r}")
     if "recipe" in raw:  # another recipe's single part, perhaps scaled
         other = load(raw["recipe"])
-        if len(other.parts) != 1 or set(raw) - {"recipe", "scale"}:
-            raise FmnError(f"{where}: a part naming a recipe takes only 'scale', and that "
-                           "recipe must have one part")
-        return dataclasses.replace(other.parts[0], scale=float(scale), source=other.path)
+        if len(other.parts) != 1 or set(raw) - {"recipe", "scale", "only"}:
+            raise FmnError(f"{where}: a part naming a recipe takes only 'scale' and 'only', "
+                           "and that recipe must have one part")
+        return dataclasses.replace(other.parts[0], scale=float(scale), source=other.path,
+                                   only=only)
     if "method" not in raw:
         raise FmnError(f"{where}: a part names a method ({', '.join(methods.names())}) or a "
                        "recipe")
@@ -205,4 +221,4 @@ def _part(raw: Any, where: str) -> Part:
     config = build(spec.config_class, raw.get("config") or {}, f"{where}.config")
     anchored = raw.get("anchored") or {}
     build(spec.config_class, {**(raw.get("config") or {}), **anchored}, f"{where}.anchored")
-    return Part(spec.name, config, dict(anchored), float(scale), where)
+    return Part(spec.name, config, dict(anchored), float(scale), where, only)
