@@ -56,6 +56,13 @@ def test_the_default_rule_prefers_removal_then_retention_everywhere_then_the_low
     partial = [*rows, _row("new", "fmn", "a", 0.0, 1.0)]  # one target so far: not ranked first
     assert overall(partial, 0.95)[-2]["entry"] == "new"
     assert choice(overall(partial, 0.95), 0.95).startswith("Choice: lora")
+    # An entry with another method per target names them all; one that hides on any target
+    # does not count as removing.
+    mixed = [_row("kind", "uce", "a", 0.1, 0.97), _row("kind", "fmn", "b", 0.1, 0.96)]
+    (kind,) = overall(mixed, 0.95)
+    assert kind["method"] == "uce / fmn" and kind["removes"]
+    hiding = [_row("half", "fmn", "a", 0.1, 0.97), _row("half", "token_rows", "b", 0.1, 0.96)]
+    assert not overall(hiding, 0.95)[0]["removes"]
 
 
 def test_cli_compare_refuses_bad_input_before_loading(tmp_path):

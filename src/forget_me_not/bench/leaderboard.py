@@ -50,9 +50,11 @@ def overall(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]
         mine = [r for r in rows if r["entry"] == entry]
         scores = [r["m_score"] for r in mine]
         kept = [r["retention_min"] or 0.0 for r in mine]
-        parts = str(mine[0]["method"]).split("+")
+        # an entry may use another method per target (a recipe by kind of concept)
+        used = list(dict.fromkeys(str(r["method"]) for r in mine))
+        parts = {m for name in used for m in name.split("+")}
         out.append({
-            "entry": entry, "method": mine[0]["method"], "targets": len(mine),
+            "entry": entry, "method": " / ".join(used), "targets": len(mine),
             "m_mean": sum(scores) / len(scores), "m_worst": max(scores),
             "retention_worst": min(kept), "kept_targets": sum(k >= keep for k in kept),
             "removes": all(m not in methods.names() or methods.get(m).removes_from_unet
