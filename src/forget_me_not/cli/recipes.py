@@ -34,7 +34,9 @@ def recipes_command(
     if recipe.departs:
         typer.echo(f"departs from the paper: {recipe.departs}")
     for i, part in enumerate(recipe.parts):
-        typer.echo(f"part {i + 1}: {part.method} (scale {part.scale:g})")
+        kind = {"anchored": ", only concepts that name an anchor",
+                "plain": ", only concepts without an anchor"}.get(part.only, "")
+        typer.echo(f"part {i + 1}: {part.method} (scale {part.scale:g}{kind})")
         for f in dataclasses.fields(part.config):
             typer.echo(f"  {f.name:22s} {getattr(part.config, f.name)!r}")
         for key, value in part.anchored.items():
