@@ -99,3 +99,17 @@ def test_the_options_reference_is_current():
     committed = Path(__file__).parents[1] / "docs" / "options.md"
     assert committed.read_text() == render(), "run: python -m forget_me_not.options_doc > " \
                                               "docs/options.md"
+
+
+def test_a_part_naming_a_recipe_can_change_some_of_its_settings(tmp_path):
+    path = tmp_path / "derived.yaml"
+    path.write_text("parts:\n  - recipe: conceptworld-robust\n    config: {steps: 7, "
+                    "stop_pull: 0.1}\n")
+    derived, base = recipes.load(path), recipes.load("conceptworld-robust")
+    for flag in (False, True):  # the named recipe's anchored overrides still apply
+        got, want = derived.configs(flag)[0], base.configs(flag)[0]
+        assert got.stop_pull == 0.1 and got.steps == (want.steps if flag else 7)
+        assert got.erase_weight == want.erase_weight and got.lr == want.lr
+    path.write_text("parts:\n  - recipe: conceptworld-robust\n    config: {magic: 1}\n")
+    with pytest.raises(FmnError, match="unknown setting 'magic'"):
+        recipes.load(path)

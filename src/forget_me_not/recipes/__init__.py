@@ -204,12 +204,18 @@ def _part(raw: Any, where: str) -> Part:
     if only not in ONLY:
         raise FmnError(f"{where}: only must be 'anchored' (concepts that name an anchor, e.g. "
                        f"a style) or 'plain' (the others), not {only!r}")
-    if "recipe" in raw:  # another recipe's single part, perhaps scaled
+    if "recipe" in raw:  # another recipe's single part, perhaps scaled or with some changes
         other = load(raw["recipe"])
-        if len(other.parts) != 1 or set(raw) - {"recipe", "scale", "only"}:
-            raise FmnError(f"{where}: a part naming a recipe takes only 'scale' and 'only', "
-                           "and that recipe must have one part")
-        return dataclasses.replace(other.parts[0], scale=float(scale), source=other.path,
+        if len(other.parts) != 1 or set(raw) - {"recipe", "scale", "only", "config"}:
+            raise FmnError(f"{where}: a part naming a recipe takes only 'scale', 'only' and "
+                           "'config' (changes to its settings), and that recipe must have one "
+                           "part")
+        base = other.parts[0]
+        config = base.config
+        if raw.get("config"):
+            fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+            config = build(type(config), {**fields, **raw["config"]}, f"{where}.config")
+        return dataclasses.replace(base, config=config, scale=float(scale), source=other.path,
                                    only=only)
     if "method" not in raw:
         raise FmnError(f"{where}: a part names a method ({', '.join(methods.names())}) or a "
