@@ -79,6 +79,10 @@ register(Method(
     "forget", "forget_me_not.methods.uce.config:UceConfig",
     "forget_me_not.methods.uce.train:train"))
 register(Method(
+    "rece", "RECE: UCE's edit, then rounds erasing the embedding that still draws the concept",
+    "forget", "forget_me_not.methods.rece.config:ReceConfig",
+    "forget_me_not.methods.rece.train:train"))
+register(Method(
     "esd", "Erasing Concepts (ESD-x / ESD-u): fine-tune toward negative guidance",
     "forget", "forget_me_not.methods.esd.config:EsdConfig",
     "forget_me_not.methods.esd.train:train"))

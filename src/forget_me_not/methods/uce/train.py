@@ -102,13 +102,19 @@ def _preserved(config: UceConfig, concepts: Sequence[Concept]) -> list[str]:
     return [p for p in dict.fromkeys(out) if not words & set(p.lower().split())]
 
 
-def train(pipe: Any, concepts: Sequence[Concept], config: UceConfig | None = None, *,
-          progress: bool = True) -> Patch:
-    """Edit `pipe`'s cross-attention so `concepts` map to their anchors; return the patch."""
-    concepts, config = list(concepts), config or UceConfig()
-    if not concepts:
-        raise FmnError("no concept to forget: pass at least one concept")
-    started = time.perf_counter()
+@dataclasses.dataclass
+class States:
+    """The text states of one solve: erased (n, D) with their guides (n, D), preserved (m, D)."""
+
+    erased: torch.Tensor
+    guides: torch.Tensor
+    preserved: torch.Tensor
+    kept: list[str]  # the preserved concepts' words
+    prompts: list[tuple[str, str]]  # (prompt, guide) per edited prompt
+
+
+def solve_states(pipe: Any, concepts: Sequence[Concept], config: UceConfig) -> States:
+    """Every erased, guide and preserved state of `concepts`' edit, the encoder run once."""
     plans = []  # (prompt, guide, words, anchor) per edited prompt
     for concept in concepts:
         anchor = concept.anchor if concept.anchor is not None else (
@@ -141,22 +147,27 @@ def train(pipe: Any, concepts: Sequence[Concept], config: UceConfig | None = Non
         else:
             states.append(text_state(pipe, prompt, encoded))
     preserved = torch.stack(states) if states else torch.zeros(0, erased[0].shape[0])
-    c, cs = torch.stack(erased), torch.stack(guides)  # (n, D)
-    tensors: dict[str, torch.Tensor] = {}
-    factors, conditions, errors = {}, [], []
-    system = System(c, cs, preserved, config.erase_scale, config.preserve_scale, config.lamb)
-    for name, module in pipe.unet.named_modules():
-        if not name.endswith(tuple(f"attn2.{t}" for t in config.targets)):
-            continue
-        edit = low_rank_edit(module.weight, system)
-        factors[name] = edit
-        conditions.append(edit["condition"])
-        errors.append(edit["error"])
-    if not factors:
+    return States(torch.stack(erased), torch.stack(guides), preserved, kept,
+                  [(plan[0], plan[1]) for plan in plans])
+
+
+def edited_layers(pipe: Any, targets: Sequence[str]) -> list[tuple[str, Any]]:
+    """(name, module) of every cross-attention projection in `targets`, in UNet order."""
+    layers = [(name, module) for name, module in pipe.unet.named_modules()
+              if name.endswith(tuple(f"attn2.{t}" for t in targets))]
+    if not layers:
         raise FmnError("the UNet has no cross-attention to_k/to_v layers: UCE cannot edit it")
-    rank = c.shape[0]
+    return layers
+
+
+def factors_patch(factors: dict[str, dict[str, Any]], metadata: dict[str, Any],
+                  config: UceConfig, concepts: Sequence[Concept]) -> Patch:
+    """The edit as a LoRA of its exact factors, or as full-weight deltas where its rank would
+    reach a layer's width."""
+    rank = next(iter(factors.values()))["A"].shape[0]
     widths = [min(m["B"].shape[0], m["A"].shape[1]) for m in factors.values()]
     as_lora = config.output == "lora" and rank < min(widths)
+    tensors: dict[str, torch.Tensor] = {}
     for name, edit in factors.items():
         if as_lora:
             tensors[f"unet.{name}.lora_A.weight"] = edit["A"].contiguous()
@@ -165,7 +176,17 @@ def train(pipe: Any, concepts: Sequence[Concept], config: UceConfig | None = Non
             tensors[f"unet.{name}.weight"] = (edit["B"] @ edit["A"]).contiguous()
     lora_config = ({"r": rank, "lora_alpha": rank, "init_lora_weights": True,
                     "target_modules": [f"attn2.{t}" for t in config.targets]} if as_lora else None)
-    metadata = {
+    metadata = {**metadata, "rank": rank}
+    if config.output == "lora" and not as_lora:
+        metadata["note"] = f"rank {rank} would reach a weight's width: stored as deltas"
+    kind = "lora" if as_lora else "delta"
+    return Patch(kind, tensors, metadata, lora_config, run_name(metadata["method"], concepts,
+                                                                metadata))
+
+
+def base_metadata(pipe: Any, concepts: Sequence[Concept], config: UceConfig,
+                  kept: list[str]) -> dict[str, Any]:
+    return {
         "method": "uce",
         "concepts": [x.to_dict() for x in concepts],
         "family": family_of(pipe),
@@ -175,15 +196,28 @@ def train(pipe: Any, concepts: Sequence[Concept], config: UceConfig | None = Non
         "seed": config.seed,
         "settings": dataclasses.asdict(config),
         "preserved": kept,
-        "rank": rank,
-        "edited_states": rank,
-        "reconstruction_error": max(errors),
-        "condition_number": max(conditions),
+    }
+
+
+def train(pipe: Any, concepts: Sequence[Concept], config: UceConfig | None = None, *,
+          progress: bool = True) -> Patch:
+    """Edit `pipe`'s cross-attention so `concepts` map to their anchors; return the patch."""
+    concepts, config = list(concepts), config or UceConfig()
+    if not concepts:
+        raise FmnError("no concept to forget: pass at least one concept")
+    started = time.perf_counter()
+    states = solve_states(pipe, concepts, config)
+    system = System(states.erased, states.guides, states.preserved, config.erase_scale,
+                    config.preserve_scale, config.lamb)
+    factors = {name: low_rank_edit(module.weight, system)
+               for name, module in edited_layers(pipe, config.targets)}
+    metadata = {
+        **base_metadata(pipe, concepts, config, states.kept),
+        "edited_states": states.erased.shape[0],
+        "reconstruction_error": max(m["error"] for m in factors.values()),
+        "condition_number": max(m["condition"] for m in factors.values()),
         "versions": library_versions(),
         "losses": [0.0],
         "seconds": round(time.perf_counter() - started, 3),
     }
-    if config.output == "lora" and not as_lora:
-        metadata["note"] = f"rank {rank} would reach a weight's width: stored as deltas"
-    kind = "lora" if as_lora else "delta"
-    return Patch(kind, tensors, metadata, lora_config, run_name("uce", concepts, metadata))
+    return factors_patch(factors, metadata, config, concepts)
