@@ -87,7 +87,7 @@ def test_cli_recipes_lists_methods_and_recipes():
     shown = CliRunner().invoke(app, ["recipes", "paper"])
     assert shown.exit_code == 0 and "extra_positions" in shown.output and "pooler" in shown.output
     by_kind = CliRunner().invoke(app, ["recipes", "conceptworld-by-kind"])
-    assert "part 1: uce (scale 1, only concepts that name an anchor)" in by_kind.output
+    assert "part 1: rece (scale 1, only concepts that name an anchor)" in by_kind.output
     assert "part 2: fmn (scale 1, only concepts without an anchor)" in by_kind.output
 
 

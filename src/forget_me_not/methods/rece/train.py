@@ -17,16 +17,9 @@ from typing import Any
 import torch
 
 from forget_me_not.concepts import Concept
-from forget_me_not.errors import FmnError
 from forget_me_not.methods.rece.config import ReceConfig
 from forget_me_not.methods.uce.edit import System, low_rank_edit
-from forget_me_not.methods.uce.train import (
-    Encoded,
-    base_metadata,
-    edited_layers,
-    factors_patch,
-    solve_states,
-)
+from forget_me_not.methods.uce.train import Encoded, base_metadata, factors_patch, solve_edit
 from forget_me_not.patch import Patch, library_versions
 from forget_me_not.progress import Progress
 
@@ -49,17 +42,11 @@ def train(pipe: Any, concepts: Sequence[Concept], config: ReceConfig | None = No
           progress: bool = True) -> Patch:
     """UCE's edit of `concepts`, then `epochs` adversarial rounds; return the stacked patch."""
     concepts, config = list(concepts), config or ReceConfig()
-    if not concepts:
-        raise FmnError("no concept to forget: pass at least one concept")
     started = time.perf_counter()
-    states = solve_states(pipe, concepts, config)
-    layers = edited_layers(pipe, config.targets)
+    states, layers, first = solve_edit(pipe, concepts, config)
     base = [module.weight.detach().double().cpu() for _, module in layers]
-    system = System(states.erased, states.guides, states.preserved, config.erase_scale,
-                    config.preserve_scale, config.lamb)
-    edits = [[low_rank_edit(w, system)] for w in base]
-    current = [w + e[0]["B"].double() @ e[0]["A"].double()
-               for w, e in zip(base, edits, strict=True)]
+    edits = [[edit] for edit in first]
+    current = [w + e["B"].double() @ e["A"].double() for w, e in zip(base, first, strict=True)]
     encoded = Encoded(pipe)  # whole sequences, padding included, as the official rounds take
     encoded.prefetch([p for pair in states.prompts for p in pair] + [""])
     prompts = torch.cat([encoded(p) for p, _ in states.prompts]).double()

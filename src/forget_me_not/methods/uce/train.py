@@ -199,18 +199,25 @@ def base_metadata(pipe: Any, concepts: Sequence[Concept], config: UceConfig,
     }
 
 
+def solve_edit(pipe: Any, concepts: Sequence[Concept], config: UceConfig
+               ) -> tuple[States, list[tuple[str, Any]], list[dict[str, Any]]]:
+    """The states, the edited layers and each layer's low-rank edit of one UCE solve."""
+    if not concepts:
+        raise FmnError("no concept to forget: pass at least one concept")
+    states = solve_states(pipe, concepts, config)
+    system = System(states.erased, states.guides, states.preserved, config.erase_scale,
+                    config.preserve_scale, config.lamb)
+    layers = edited_layers(pipe, config.targets)
+    return states, layers, [low_rank_edit(module.weight, system) for _, module in layers]
+
+
 def train(pipe: Any, concepts: Sequence[Concept], config: UceConfig | None = None, *,
           progress: bool = True) -> Patch:
     """Edit `pipe`'s cross-attention so `concepts` map to their anchors; return the patch."""
     concepts, config = list(concepts), config or UceConfig()
-    if not concepts:
-        raise FmnError("no concept to forget: pass at least one concept")
     started = time.perf_counter()
-    states = solve_states(pipe, concepts, config)
-    system = System(states.erased, states.guides, states.preserved, config.erase_scale,
-                    config.preserve_scale, config.lamb)
-    factors = {name: low_rank_edit(module.weight, system)
-               for name, module in edited_layers(pipe, config.targets)}
+    states, layers, edits = solve_edit(pipe, concepts, config)
+    factors = {name: edit for (name, _), edit in zip(layers, edits, strict=True)}
     metadata = {
         **base_metadata(pipe, concepts, config, states.kept),
         "edited_states": states.erased.shape[0],
