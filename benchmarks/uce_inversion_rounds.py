@@ -6,9 +6,11 @@ Each round learns a token on the current edit, adds its tail states in each of t
 templates to the erased states (guided as the concept's own), and solves UCE again from the
 base weights with `conceptworld-uce`'s settings and preserved states. Prints one JSON line:
 G, inversion and adversarial search (16 samples, seeds 1000+, budget 150), the three lowest
-retentions, the rank and the seconds the rounds took.
+retentions, the rank and the seconds the rounds took. With --search, each round also runs the
+adversarial prompt search on the current edit (4 tokens, budget 150) and adds the concept's
+tail states after the found tokens.
 
-    python benchmarks/uce_inversion_rounds.py star --rounds 3 --threads 1
+    python benchmarks/uce_inversion_rounds.py star --rounds 3 --threads 1 [--search]
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import torch
 
 from forget_me_not import recipes
 from forget_me_not.attacks import AttackSettings
+from forget_me_not.attacks.adversarial import _pixels, _vocabulary, marked, prefix_hook, search
 from forget_me_not.attacks.report import attack_all
-from forget_me_not.evaluate import applied
+from forget_me_not.data import model_resolution
+from forget_me_not.evaluate import applied, load_anchor_images
 from forget_me_not.inversion import train_inversion
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.methods.uce.edit import System, low_rank_edit
@@ -49,6 +53,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--search", action="store_true", help="also the adversarial search's states")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     pipe = load_pipeline("embedded")
@@ -82,6 +87,22 @@ def main() -> None:
                                           token.phrase, anchor, encoded)
                 erased.append(own)
                 guides.append(target)
+            if a.search:
+                k = AttackSettings().adversarial_tokens
+                anchors = load_anchor_images(list(concept.images)[:AttackSettings().max_anchors])
+                pixels = _pixels(anchors, model_resolution(pipe))
+                found = search(pipe, [patch], list(concept.prompts()), pixels, num_tokens=k,
+                               budget=150, lr=AttackSettings().adversarial_lr, seed=200 + r)
+                tables, _ = _vocabulary(pipe)
+                ids = torch.tensor(found.token_ids)
+                with prefix_hook(pipe, k, [table[ids] for table in tables]):
+                    encoded = Encoded(pipe)  # the found tokens in front of every prompt
+                    for t in concept.templates:
+                        own, target = tail_states(pipe, marked(t.format(concept.words), k),
+                                                  marked(t.format(anchor).strip(), k),
+                                                  concept.words, anchor, encoded)
+                        erased.append(own)
+                        guides.append(target)
             patch = solve()
         seconds = time.perf_counter() - started
         names = [c.name for c in wc.all_concepts()]
@@ -92,7 +113,8 @@ def main() -> None:
                 if k != a.target and base[k]["rate"] > 0}
         result = attack_all(pipe, [patch], concept, judge, ["inversion", "adversarial"],
                             AttackSettings(n=a.n, budget=150))
-        print(json.dumps({"target": a.target, "rounds": a.rounds, "G": result["g"],
+        print(json.dumps({"target": a.target, "rounds": a.rounds, "search": a.search,
+                          "G": result["g"],
                           **{k: v.rate for k, v in result["attacks"].items()},
                           "lowest_retention": sorted(kept.items(), key=lambda kv: kv[1])[:3],
                           "rank": patch.metadata["rank"], "rounds_s": round(seconds, 1)}))
