@@ -26,9 +26,10 @@ import torch
 from forget_me_not import recipes
 from forget_me_not.attacks import AttackSettings
 from forget_me_not.attacks.adversarial import _pixels, _vocabulary, marked, prefix_hook, search
+from forget_me_not.attacks.base import anchors_for
 from forget_me_not.attacks.report import attack_all
 from forget_me_not.data import model_resolution
-from forget_me_not.evaluate import applied, load_anchor_images
+from forget_me_not.evaluate import applied
 from forget_me_not.inversion import train_inversion
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.methods.uce.edit import System, low_rank_edit
@@ -89,7 +90,7 @@ def main() -> None:
                 guides.append(target)
             if a.search:
                 k = AttackSettings().adversarial_tokens
-                anchors = load_anchor_images(list(concept.images)[:AttackSettings().max_anchors])
+                anchors = anchors_for(concept, AttackSettings().max_anchors, None)
                 pixels = _pixels(anchors, model_resolution(pipe))
                 found = search(pipe, [patch], list(concept.prompts()), pixels, num_tokens=k,
                                budget=150, lr=AttackSettings().adversarial_lr, seed=200 + r)

@@ -19,10 +19,7 @@ from tiny_pipelines import make_tiny_pipeline
 
 
 def _delta(patch, name: str) -> torch.Tensor:
-    t = patch.tensors
-    if patch.kind == "delta":
-        return t[f"unet.{name}.weight"].double()
-    return t[f"unet.{name}.lora_B.weight"].double() @ t[f"unet.{name}.lora_A.weight"].double()
+    return patch.to_delta().tensors[f"unet.{name}.weight"].double()
 
 
 def test_rece_without_rounds_is_uces_edit_bit_for_bit():

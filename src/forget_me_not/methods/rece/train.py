@@ -54,11 +54,12 @@ def train(pipe: Any, concepts: Sequence[Concept], config: ReceConfig | None = No
     held = torch.cat([states.preserved, encoded("")])  # the official rounds keep '' as well
     bar = Progress(config.epochs, "RECE rounds", enabled=progress and config.epochs > 0)
     gaps = []
+    wanted = [prompts @ then.T for then in base]  # the base layers' outputs for the prompts
     for _ in range(config.epochs):
         derived = adversarial_states(prompts, current, base, config.regular_scale)
         # how far the derived states bring the edited layers back to the base's output
-        gap = sum(float((derived @ now.T - prompts @ then.T).norm() / (prompts @ then.T).norm())
-                  for now, then in zip(current, base, strict=True)) / len(base)
+        gap = sum(float((derived @ now.T - out).norm() / out.norm())
+                  for now, out in zip(current, wanted, strict=True)) / len(base)
         gaps.append(round(gap, 6))
         system = System(derived.float(), guides, held, config.round_erase_scale,
                         config.round_preserve_scale, config.round_lamb)
@@ -73,8 +74,7 @@ def train(pipe: Any, concepts: Sequence[Concept], config: ReceConfig | None = No
                for (name, _), parts in zip(layers, edits, strict=True)}
     flat = [e for parts in edits for e in parts]
     metadata = {
-        **base_metadata(pipe, concepts, config, states.kept),
-        "method": "rece",
+        **base_metadata(pipe, concepts, config, states.kept, method="rece"),
         "train": "closed form, adversarial rounds",
         "steps": config.epochs,
         "edited_states": states.erased.shape[0],

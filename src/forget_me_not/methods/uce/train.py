@@ -185,9 +185,9 @@ def factors_patch(factors: dict[str, dict[str, Any]], metadata: dict[str, Any],
 
 
 def base_metadata(pipe: Any, concepts: Sequence[Concept], config: UceConfig,
-                  kept: list[str]) -> dict[str, Any]:
+                  kept: list[str], method: str = "uce") -> dict[str, Any]:
     return {
-        "method": "uce",
+        "method": method,
         "concepts": [x.to_dict() for x in concepts],
         "family": family_of(pipe),
         "base_model_hash": model_hash(pipe),
