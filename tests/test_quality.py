@@ -65,3 +65,37 @@ def test_the_judge_rejects_noise_and_blobs_but_keeps_renders():
     said = judge.heads(images)["reject"][:, 1]
     assert (said > 0.5).mean() >= 0.8
     assert judge.recognised(images, Concept("circle")).mean() <= 0.2
+
+
+def test_well_drawn_samples_are_those_every_named_head_reads_as_their_caption():
+    import numpy as np
+    import torch
+
+    from forget_me_not.judges.world import load_judge_net
+    from forget_me_not.world.data import to_unit_range
+    from forget_me_not.world.render import Scene, render
+    from forget_me_not.world.train_judge import well_drawn
+
+    net = load_judge_net()
+    scenes = [Scene("circle", "dotted", "red"), Scene("tavi", "solid"), Scene("star", "striped",
+                                                                                "blue")]
+    pixels = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes]))
+    x = to_unit_range(pixels.permute(0, 3, 1, 2).contiguous())
+    right = [("a red circle in dotted style", scenes[0]), ("a photo of tavi", scenes[1]),
+             ("a star", scenes[2])]  # the star's caption names neither style nor colour
+    assert well_drawn(net, x, right).tolist() == [True, True, True]
+    wrong = [("a red circle in striped style", Scene("circle", "striped", "red")),
+             ("a photo of milka", Scene("milka", "solid")),
+             ("a green star", Scene("star", "striped", "green"))]
+    assert well_drawn(net, x, wrong).tolist() == [False, False, False]
+
+
+def test_kept_samples_need_the_judge_that_picks_them_and_the_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from forget_me_not.cli.main import app
+
+    res = CliRunner().invoke(app, ["world", "train-judge", "--run-dir", str(tmp_path),
+                                   "--kept-samples", "8"])
+    assert res.exit_code != 0
+    assert "--kept-samples needs --init" in res.output

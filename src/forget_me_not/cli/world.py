@@ -160,6 +160,9 @@ def train_judge_cmd(
     model_dir: Annotated[Path | None, typer.Option(
         help="A world pipeline folder: its failed one-step samples join the rejects.")] = None,
     pool_size: Annotated[int, typer.Option(help="Rendered training images.")] = 20_000,
+    kept_samples: Annotated[int, typer.Option(
+        help="The model's finished samples that --init's heads read as their caption asks, "
+        "taught as not rejects (needs --init and --model-dir; 0: none).")] = 0,
     seed: opt.Seed = 0,
     device: opt.Device = None,
 ) -> None:
@@ -170,6 +173,11 @@ def train_judge_cmd(
 
     opt.require_positive("--steps", steps)
     opt.require_positive("--pool-size", pool_size)
+    if kept_samples < 0:
+        raise FmnError(f"--kept-samples must be 0 or more, got {kept_samples}")
+    if kept_samples and (init is None or model_dir is None):
+        raise FmnError("--kept-samples needs --init (its heads pick the well-drawn samples) and "
+                       "--model-dir (the model that draws them)")
     for name, path in (("--init", init), ("--model-dir", model_dir), ("--vae-dir", vae_dir)):
         if path is not None and not path.exists():
             raise FmnError(f"{name} {path} does not exist; pass an existing path")
@@ -181,6 +189,7 @@ def train_judge_cmd(
         init=init,
         model_dir=model_dir,
         pool_size=pool_size,
+        kept_samples=kept_samples,
         seed=seed,
         device=str(resolve_device(device)),
     )

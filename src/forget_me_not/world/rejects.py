@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 KINDS = ("noise", "blobs", "overlaid", "shuffled", "failed")
 
@@ -66,20 +67,28 @@ def make_rejects(renders: torch.Tensor, subjects: torch.Tensor, gen: torch.Gener
 
 
 @torch.no_grad()
-def failed_samples(model_dir: str, n: int, seed: int, captions: Sequence[str] | None = None
-                   ) -> torch.Tensor:
-    """The world model's samples after a single denoising step: (n, 3, 32, 32) in [-1, 1]."""
+def model_samples(model_dir: str, n: int, seed: int, steps: int,
+                  captions: Sequence[str] | None = None) -> tuple[torch.Tensor, list]:
+    """The world model's samples of n training captions (or `captions`) after `steps` denoising
+    steps, seeds seed+i: ((n, 3, 32, 32) in [-1, 1], the (caption, scene) pairs drawn)."""
     from forget_me_not.models import load_pipeline
     from forget_me_not.world.captions import sample_training_pair
 
     pipe = load_pipeline(model_dir)
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(seed)
-    prompts = list(captions or [sample_training_pair(rng)[0] for _ in range(n)])[:n]
+    pairs = [sample_training_pair(rng) for _ in range(n)]
+    prompts = list(captions or [text for text, _ in pairs])[:n]
     out = []
-    for i in range(0, n, 64):
+    for i in tqdm(range(0, n, 64), desc=f"model samples ({steps} steps)", leave=False):
         gens = [torch.Generator("cpu").manual_seed(seed + j) for j in range(i, min(n, i + 64))]
-        images = pipe(prompt=prompts[i : i + 64], generator=gens, num_inference_steps=1,
+        images = pipe(prompt=prompts[i : i + 64], generator=gens, num_inference_steps=steps,
                       output_type="pt").images
         out.append(images * 2 - 1)
-    return torch.cat(out).clamp(-1, 1)
+    return torch.cat(out).clamp(-1, 1), pairs
+
+
+def failed_samples(model_dir: str, n: int, seed: int, captions: Sequence[str] | None = None
+                   ) -> torch.Tensor:
+    """The world model's samples after a single denoising step: (n, 3, 32, 32) in [-1, 1]."""
+    return model_samples(model_dir, n, seed, 1, captions)[0]

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from forget_me_not.world.captions import random_scene
 from forget_me_not.world.data import to_unit_range
 from forget_me_not.world.judge_model import HEADS, JudgeNet, labels_for
-from forget_me_not.world.rejects import failed_samples, make_rejects
+from forget_me_not.world.rejects import failed_samples, make_rejects, model_samples
 from forget_me_not.world.render import render
 
 
@@ -38,6 +38,11 @@ class TrainJudgeConfig:
     init: Path | None = None  # start from these weights (heads they lack start fresh)
     model_dir: Path | None = None  # a world pipeline: its one-step samples join the rejects
     reject_share: float = 0.25  # of each batch: images that show none of the concepts
+    # The model's own finished samples that `init`'s heads read as their caption asks: taught as
+    # kept, so the reject head learns a sample's texture is not a failure (needs model_dir, init).
+    kept_samples: int = 0
+    kept_share: float = 0.125  # of each batch, when kept_samples > 0
+    sample_steps: int = 25  # denoising steps of those samples (the benchmark's)
 
 
 def _render_set(n: int, seed: int, desc: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -128,6 +133,28 @@ def _load_vae(path: Path):
     return AutoencoderKL.from_pretrained(path).eval()
 
 
+def well_drawn(net: JudgeNet, x: torch.Tensor, pairs: list) -> torch.Tensor:
+    """Which samples every head reads as their caption asks: the subject (and hat) always, the
+    style and colour where the caption names them. (N,) bool."""
+    with torch.no_grad():
+        parts = [net.eval().probabilities(x[i : i + 256]) for i in range(0, len(x), 256)]
+    net.train()
+    read = {k: torch.cat([p[k] for p in parts]) for k in HEADS}
+    ok = []
+    for i, (text, scene) in enumerate(pairs):
+        want = labels_for(scene)
+        words = set(text.replace(",", " ").split())
+        heads = ["subject", "hat"] + (["style"] if scene.style in words else []) + (
+            ["colour"] if scene.colour in words else [])
+        ok.append(all(float(read[h][i, want[h]]) >= 0.9 for h in heads))
+    return torch.tensor(ok, dtype=torch.bool)
+
+
+def _kept_samples(cfg: TrainJudgeConfig, net: JudgeNet, n: int, seed: int) -> torch.Tensor:
+    x, pairs = model_samples(str(cfg.model_dir), n, seed, cfg.sample_steps)
+    return x[well_drawn(net, x, pairs)]
+
+
 def train_judge(cfg: TrainJudgeConfig) -> Path:
     torch.manual_seed(cfg.seed)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +174,14 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
         own = net.state_dict()
         net.load_state_dict({k: v for k, v in state.items() if k in own
                              and v.shape == own[k].shape}, strict=False)
+    kept = kept_val = None
+    if cfg.kept_samples > 0:
+        if cfg.init is None or cfg.model_dir is None:
+            raise ValueError("kept samples need init (its heads pick the well-drawn samples) "
+                             "and model_dir (the model that draws them)")
+        # Seeds far from the benchmark's (1000+, 51000+), so no scored sample is trained on.
+        kept = _kept_samples(cfg, net, cfg.kept_samples, 200_000 + cfg.seed)
+        kept_val = _kept_samples(cfg, net, max(64, cfg.kept_samples // 4), 300_000 + cfg.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     ckpt, state_path = cfg.run_dir / "judge-ckpt.safetensors", cfg.run_dir / "state.json"
@@ -167,12 +202,19 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
             x = torch.where(use, x_recon[idx], x)
         n_bad = int(cfg.batch_size * cfg.reject_share)
         bad = make_rejects(x[:n_bad], labels["subject"][idx[:n_bad]], gen, failed)
-        x = torch.cat([augment(x, gen), bad]).to(cfg.device)
+        good = x[:0]
+        if kept is not None:
+            pick = torch.randint(0, len(kept), (int(cfg.batch_size * cfg.kept_share),),
+                                 generator=gen)
+            good = kept[pick]
+        x = torch.cat([augment(x, gen), bad, good]).to(cfg.device)
         logits = net(x)
         valid = {k: labels[k][idx].to(cfg.device) for k in HEADS if k != "reject"}
-        # A reject image has no subject, style or colour: only the reject head learns from it.
+        # A reject image has no subject, style or colour: only the reject head learns from it;
+        # a kept sample's labels are its caption's, which need not name them all: likewise.
         loss = sum(F.cross_entropy(logits[k][: cfg.batch_size], v) for k, v in valid.items())
-        is_bad = torch.cat([torch.zeros(cfg.batch_size), torch.ones(n_bad)]).long()
+        is_bad = torch.cat([torch.zeros(cfg.batch_size), torch.ones(n_bad),
+                            torch.zeros(len(good))]).long()
         loss = loss + F.cross_entropy(logits["reject"], is_bad.to(cfg.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -205,6 +247,10 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
             k: float((lg[k].argmax(-1) == val_labels[k]).float().mean()) for k in HEADS
         }
     metrics["rejects_recognised"] = float((said.argmax(-1) == 1).float().mean())
+    if kept_val is not None:
+        lg = evaluate(net, kept_val, {})["reject"]
+        metrics["model_samples_kept"] = float((lg.argmax(-1) == 0).float().mean())
+        metrics["kept_samples"] = {"train": len(kept), "held_out": len(kept_val)}
     metrics["ece"] = {
         k: expected_calibration_error(torch.softmax(logits[k] / temps[i], -1), cal_labels[k])
         for i, k in enumerate(HEADS)
