@@ -1,5 +1,6 @@
 """What a forgetting turns other concepts into: the judge's reading of their samples before and
-after, for one recipe (with --set overrides) on one ConceptWorld target.
+after, for one recipe (with --set overrides) on one ConceptWorld target, or for a patch file
+given in the recipe's place (nothing is trained then).
 
 Where retention falls, the rate alone does not say how: this prints, per concept named, how
 many of its samples the judge reads as each label (32 samples, seeds 1000+; 'none': rejected)
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from forget_me_not.api import forget
-from forget_me_not.evaluate import applied
+from forget_me_not.evaluate import applied, load_patches
 from forget_me_not.images import labelled_grid, save_png
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
@@ -40,7 +41,7 @@ def read(pipe, judge: WorldJudge, name: str, n: int, avoid: list[str]) -> tuple[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("recipe")
+    p.add_argument("recipe", help="a recipe, or a .safetensors patch forgetting the target")
     p.add_argument("target", help="a world concept")
     p.add_argument("neighbours", help="world concepts to read, joined by ','")
     p.add_argument("--set", dest="sets", action="append", default=[])
@@ -57,13 +58,16 @@ def main() -> None:
     pipe = load_pipeline("embedded")
     judge = WorldJudge()
     before = {name: read(pipe, judge, name, a.n, [a.target]) for name in names}
-    with tempfile.TemporaryDirectory() as tmp:
-        patch = forget(pipe, world_concepts([a.target], Path(tmp)), recipe=a.recipe,
-                       sets=a.sets, progress=False)
+    if a.recipe.endswith(".safetensors"):
+        (patch,) = load_patches([a.recipe])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            patch = forget(pipe, world_concepts([a.target], Path(tmp)), recipe=a.recipe,
+                           sets=a.sets, progress=False)
     with applied(pipe, [patch]):
         after = {name: read(pipe, judge, name, a.n, [a.target]) for name in names}
         target_reads, _ = read(pipe, judge, a.target, a.n, [])
-    row = {"recipe": a.recipe, "sets": a.sets, "target": a.target,
+    row = {"recipe": Path(a.recipe).name, "sets": a.sets, "target": a.target,
            "target_after": collections.Counter(target_reads).most_common()}
     for name in names:
         row[name] = {"before": collections.Counter(before[name][0]).most_common(),

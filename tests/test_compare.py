@@ -28,11 +28,13 @@ def test_entries_and_targets_are_checked(tmp_path):
         parse_targets("star,cat", ["star"])
 
 
-def test_rank_puts_kept_entries_first_then_the_lowest_m_score():
+def test_rank_puts_entries_that_forget_and_keep_first_then_the_lowest_m_score():
     rows = [{"target": "t", "entry": "a", "m_score": 0.0, "retention_min": 0.5},
             {"target": "t", "entry": "b", "m_score": 0.3, "retention_min": 0.99},
-            {"target": "t", "entry": "c", "m_score": 0.1, "retention_min": 0.97}]
-    assert [r["entry"] for r in rank(rows, 0.95)] == ["c", "b", "a"]
+            {"target": "t", "entry": "c", "m_score": 0.1, "retention_min": 0.97},
+            {"target": "t", "entry": "d", "m_score": 0.9, "retention_min": 1.0}]
+    # d keeps everything by forgetting nothing: below a that forgets at a cost
+    assert [r["entry"] for r in rank(rows, 0.95)] == ["c", "a", "b", "d"]
 
 
 def _row(entry, method, target, m, kept):
@@ -40,19 +42,22 @@ def _row(entry, method, target, m, kept):
             "retention_min": kept}
 
 
-def test_the_default_rule_prefers_removal_then_retention_everywhere_then_the_lowest_mean_m():
-    rows = [_row("rows", "token_rows", t, 0.9, 1.0) for t in ("a", "b")]
-    rows += [_row("lora", "fmn", "a", 0.1, 0.96), _row("lora", "fmn", "b", 0.3, 0.97)]
+def test_the_default_rule_prefers_removal_then_targets_met_then_the_lowest_mean_m():
+    rows = [_row("rows", "token_rows", t, 0.0, 1.0) for t in ("a", "b")]
+    rows += [_row("lora", "fmn", "a", 0.1, 0.96), _row("lora", "fmn", "b", 0.2, 0.97)]
     rows += [_row("uce", "uce", "a", 0.0, 0.99), _row("uce", "uce", "b", 0.1, 0.5)]
-    rows += [_row("both", "uce+fmn", "a", 0.4, 0.98), _row("both", "uce+fmn", "b", 0.4, 0.95)]
+    rows += [_row("keeps", "uce", "a", 0.9, 0.99), _row("keeps", "uce", "b", 0.95, 0.99)]
     summary = overall(rows, 0.95)
-    assert [o["entry"] for o in summary] == ["lora", "both", "uce", "rows"]
-    assert summary[0]["m_mean"] == pytest.approx(0.2) and summary[2]["kept_targets"] == 1
+    # lora meets both bars on both targets; uce on one (lower mean M); keeps on none
+    assert [o["entry"] for o in summary] == ["lora", "uce", "keeps", "rows"]
+    assert summary[0]["m_mean"] == pytest.approx(0.15) and summary[1]["met_targets"] == 1
+    assert summary[2]["kept_targets"] == 2 and summary[2]["met_targets"] == 0
     assert not summary[-1]["removes"] and summary[1]["removes"]
     assert choice(summary, 0.95).startswith("Choice: lora")
-    hurt = [r if r["entry"] != "lora" and r["entry"] != "both" else {**r, "retention_min": 0.2}
-            for r in rows]
-    assert choice(overall(hurt, 0.95), 0.95).endswith("uce (5%, worst retention min 0.50).")
+    hurt = [r if r["entry"] != "lora" else {**r, "retention_min": 0.2} for r in rows]
+    said = choice(overall(hurt, 0.95), 0.95)
+    assert said.startswith("No entry") and said.endswith(
+        "uce (1 of 2 met, mean M 5%, worst retention min 0.50).")
     partial = [*rows, _row("new", "fmn", "a", 0.0, 1.0)]  # one target so far: not ranked first
     assert overall(partial, 0.95)[-2]["entry"] == "new"
     assert choice(overall(partial, 0.95), 0.95).startswith("Choice: lora")

@@ -12,6 +12,10 @@ from typing import Any
 
 from forget_me_not.files import write_atomic
 
+# A target counts as forgotten at an M-Score this low (the robust issue's bar for the default);
+# with retention kept as well it is "met": a forgetting that costs little.
+FORGOTTEN = 0.2
+
 COLUMNS = (
     ("entry", "entry"), ("method", "method"), ("target", "target"), ("g_before", "G before"),
     ("g_after", "G after"), ("i_after", "I after"), ("e_after", "E after"),
@@ -23,14 +27,19 @@ COLUMNS = (
 )
 
 
+def met(row: dict[str, Any], keep: float) -> bool:
+    """Forgotten (M-Score <= FORGOTTEN) with every other concept kept (retention min >= keep):
+    keeping everything by forgetting nothing is not a result, nor is forgetting at any cost."""
+    return row["m_score"] <= FORGOTTEN and (row["retention_min"] or 0.0) >= keep
+
+
 def rank(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]:
-    """Per target: entries that keep every other concept >= `keep` first, then lowest M-Score,
-    then highest retention; `rank` is the place within the target."""
+    """Per target: entries that meet both bars (`met`) first, then the lowest M-Score, then
+    the highest retention; `rank` is the place within the target."""
     out = []
     for target in dict.fromkeys(r["target"] for r in rows):
         group = [dict(r) for r in rows if r["target"] == target]
-        group.sort(key=lambda r: (not (r["retention_min"] or 0) >= keep, r["m_score"],
-                                  -(r["retention_min"] or 0)))
+        group.sort(key=lambda r: (not met(r, keep), r["m_score"], -(r["retention_min"] or 0)))
         for place, row in enumerate(group, 1):
             row["rank"] = place
         out += group
@@ -39,10 +48,10 @@ def rank(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]:
 
 def overall(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]:
     """Per entry over its targets: mean and worst M-Score, worst retention min, how many
-    targets keep every other concept >= `keep`; ordered as the default is chosen: entries that
-    remove the concept from the UNet first, then those that keep on every target, then the
-    lowest mean M-Score. An entry with fewer targets than the others (a comparison still
-    running) comes after the complete ones: its mean is over other targets."""
+    targets keep every other concept >= `keep` and how many meet both bars (`met`); ordered as
+    the default is chosen: entries that remove the concept from the UNet first, then the most
+    targets met, then the lowest mean M-Score. An entry with fewer targets than the others (a
+    comparison still running) comes after the complete ones: its mean is over other targets."""
     from forget_me_not import methods
 
     out = []
@@ -57,11 +66,12 @@ def overall(rows: Sequence[dict[str, Any]], keep: float) -> list[dict[str, Any]]
             "entry": entry, "method": " / ".join(used), "targets": len(mine),
             "m_mean": sum(scores) / len(scores), "m_worst": max(scores),
             "retention_worst": min(kept), "kept_targets": sum(k >= keep for k in kept),
+            "met_targets": sum(met(r, keep) for r in mine),
             "removes": all(m not in methods.names() or methods.get(m).removes_from_unet
                            for m in parts)})
     most = max((o["targets"] for o in out), default=0)
-    out.sort(key=lambda o: (not o["removes"], o["targets"] < most,
-                            o["kept_targets"] < o["targets"], o["m_mean"]))
+    out.sort(key=lambda o: (not o["removes"], o["targets"] < most, -o["met_targets"],
+                            o["m_mean"]))
     return out
 
 
@@ -72,22 +82,26 @@ def choice(summary: Sequence[dict[str, Any]], keep: float) -> str:
     if not removing:
         return "No entry removes the concept from the UNet."
     first = removing[0]
-    if first["kept_targets"] == first["targets"]:
+    bars = f"M-Score <= {FORGOTTEN:.0%} and retention min >= {keep}"
+    if first["met_targets"] == first["targets"]:
         return (f"Choice: {first['entry']} (lowest mean M-Score {first['m_mean']:.0%} among the "
-                f"entries that remove the concept from the UNet with retention min >= {keep} "
-                "on every target).")
-    return (f"No entry that removes the concept from the UNet keeps retention min >= {keep} on "
-            f"every target; the lowest mean M-Score among them: {first['entry']} "
-            f"({first['m_mean']:.0%}, worst retention min {first['retention_worst']:.2f}).")
+                f"entries that remove the concept from the UNet with {bars} on every target).")
+    return (f"No entry that removes the concept from the UNet has {bars} on every target; "
+            f"the most targets met, then the lowest mean M-Score: {first['entry']} "
+            f"({first['met_targets']} of {first['targets']} met, mean M {first['m_mean']:.0%}, "
+            f"worst retention min {first['retention_worst']:.2f}).")
 
 
 def overall_markdown(summary: Sequence[dict[str, Any]], keep: float) -> list[str]:
-    lines = ["", f"## Over all targets (retention kept: min >= {keep})", "",
+    lines = ["", f"## Over all targets (kept: retention min >= {keep}; met: kept and M-Score "
+             f"<= {FORGOTTEN:.0%})", "",
              "| entry | method | removes from UNet | targets | mean M | worst M | "
-             "worst retention min | targets kept |", "|---|---|---|---|---|---|---|---|"]
+             "worst retention min | targets kept | targets met |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {o['entry']} | {o['method']} | {'yes' if o['removes'] else 'no (hides)'} | "
               f"{o['targets']} | {o['m_mean']:.0%} | {o['m_worst']:.0%} | "
-              f"{o['retention_worst']:.2f} | {o['kept_targets']} |" for o in summary]
+              f"{o['retention_worst']:.2f} | {o['kept_targets']} | {o['met_targets']} |"
+              for o in summary]
     return [*lines, "", choice(summary, keep)]
 
 
@@ -111,9 +125,10 @@ def markdown(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     head = "| rank | " + " | ".join(label for _, label in COLUMNS) + " |"
     lines = [f"# Leaderboard: suite {info.get('suite')}, {info.get('n')} samples per concept, "
              f"seed {info.get('seed')}, inversion budget {info.get('budget')}", "",
-             f"Ranked per target: retention min >= {info.get('keep')} first, then the lowest "
-             "M-Score = max(G, I, E, P, A): G the prompts, I textual inversion, E the base text "
-             "encoder with the patched UNet, P unseen paraphrases, A the adversarial prompt "
+             f"Ranked per target: M-Score <= {FORGOTTEN:.0%} with retention min >= "
+             f"{info.get('keep')} first, then the lowest M-Score = max(G, I, E, P, A): G the "
+             "prompts, I textual inversion, E the base text encoder with the patched UNet, P "
+             "unseen paraphrases, A the adversarial prompt "
              "search. KID change: the largest growth of an other concept's KID to fresh renders "
              "(judge features), beside the base model's run-to-run spread.", "", head,
              "|" + "---|" * (len(COLUMNS) + 1)]
@@ -172,17 +187,20 @@ def html_page(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
         f"<tr><td>{html.escape(o['entry'])}</td><td>{html.escape(str(o['method']))}</td>"
         f"<td>{'yes' if o['removes'] else 'no (hides)'}</td><td>{o['targets']}</td>"
         f"<td>{o['m_mean']:.0%}</td><td>{o['m_worst']:.0%}</td>"
-        f"<td>{o['retention_worst']:.2f}</td><td>{o['kept_targets']}</td></tr>" for o in summary)
+        f"<td>{o['retention_worst']:.2f}</td><td>{o['kept_targets']}</td>"
+        f"<td>{o['met_targets']}</td></tr>" for o in summary)
     title = html.escape(f"Leaderboard: {info.get('suite')} ({info.get('n')} samples)")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}</style></head><body>"
-            f"<h1>{title}</h1><p>Ranked per target: retention min &ge; {info.get('keep')} first,"
-            " then the lowest M-Score = max(G, I, E, P, A).</p><img src='leaderboard.png' "
+            f"<h1>{title}</h1><p>Ranked per target: M-Score &le; {FORGOTTEN:.0%} with retention "
+            f"min &ge; {info.get('keep')} first, then the lowest M-Score = max(G, I, E, P, A)."
+            "</p><img src='leaderboard.png' "
             f"alt='M-Score and retention per entry'><table><tr><th>rank</th>{head}</tr>{body}"
             "</table><h2>Over all targets</h2><table><tr><th>entry</th><th>method</th>"
             "<th>removes from UNet</th><th>targets</th><th>mean M</th><th>worst M</th>"
-            f"<th>worst retention min</th><th>targets kept</th></tr>{over}</table>"
+            f"<th>worst retention min</th><th>targets kept</th><th>targets met</th></tr>{over}"
+            "</table>"
             f"<p>{html.escape(choice(summary, keep))}</p></body></html>\n")
 
 
