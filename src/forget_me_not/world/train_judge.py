@@ -136,10 +136,12 @@ def _load_vae(path: Path):
 def well_drawn(net: JudgeNet, x: torch.Tensor, pairs: list) -> torch.Tensor:
     """Which samples every head reads as their caption asks: the subject (and hat) always, the
     style and colour where the caption names them. (N,) bool."""
+    device = next(net.parameters()).device
     with torch.no_grad():
-        parts = [net.eval().probabilities(x[i : i + 256]) for i in range(0, len(x), 256)]
+        parts = [net.eval().probabilities(x[i : i + 256].to(device))
+                 for i in range(0, len(x), 256)]
     net.train()
-    read = {k: torch.cat([p[k] for p in parts]) for k in HEADS}
+    read = {k: torch.cat([p[k].cpu() for p in parts]) for k in HEADS}
     ok = []
     for i, (text, scene) in enumerate(pairs):
         want = labels_for(scene)
