@@ -27,17 +27,12 @@ from forget_me_not.evaluate import applied, load_patches, patch_targets
 from forget_me_not.files import write_atomic
 from forget_me_not.judges.world import DEFAULT_WEIGHTS, WorldJudge
 from forget_me_not.models import load_pipeline
-from forget_me_not.sampling import GenerationSettings, generate_samples, quiet, sample_plan
+from forget_me_not.sampling import generation_score
 
 
-def samples(pipe, prompts: list[str], n: int, seed: int) -> list:
-    all_prompts, seeds = sample_plan(prompts, n, seed)
-    gen = GenerationSettings(n, seed)
-    out = []
-    with quiet(pipe):
-        for k in range(0, n, 8):
-            out += generate_samples(pipe, all_prompts[k : k + 8], seeds[k : k + 8], gen)
-    return out
+def samples(pipe, judge: WorldJudge, concept, n: int, seed: int) -> list:
+    """The concept's G samples, drawn exactly as the leaderboard draws them."""
+    return generation_score(pipe, concept, judge, n=n, seed=seed).images
 
 
 def read(judge: WorldJudge, images: list, concept) -> dict:
@@ -68,18 +63,18 @@ def main() -> None:
     rows = []
     wanted = a.concepts.split(",") if a.concepts else [e.concept.name for e in entries]
     for e in (e for e in entries if e.concept.name in wanted):
-        row = {"concept": e.concept.name, **read(judge, samples(pipe, e.concept.prompts(), a.n,
-                                                              a.seed), e.concept)}
+        row = {"concept": e.concept.name,
+               **read(judge, samples(pipe, judge, e.concept, a.n, a.seed), e.concept)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     forgotten = []
+    names = {e.concept.name: e.concept for e in entries}
     for path in a.patch:
         (patch,) = load_patches([path])
-        names = {e.concept.name: e.concept for e in entries}
         with applied(pipe, [patch]):
             for target in patch_targets(patch):
                 concept = names[target]
-                images = samples(pipe, concept.prompts(), a.n, a.seed)
+                images = samples(pipe, judge, concept, a.n, a.seed)
                 kept = judge.heads(images)["reject"][:, 0] >= 0.5
                 said = Counter(d["subject"][0] for d, k in zip(judge.describe(images), kept,
                                                               strict=True) if k)

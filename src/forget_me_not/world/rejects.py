@@ -66,16 +66,22 @@ def make_rejects(renders: torch.Tensor, subjects: torch.Tensor, gen: torch.Gener
     return pool[torch.arange(b), pick]
 
 
-@torch.no_grad()
-def model_samples(model_dir: str, n: int, seed: int, steps: int,
-                  captions: Sequence[str] | None = None) -> tuple[torch.Tensor, list]:
-    """The world model's samples of n training captions (or `captions`) after `steps` denoising
-    steps, seeds seed+i: ((n, 3, 32, 32) in [-1, 1], the (caption, scene) pairs drawn)."""
+def world_sampler(model_dir: str):
+    """The world pipeline that draws `model_samples`, loaded once for all of them."""
     from forget_me_not.models import load_pipeline
-    from forget_me_not.world.captions import sample_training_pair
 
     pipe = load_pipeline(model_dir)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def model_samples(pipe, n: int, seed: int, steps: int,
+                  captions: Sequence[str] | None = None) -> tuple[torch.Tensor, list]:
+    """The world model's samples of n training captions (or `captions`) after `steps` denoising
+    steps, seeds seed+i: ((n, 3, 32, 32) in [-1, 1], the (caption, scene) pairs drawn)."""
+    from forget_me_not.world.captions import sample_training_pair
+
     rng = random.Random(seed)
     pairs = [sample_training_pair(rng) for _ in range(n)]
     prompts = list(captions or [text for text, _ in pairs])[:n]
@@ -88,7 +94,7 @@ def model_samples(model_dir: str, n: int, seed: int, steps: int,
     return torch.cat(out).clamp(-1, 1), pairs
 
 
-def failed_samples(model_dir: str, n: int, seed: int, captions: Sequence[str] | None = None
+def failed_samples(pipe, n: int, seed: int, captions: Sequence[str] | None = None
                    ) -> torch.Tensor:
     """The world model's samples after a single denoising step: (n, 3, 32, 32) in [-1, 1]."""
-    return model_samples(model_dir, n, seed, 1, captions)[0]
+    return model_samples(pipe, n, seed, 1, captions)[0]

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from forget_me_not.world.captions import random_scene
 from forget_me_not.world.data import to_unit_range
 from forget_me_not.world.judge_model import HEADS, JudgeNet, labels_for
-from forget_me_not.world.rejects import failed_samples, make_rejects, model_samples
+from forget_me_not.world.rejects import failed_samples, make_rejects, model_samples, world_sampler
 from forget_me_not.world.render import render
 
 
@@ -152,8 +152,9 @@ def well_drawn(net: JudgeNet, x: torch.Tensor, pairs: list) -> torch.Tensor:
     return torch.tensor(ok, dtype=torch.bool)
 
 
-def _kept_samples(cfg: TrainJudgeConfig, net: JudgeNet, n: int, seed: int) -> torch.Tensor:
-    x, pairs = model_samples(str(cfg.model_dir), n, seed, cfg.sample_steps)
+def _kept_samples(cfg: TrainJudgeConfig, pipe, net: JudgeNet, n: int, seed: int
+                  ) -> torch.Tensor:
+    x, pairs = model_samples(pipe, n, seed, cfg.sample_steps)
     return x[well_drawn(net, x, pairs)]
 
 
@@ -169,7 +170,8 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
         vae = _load_vae(cfg.vae_dir)
         x_recon = _vae_roundtrip(vae, x_all)
         x_val_recon = _vae_roundtrip(vae, x_val)
-    failed = failed_samples(str(cfg.model_dir), 512, cfg.seed) if cfg.model_dir else None
+    sampler = world_sampler(str(cfg.model_dir)) if cfg.model_dir else None
+    failed = failed_samples(sampler, 512, cfg.seed) if sampler is not None else None
     net = JudgeNet().to(cfg.device)
     if cfg.init is not None:
         state = load_file(str(cfg.init))
@@ -182,8 +184,9 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
             raise ValueError("kept samples need init (its heads pick the well-drawn samples) "
                              "and model_dir (the model that draws them)")
         # Seeds far from the benchmark's (1000+, 51000+), so no scored sample is trained on.
-        kept = _kept_samples(cfg, net, cfg.kept_samples, 200_000 + cfg.seed)
-        kept_val = _kept_samples(cfg, net, max(64, cfg.kept_samples // 4), 300_000 + cfg.seed)
+        kept = _kept_samples(cfg, sampler, net, cfg.kept_samples, 200_000 + cfg.seed)
+        kept_val = _kept_samples(cfg, sampler, net, max(64, cfg.kept_samples // 4),
+                                 300_000 + cfg.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     ckpt, state_path = cfg.run_dir / "judge-ckpt.safetensors", cfg.run_dir / "state.json"
