@@ -83,6 +83,11 @@ register(Method(
     "forget", "forget_me_not.methods.rece.config:ReceConfig",
     "forget_me_not.methods.rece.train:train"))
 register(Method(
+    "values", "value-space erasure: the concept's directions projected out of every "
+    "cross-attention value, with rounds against learnt tokens", "forget",
+    "forget_me_not.methods.values.config:ValuesConfig",
+    "forget_me_not.methods.values.train:train"))
+register(Method(
     "esd", "Erasing Concepts (ESD-x / ESD-u): fine-tune toward negative guidance",
     "forget", "forget_me_not.methods.esd.config:EsdConfig",
     "forget_me_not.methods.esd.train:train"))

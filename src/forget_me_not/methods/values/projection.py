@@ -1,0 +1,58 @@
+"""Value-space erasure on one linear layer, in the kept outputs' whitened coordinates.
+
+For a layer W (out, D) and the kept prompts' text states H (m, D), every position:
+  S = (H W^T)^T (H W^T) / m + ridge * mean variance * I = L L^T,   z = L^-1 y
+whitens the kept outputs y = W h (their second moment becomes I). The concept's directions E
+(out, k), orthonormal in z, are the top eigenvectors of the concept's whitened second moment,
+each new one orthogonal to those taken before. The edit removes them from every output:
+  W' = L (I - E E^T) L^-1 W = W + B A,   B = -L E (out, k),   A = E^T L^-1 W (k, D)
+so no input, a learnt token's included, reaches them; among the edits that remove those
+directions it is the one that moves the kept outputs least (the oblique projection of LEACE,
+Belrose et al. 2023), each direction costing them one unit of whitened energy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerSpace:
+    """One layer's whitening and the directions removed from its outputs so far."""
+
+    def __init__(self, weight: torch.Tensor, kept: torch.Tensor, ridge: float) -> None:
+        self.weight = weight.detach().double().cpu()  # (out, D)
+        outputs = kept.double() @ self.weight.T  # (m, out)
+        second = outputs.T @ outputs / max(1, outputs.shape[0])
+        size = second.shape[0]
+        second = second + ridge * float(torch.trace(second)) / size * torch.eye(
+            size, dtype=torch.float64)
+        self.chol = torch.linalg.cholesky(second)  # L
+        self.whiten = torch.linalg.inv(self.chol)  # L^-1
+        self.removed = torch.zeros(size, 0, dtype=torch.float64)  # E
+        self.ratios: list[float] = []  # the concept's whitened energy along each direction
+
+    def remove(self, states: torch.Tensor, k: int) -> list[float]:
+        """Remove the `k` directions carrying most of `states`' (n, D) outputs; their energies
+        relative to the kept outputs' (1: as much as the kept prompts put there)."""
+        z = (states.double() @ self.weight.T) @ self.whiten.T  # (n, out), whitened
+        e = self.removed
+        z = z - (z @ e) @ e.T  # what the removed directions no longer carry
+        energy, vectors = torch.linalg.eigh(z.T @ z / max(1, z.shape[0]))
+        new = vectors[:, -k:].flip(1)
+        new, _ = torch.linalg.qr(new - e @ (e.T @ new))
+        self.removed = torch.cat([e, new], dim=1)
+        taken = [round(float(x), 3) for x in energy.flip(0)[:k]]
+        self.ratios += taken
+        return taken
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """B (out, k), A (k, D) with W' = W + B A."""
+        e = self.removed
+        return {"B": (-(self.chol @ e)).float(), "A": (e.T @ self.whiten @ self.weight).float()}
+
+    def kept_cost(self, kept: torch.Tensor) -> float:
+        """Share of `kept` (m, D) outputs' energy the edit takes away."""
+        y = kept.double() @ self.weight.T
+        f = self.factors()
+        moved = kept.double() @ (f["B"].double() @ f["A"].double()).T
+        return float(moved.norm() ** 2 / max(float(y.norm() ** 2), 1e-30))
