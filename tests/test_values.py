@@ -131,3 +131,25 @@ def test_rounds_without_reference_images_are_refused_before_work():
     pipe = make_tiny_pipeline("sd1")
     with pytest.raises(FmnError, match="reference images"):
         values(pipe, [Concept("star")], ValuesConfig(rounds=1), progress=False)
+
+
+def test_against_the_worst_prompt_no_kept_prompt_pays_more_than_on_average():
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(8, 12, generator=gen)
+    kept = torch.randn(40, 5, 12, generator=gen)  # 40 kept prompts of 5 positions
+    concept = torch.randn(30, 12, generator=gen) + 2 * torch.randn(12, generator=gen)
+    kept[0] += 4 * concept.mean(0)  # one kept prompt leans where the concept does
+    rows = kept.flatten(0, 1)
+
+    def worst(space):
+        f = space.factors()
+        moved = (rows.double() @ (f["B"].double() @ f["A"].double()).T).reshape(40, 5, -1)
+        own = (rows.double() @ space.weight.T).reshape(40, 5, -1)
+        return float((moved.pow(2).sum((1, 2)) / own.pow(2).sum((1, 2))).max())
+
+    average = LayerSpace(weight, rows, 0.01)
+    average.remove(concept, 1)
+    guarded = LayerSpace(weight, rows, 0.01, prompt_length=5)
+    guarded.remove(concept, 1)
+    assert worst(guarded) < worst(average)
+    assert guarded.ratios[0] > 1  # it still takes a direction the concept uses more than kept

@@ -11,6 +11,7 @@ from forget_me_not.settings import check_choice, check_number, setting
 TARGETS = ("to_k", "to_v")
 OUTPUTS = ("lora", "delta")
 PRESERVE_SETS = ("", "conceptworld", "common")
+CONTEXT_SETS = ("", "conceptworld", "common")
 
 
 @dataclass
@@ -20,6 +21,12 @@ class ValuesConfig:
                                        "is drawn; the keys only where).")
     directions: int = setting(1, "Directions removed per layer for the concept's own prompts "
                               "(the first carries most of a concept; more cost the others).")
+    contexts: str = setting("", "Prompts the concept's directions are read from besides its "
+                            "templates: a causal text encoder writes the prompt's other words "
+                            "into the concept's states ('conceptworld': the world's own caption "
+                            "forms for it; 'common': everyday settings, colours and styles).",
+                            CONTEXT_SETS)
+    contexts_per_concept: int = setting(60, "contexts conceptworld: caption forms per concept.")
     rounds: int = setting(3, "Adversarial rounds: each learns a token by textual inversion on "
                           "the current edit and removes the direction it draws through "
                           "(0: the concept's own prompts only).")
@@ -29,6 +36,8 @@ class ValuesConfig:
     ridge: float = setting(0.01, "Added to the kept outputs' second moment before whitening, as "
                            "a share of its mean variance: a direction no kept prompt uses does "
                            "not look free.")
+    worst_prompt: bool = setting(False, "Choose each direction against the kept prompt that "
+                                 "would lose most, not the kept prompts' average.")
     preserve: tuple[str, ...] = setting((), "Prompts whose cross-attention outputs are kept "
                                         "(the empty prompt always is: guidance subtracts it).")
     preserve_set: str = setting("", "A shipped list added to `preserve`, the targets' words left "
@@ -44,11 +53,13 @@ class ValuesConfig:
     def __post_init__(self) -> None:
         check_choice("preserve_set", self.preserve_set, PRESERVE_SETS)
         check_choice("output", self.output, OUTPUTS)
+        check_choice("contexts", self.contexts, CONTEXT_SETS)
         self.targets = tuple(self.targets)
         self.preserve = tuple(self.preserve)
         if not self.targets or any(t not in TARGETS for t in self.targets):
             raise FmnError(f"targets must be a non-empty subset of {TARGETS}: {self.targets}")
-        for name in ("directions", "round_directions", "round_steps", "preserve_per_concept"):
+        for name in ("directions", "round_directions", "round_steps", "preserve_per_concept",
+                     "contexts_per_concept"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise FmnError(f"{name} must be an integer >= 1, got {value}")

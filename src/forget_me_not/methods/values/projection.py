@@ -8,19 +8,27 @@ each new one orthogonal to those taken before. The edit removes them from every 
   W' = L (I - E E^T) L^-1 W = W + B A,   B = -L E (out, k),   A = E^T L^-1 W (k, D)
 so no input, a learnt token's included, reaches them; among the edits that remove those
 directions it is the one that moves the kept outputs least (the oblique projection of LEACE,
-Belrose et al. 2023), each direction costing them one unit of whitened energy.
+Belrose et al. 2023), each direction costing them one unit of whitened energy on average.
+An average can hide one kept prompt that puts most of its energy where the concept does (a
+colour sharing a direction with the attacker's token): with `prompt_length`, each direction
+is chosen to carry most of the concept's energy per unit of the *worst* kept prompt's, the
+kept prompts that lose most weighed up a few times over (multiplicative weights).
 """
 
 from __future__ import annotations
 
 import torch
 
+REWEIGHTS = 6  # multiplicative-weight passes when choosing a direction against the worst prompt
+
 
 class LayerSpace:
     """One layer's whitening and the directions removed from its outputs so far."""
 
-    def __init__(self, weight: torch.Tensor, kept: torch.Tensor, ridge: float) -> None:
+    def __init__(self, weight: torch.Tensor, kept: torch.Tensor, ridge: float,
+                 prompt_length: int = 0) -> None:
         self.weight = weight.detach().double().cpu()  # (out, D)
+        self.kept, self.prompt_length, self.ridge = kept, prompt_length, ridge
         outputs = kept.double() @ self.weight.T  # (m, out)
         second = outputs.T @ outputs / max(1, outputs.shape[0])
         size = second.shape[0]
@@ -37,6 +45,8 @@ class LayerSpace:
         z = (states.double() @ self.weight.T) @ self.whiten.T  # (n, out), whitened
         e = self.removed
         z = z - (z @ e) @ e.T  # what the removed directions no longer carry
+        if self.prompt_length:
+            return [self._remove_worst_case(z) for _ in range(k)]
         energy, vectors = torch.linalg.eigh(z.T @ z / max(1, z.shape[0]))
         new = vectors[:, -k:].flip(1)
         new, _ = torch.linalg.qr(new - e @ (e.T @ new))
@@ -44,6 +54,41 @@ class LayerSpace:
         taken = [round(float(x), 3) for x in energy.flip(0)[:k]]
         self.ratios += taken
         return taken
+
+    def _remove_worst_case(self, z: torch.Tensor) -> float:
+        """Remove the one direction with the most of `z`'s energy per unit of the worst kept
+        prompt's; returns that concept energy (in units of the pooled kept energy)."""
+        e = self.removed
+        basis = torch.linalg.svd(torch.eye(e.shape[0], dtype=torch.float64) - e @ e.T)[0]
+        basis = basis[:, : e.shape[0] - e.shape[1]]  # the directions still open
+        zc = z @ basis
+        concept = zc.T @ zc / max(1, zc.shape[0])
+        kept = (self.kept.double() @ self.weight.T) @ self.whiten.T @ basis  # (m, r)
+        per_prompt = kept.shape[0] // self.prompt_length
+        weights = torch.ones(per_prompt, dtype=torch.float64)
+        best: tuple[float, torch.Tensor, float] | None = None
+        for _ in range(REWEIGHTS):
+            rows = weights.repeat_interleave(self.prompt_length)[:, None] / weights.mean()
+            held = (kept * rows).T @ kept / kept.shape[0]
+            held = held + self.ridge * torch.eye(held.shape[0], dtype=torch.float64)
+            chol = torch.linalg.cholesky(held)
+            inv = torch.linalg.inv(chol)
+            _, vectors = torch.linalg.eigh(inv @ concept @ inv.T)
+            v = inv.T @ vectors[:, -1]
+            v = v / v.norm()
+            costs = (kept @ v).pow(2).reshape(per_prompt, -1).mean(1)
+            gain = float(v @ concept @ v)
+            score = gain / float(costs.max().clamp(min=1e-12))
+            if best is None or score > best[0]:
+                best = (score, v, gain)
+            weights = weights * torch.exp(costs / costs.mean().clamp(min=1e-12) - 1).clamp(
+                max=1e6)
+        assert best is not None
+        new = basis @ best[1]
+        new = new - e @ (e.T @ new)
+        self.removed = torch.cat([e, (new / new.norm())[:, None]], dim=1)
+        self.ratios.append(round(best[2], 3))
+        return round(best[2], 3)
 
     def factors(self) -> dict[str, torch.Tensor]:
         """B (out, k), A (k, D) with W' = W + B A."""

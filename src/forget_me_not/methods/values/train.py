@@ -33,6 +33,13 @@ from forget_me_not.pipeline_io import encode_prompt
 from forget_me_not.progress import Progress
 
 BATCH = 32  # prompts encoded at once
+COMMON_CONTEXTS = (  # the 'common' contexts: where and how a concept is usually asked for
+    "a photo of {} in a city", "a painting of {}", "a drawing of {}", "a close-up photo of {}",
+    "{} in the style of claude monet", "{} in the style of pablo picasso", "a red {}",
+    "a blue {}", "{} on a table", "a black and white photo of {}", "{} at night",
+    "a watercolor of {}", "{} in a forest", "a cartoon of {}", "a sculpture of {}",
+    "{} on the beach", "an oil painting of {}, highly detailed", "a sketch of {}",
+)
 
 
 def encoded(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
@@ -81,6 +88,18 @@ def learnt_token_rows(pipe: Any, patch: Patch, concept: Concept, config: ValuesC
                          token.phrase)
 
 
+def concept_prompts(config: ValuesConfig, concept: Concept) -> list[str]:
+    """The prompts the concept's directions are read from: its templates and the contexts."""
+    out = concept.prompts()
+    if config.contexts == "conceptworld":
+        from forget_me_not.world import concepts as world
+
+        out += world.prompts(world.get(concept.name), config.contexts_per_concept)
+    elif config.contexts == "common":
+        out += [t.format(concept.words) for t in COMMON_CONTEXTS]
+    return list(dict.fromkeys(out))
+
+
 def _patch(spaces: dict[str, LayerSpace], metadata: dict[str, Any], config: ValuesConfig,
            concepts: Sequence[Concept]) -> Patch:
     factors = {name: space.factors() for name, space in spaces.items()}
@@ -102,16 +121,19 @@ def train(pipe: Any, concepts: Sequence[Concept], config: ValuesConfig | None = 
             locate_tokens(tok, p, c.words)  # a prompt without the words fails here, not later
     started = time.perf_counter()
     kept = kept_prompts(config, concepts)
-    kept_rows = encoded(pipe, kept).flatten(0, 1)  # every position: all of them are attended
+    kept_states = encoded(pipe, kept)
+    kept_rows = kept_states.flatten(0, 1)  # every position: all of them are attended
+    length = kept_states.shape[1] if config.worst_prompt else 0
     layers = edited_layers(pipe, config.targets)
-    spaces = {name: LayerSpace(module.weight, kept_rows, config.ridge) for name, module in layers}
+    spaces = {name: LayerSpace(module.weight, kept_rows, config.ridge, length)
+              for name, module in layers}
     metadata = {**base_metadata(pipe, concepts, config, kept, method="values"),
                 "train": "closed form, adversarial rounds", "steps": config.rounds}
     bar = Progress(len(concepts) * (1 + config.rounds), "value-space erasure",
                    enabled=progress)
     energies: list[list[float]] = []  # per stage: the mean energy ratio of what it removed
     for i, concept in enumerate(concepts):
-        own = tail_rows(pipe, concept.prompts(), concept.words)
+        own = tail_rows(pipe, concept_prompts(config, concept), concept.words)
         taken = [s.remove(own, config.directions) for s in spaces.values()]
         energies.append([round(sum(t[0] for t in taken) / len(taken), 3)])
         bar.update(energy=energies[-1][0])
