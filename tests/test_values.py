@@ -150,6 +150,6 @@ def test_against_the_worst_prompt_no_kept_prompt_pays_more_than_on_average():
     average = LayerSpace(weight, rows, 0.01)
     average.remove(concept, 1)
     guarded = LayerSpace(weight, rows, 0.01, prompt_length=5)
-    guarded.remove(concept, 1)
+    guarded.remove(concept, 1, worst=True)
     assert worst(guarded) < worst(average)
     assert guarded.ratios[0] > 1  # it still takes a direction the concept uses more than kept

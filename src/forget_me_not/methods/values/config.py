@@ -27,7 +27,7 @@ class ValuesConfig:
                             "forms for it; 'common': everyday settings, colours and styles).",
                             CONTEXT_SETS)
     contexts_per_concept: int = setting(60, "contexts conceptworld: caption forms per concept.")
-    rounds: int = setting(3, "Adversarial rounds: each learns a token by textual inversion on "
+    rounds: int = setting(0, "Adversarial rounds: each learns a token by textual inversion on "
                           "the current edit and removes the direction it draws through "
                           "(0: the concept's own prompts only).")
     round_directions: int = setting(1, "Directions removed per layer in each round.")
@@ -36,8 +36,8 @@ class ValuesConfig:
     ridge: float = setting(0.01, "Added to the kept outputs' second moment before whitening, as "
                            "a share of its mean variance: a direction no kept prompt uses does "
                            "not look free.")
-    worst_prompt: bool = setting(False, "Choose each direction against the kept prompt that "
-                                 "would lose most, not the kept prompts' average.")
+    worst_prompt: bool = setting(False, "Choose each round's direction against the kept prompt "
+                                 "that would lose most, not the kept prompts' average.")
     preserve: tuple[str, ...] = setting((), "Prompts whose cross-attention outputs are kept "
                                         "(the empty prompt always is: guidance subtracts it).")
     preserve_set: str = setting("", "A shipped list added to `preserve`, the targets' words left "

@@ -10,9 +10,10 @@ so no input, a learnt token's included, reaches them; among the edits that remov
 directions it is the one that moves the kept outputs least (the oblique projection of LEACE,
 Belrose et al. 2023), each direction costing them one unit of whitened energy on average.
 An average can hide one kept prompt that puts most of its energy where the concept does (a
-colour sharing a direction with the attacker's token): with `prompt_length`, each direction
-is chosen to carry most of the concept's energy per unit of the *worst* kept prompt's, the
-kept prompts that lose most weighed up a few times over (multiplicative weights).
+colour sharing a direction with the attacker's token): `remove(..., worst=True)` chooses the
+direction with most of the concept's energy per unit of the *worst* kept prompt's (the kept
+prompts, `prompt_length` positions each, that lose most weighed up a few times over:
+multiplicative weights).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class LayerSpace:
     """One layer's whitening and the directions removed from its outputs so far."""
 
     def __init__(self, weight: torch.Tensor, kept: torch.Tensor, ridge: float,
-                 prompt_length: int = 0) -> None:
+                 prompt_length: int = 1) -> None:
         self.weight = weight.detach().double().cpu()  # (out, D)
         self.kept, self.prompt_length, self.ridge = kept, prompt_length, ridge
         outputs = kept.double() @ self.weight.T  # (m, out)
@@ -39,13 +40,13 @@ class LayerSpace:
         self.removed = torch.zeros(size, 0, dtype=torch.float64)  # E
         self.ratios: list[float] = []  # the concept's whitened energy along each direction
 
-    def remove(self, states: torch.Tensor, k: int) -> list[float]:
+    def remove(self, states: torch.Tensor, k: int, worst: bool = False) -> list[float]:
         """Remove the `k` directions carrying most of `states`' (n, D) outputs; their energies
         relative to the kept outputs' (1: as much as the kept prompts put there)."""
         z = (states.double() @ self.weight.T) @ self.whiten.T  # (n, out), whitened
         e = self.removed
         z = z - (z @ e) @ e.T  # what the removed directions no longer carry
-        if self.prompt_length:
+        if worst:
             return [self._remove_worst_case(z) for _ in range(k)]
         energy, vectors = torch.linalg.eigh(z.T @ z / max(1, z.shape[0]))
         new = vectors[:, -k:].flip(1)

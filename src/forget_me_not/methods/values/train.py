@@ -123,9 +123,8 @@ def train(pipe: Any, concepts: Sequence[Concept], config: ValuesConfig | None = 
     kept = kept_prompts(config, concepts)
     kept_states = encoded(pipe, kept)
     kept_rows = kept_states.flatten(0, 1)  # every position: all of them are attended
-    length = kept_states.shape[1] if config.worst_prompt else 0
     layers = edited_layers(pipe, config.targets)
-    spaces = {name: LayerSpace(module.weight, kept_rows, config.ridge, length)
+    spaces = {name: LayerSpace(module.weight, kept_rows, config.ridge, kept_states.shape[1])
               for name, module in layers}
     metadata = {**base_metadata(pipe, concepts, config, kept, method="values"),
                 "train": "closed form, adversarial rounds", "steps": config.rounds}
@@ -140,7 +139,8 @@ def train(pipe: Any, concepts: Sequence[Concept], config: ValuesConfig | None = 
         for r in range(config.rounds):
             rows = learnt_token_rows(pipe, _patch(spaces, metadata, config, concepts), concept,
                                      config, config.seed + 1000 * i + r)
-            taken = [s.remove(rows, config.round_directions) for s in spaces.values()]
+            taken = [s.remove(rows, config.round_directions, config.worst_prompt)
+                     for s in spaces.values()]
             energies.append([round(sum(t[0] for t in taken) / len(taken), 3)])
             bar.update(energy=energies[-1][0])
     bar.close()
