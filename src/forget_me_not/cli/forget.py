@@ -91,8 +91,7 @@ def forget(
     keys = {f.name for part in chosen.parts for f in dataclasses.fields(part.config)}
     implicit = api.overrides(seed=seed, reference=reference,
                              n_self_images=self_generate or DEFAULT_SELF_IMAGES)
-    sets += [p for p in implicit if p.split("=", 1)[0] in keys]
-    check_sets(chosen, sets)
+    check_sets(chosen, sets + [p for p in implicit if p.split("=", 1)[0] in keys])
     if chosen.needs_images and images is None:
         raise FmnError(f"recipe {chosen.name} trains on reference images: pass --images DIR "
                        "(the official data has 10 per concept), or use --recipe paper-lora")
@@ -124,6 +123,8 @@ def forget(
     family = detect_family(pipe)
     chosen = api.plan(family, method, recipe)  # the family check, before any work
     keys = {f.name for part in chosen.parts for f in dataclasses.fields(part.config)}
+    # the family's own recipe decides which parts take a reference source and a seed
+    sets += [p for p in implicit if p.split("=", 1)[0] in keys]
     preset = None
     if not names and not token_files:  # --category nsfw alone
         from forget_me_not.presets import family_preset
