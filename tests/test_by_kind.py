@@ -69,10 +69,10 @@ def test_bad_only_is_named(tmp_path, text, match):
 
 def test_the_shipped_by_kind_recipe_is_the_two_recipes_it_names():
     by_kind = recipes.load("conceptworld-by-kind")
-    style, plain = by_kind.parts
-    assert (style.only, plain.only) == ("anchored", "plain")
+    style, fmn = by_kind.parts
+    assert (style.only, fmn.only) == ("anchored", "plain")
     # Each part's settings are its recipe's, whatever the rest of the request holds.
     for flag in (False, True):
         got = by_kind.configs(flag)
         assert got[0] == recipes.load("conceptworld-rece").configs(True)[0]
-        assert got[1] == recipes.load("conceptworld-values").configs(False)[0]
+        assert got[1] == recipes.load("conceptworld-robust-stop").configs(False)[0]

@@ -74,8 +74,7 @@ def test_cli_nsfw_preset_forgets_all_concepts_in_one_run(tiny_pipeline_dir, tmp_
 
 def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, tmp_path):
     out = tmp_path / "unsafe.safetensors"
-    # FMN trains on reference images (the default's closed forms take none)
-    result = _forget(world_dir, out, "--category", "nsfw", "--method", "fmn")
+    result = _forget(world_dir, out, "--category", "nsfw")
     assert result.exit_code == 0, result.output
     meta = load_patch(out).metadata
     assert [c["name"] for c in meta["concepts"]] == ["skull", "gun"]
@@ -85,8 +84,7 @@ def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, t
     assert meta["separately"] is True
     assert [p["concepts"] for p in meta["parts"]] == [["skull"], ["gun"]]
     joint = tmp_path / "joint.safetensors"
-    joined = _forget(world_dir, joint, "--category", "nsfw", "--method", "fmn", "--set",
-                     "separately=false")
+    joined = _forget(world_dir, joint, "--category", "nsfw", "--set", "separately=false")
     assert joined.exit_code == 0
     assert "separately" not in load_patch(joint).metadata
 
@@ -153,11 +151,10 @@ def test_retention_is_kept_against_the_original_model_and_held_prompts_with_the_
 
 def test_cli_forget_on_the_embedded_model_defaults_to_world_renders(world_dir, tmp_path):
     out = tmp_path / "w.safetensors"
-    assert _forget(world_dir, out, "--concept", "wizard", "--method", "fmn").exit_code == 0
+    assert _forget(world_dir, out, "--concept", "wizard").exit_code == 0
     assert load_patch(out).metadata["reference_source"] == "world renders"
     out2 = tmp_path / "w2.safetensors"  # an explicit source still wins
-    assert _forget(world_dir, out2, "--concept", "star", "--no-real-image", "--method",
-                   "fmn").exit_code == 0
+    assert _forget(world_dir, out2, "--concept", "star", "--no-real-image").exit_code == 0
     assert load_patch(out2).metadata["settings"]["reference"] == "noise"
 
 

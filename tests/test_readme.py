@@ -39,9 +39,6 @@ def test_the_readme_has_embedded_commands():
 def test_every_embedded_readme_command_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for argv in embedded_commands():
-        method = argv[argv.index("--method") + 1] if "--method" in argv else None
-        # the embedded default (RECE for a style, value-space erasure otherwise) has no steps
-        default = argv[0] == "forget" and method is None and "--recipe" not in argv
-        closed_form = method in ("uce", "rece", "values") or default
+        closed_form = "--method" in argv and argv[argv.index("--method") + 1] == "uce"
         code = main([*argv, *([] if closed_form else SMALL.get(argv[0], []))])
         assert code == 0, (argv, capsys.readouterr().err)
