@@ -153,3 +153,10 @@ def test_against_the_worst_prompt_no_kept_prompt_pays_more_than_on_average():
     guarded.remove(concept, 1, worst=True)
     assert worst(guarded) < worst(average)
     assert guarded.ratios[0] > 1  # it still takes a direction the concept uses more than kept
+
+
+def test_world_contexts_for_a_concept_outside_the_world_are_refused_before_work():
+    pipe = make_tiny_pipeline("sd1")
+    with pytest.raises(FmnError, match="not a ConceptWorld concept"):
+        values(pipe, [Concept("lighthouse")], ValuesConfig(contexts="conceptworld"),
+               progress=False)

@@ -161,9 +161,9 @@ def edited_layers(pipe: Any, targets: Sequence[str]) -> list[tuple[str, Any]]:
 
 
 def factors_patch(factors: dict[str, dict[str, Any]], metadata: dict[str, Any],
-                  config: UceConfig, concepts: Sequence[Concept]) -> Patch:
+                  config: Any, concepts: Sequence[Concept]) -> Patch:
     """The edit as a LoRA of its exact factors, or as full-weight deltas where its rank would
-    reach a layer's width."""
+    reach a layer's width (`config`: any closed form's settings with `output` and `targets`)."""
     rank = next(iter(factors.values()))["A"].shape[0]
     widths = [min(m["B"].shape[0], m["A"].shape[1]) for m in factors.values()]
     as_lora = config.output == "lora" and rank < min(widths)

@@ -103,7 +103,7 @@ def concept_prompts(config: ValuesConfig, concept: Concept) -> list[str]:
 def _patch(spaces: dict[str, LayerSpace], metadata: dict[str, Any], config: ValuesConfig,
            concepts: Sequence[Concept]) -> Patch:
     factors = {name: space.factors() for name, space in spaces.items()}
-    return factors_patch(factors, metadata, config, concepts)  # type: ignore[arg-type]
+    return factors_patch(factors, metadata, config, concepts)
 
 
 def train(pipe: Any, concepts: Sequence[Concept], config: ValuesConfig | None = None, *,
@@ -116,8 +116,9 @@ def train(pipe: Any, concepts: Sequence[Concept], config: ValuesConfig | None = 
         raise FmnError("value-space erasure's rounds learn tokens from reference images: pass "
                        "--images DIR, or set rounds=0")
     tok = pipeline_tokenizers(pipe)[0]
-    for c in concepts:
-        for p in c.prompts():
+    own_prompts = [concept_prompts(config, c) for c in concepts]  # an unknown context fails now
+    for c, prompts in zip(concepts, own_prompts, strict=True):
+        for p in prompts:
             locate_tokens(tok, p, c.words)  # a prompt without the words fails here, not later
     started = time.perf_counter()
     kept = kept_prompts(config, concepts)
@@ -127,12 +128,13 @@ def train(pipe: Any, concepts: Sequence[Concept], config: ValuesConfig | None = 
     spaces = {name: LayerSpace(module.weight, kept_rows, config.ridge, kept_states.shape[1])
               for name, module in layers}
     metadata = {**base_metadata(pipe, concepts, config, kept, method="values"),
-                "train": "closed form, adversarial rounds", "steps": config.rounds}
+                "train": "closed form" + (", adversarial rounds" if config.rounds else ""),
+                "steps": config.rounds}
     bar = Progress(len(concepts) * (1 + config.rounds), "value-space erasure",
                    enabled=progress)
     energies: list[list[float]] = []  # per stage: the mean energy ratio of what it removed
     for i, concept in enumerate(concepts):
-        own = tail_rows(pipe, concept_prompts(config, concept), concept.words)
+        own = tail_rows(pipe, own_prompts[i], concept.words)
         taken = [s.remove(own, config.directions) for s in spaces.values()]
         energies.append([round(sum(t[0] for t in taken) / len(taken), 3)])
         bar.update(energy=energies[-1][0])
