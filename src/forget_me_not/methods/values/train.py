@@ -22,6 +22,7 @@ from forget_me_not.errors import FmnError
 from forget_me_not.evaluate import applied, restored_text_state
 from forget_me_not.methods.uce.train import (
     COMMON_CONCEPTS,
+    Encoded,
     base_metadata,
     edited_layers,
     factors_patch,
@@ -29,10 +30,8 @@ from forget_me_not.methods.uce.train import (
 from forget_me_not.methods.values.config import ValuesConfig
 from forget_me_not.methods.values.projection import LayerSpace
 from forget_me_not.patch import Patch, library_versions
-from forget_me_not.pipeline_io import encode_prompt
 from forget_me_not.progress import Progress
 
-BATCH = 32  # prompts encoded at once
 COMMON_CONTEXTS = (  # the 'common' contexts: where and how a concept is usually asked for
     "a photo of {} in a city", "a painting of {}", "a drawing of {}", "a close-up photo of {}",
     "{} in the style of claude monet", "{} in the style of pablo picasso", "a red {}",
@@ -43,12 +42,10 @@ COMMON_CONTEXTS = (  # the 'common' contexts: where and how a concept is usually
 
 
 def encoded(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """(B, T, D) text states of `prompts`, in batches."""
-    out = []
-    for i in range(0, len(prompts), BATCH):
-        with torch.no_grad():
-            out.append(encode_prompt(pipe, list(prompts[i:i + BATCH]))[0].double().cpu())
-    return torch.cat(out)
+    """(B, T, D) text states of `prompts`, encoded in batches as UCE's solve encodes them."""
+    states = Encoded(pipe)
+    states.prefetch(list(prompts))
+    return torch.stack([states(p) for p in prompts]).double()
 
 
 def tail_rows(pipe: Any, prompts: Sequence[str], words: str) -> torch.Tensor:
