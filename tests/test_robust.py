@@ -166,3 +166,44 @@ def test_a_sequential_recipe_needs_a_later_fmn_lora_part(tmp_path):
     one.write_text("sequential: true\nparts:\n  - {method: uce}\n")
     with pytest.raises(FmnError, match="at least two parts"):
         recipes.load(one)
+
+
+def _prediction(pipe, patch, prompt: str) -> torch.Tensor:
+    """The (patched) UNet's noise prediction for a prompt on one fixed noisy latent."""
+    from forget_me_not.evaluate import applied
+    from forget_me_not.pipeline_io import encode_prompt
+
+    g = torch.Generator().manual_seed(3)
+    size = pipe.unet.config.sample_size
+    x = torch.randn(1, pipe.unet.config.in_channels, size, size, generator=g)
+    with torch.no_grad(), applied(pipe, [patch] if patch else []):
+        embeds, _ = encode_prompt(pipe, prompt)
+        return pipe.unet(x, torch.tensor([600]), encoder_hidden_states=embeds).sample
+
+
+def test_kept_input_projection_leaves_the_kept_prompts_prediction_and_still_forgets():
+    pipe = make_tiny_pipeline("sd1")
+    keep = "a photo of a circle"
+    free = train_any(pipe, [Concept("star")], _cfg(preserve_prompts=(keep,)))
+    kept = train_any(pipe, [Concept("star")], _cfg(preserve_prompts=(keep,), keep_energy=0.999))
+    base_keep, base_star = _prediction(pipe, None, keep), _prediction(pipe, None, "a star")
+    moved_free = (_prediction(pipe, free, keep) - base_keep).norm()
+    moved_kept = (_prediction(pipe, kept, keep) - base_keep).norm()
+    assert moved_kept < 0.1 * moved_free  # the kept prompt's inputs reach no trained direction
+    assert (_prediction(pipe, kept, "a star") - base_star).norm() > moved_kept
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"keep_energy": 1.0}, "keep_energy must be below 1"),
+    ({"keep_energy": -0.5}, "keep_energy"),
+    ({"keep_energy": 0.9, "train": "xattn"}, "keep_energy projects a LoRA's inputs"),
+])
+def test_bad_kept_input_settings_are_named(settings, match):
+    with pytest.raises(FmnError, match=match):
+        fmn_config(**settings)
+
+
+def test_kept_input_projection_needs_prompts_to_keep():
+    pipe = make_tiny_pipeline("sd1")
+    with pytest.raises(FmnError, match="keep_energy > 0 needs prompts to keep"):
+        train_any(pipe, [Concept("star")], _cfg(keep_energy=0.9, preserve_set=""))
