@@ -144,11 +144,6 @@ class FmnConfig(ResteerSettings):
     text_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
                                       "LoRA on to_k/to_v does to the preserve prompts' text "
                                       "states (0: off).")
-    keep_energy: float = setting(
-        0.0, "train=lora: protect, at every LoRA'd layer, the input directions holding this "
-        "share of the second moment of what the preserve prompts (and the empty prompt) feed "
-        "it across the schedule; each lora_A is projected off them after every step, so those "
-        "inputs come out exactly as before (0: off; e.g. 0.99).")
     adversarial_every: int = setting(0, "Robust mode: every this many steps, a token per "
                                      "concept is learnt by inversion on the model being trained "
                                      "and re-steered beside the word (0: off).")
@@ -184,13 +179,6 @@ class FmnConfig(ResteerSettings):
             raise FmnError(f"lora_rank must be an integer >= 1, got {self.lora_rank}")
         check_number("lora_alpha", self.lora_alpha, strict=True, optional=True)
         check_number("text_keep_weight", self.text_keep_weight)
-        check_number("keep_energy", self.keep_energy)
-        if self.keep_energy >= 1:
-            raise FmnError(f"keep_energy must be below 1 (1 protects every input direction, "
-                           f"so nothing could change), got {self.keep_energy}")
-        if self.keep_energy > 0 and self.train != "lora":
-            raise FmnError("keep_energy projects a LoRA's inputs: set train=lora, or "
-                           "keep_energy=0")
         self.lora_targets = tuple(self.lora_targets)
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if not self.lora_targets or bad:

@@ -34,8 +34,7 @@ from forget_me_not.progress import Progress
 def resolve(config: Any, concepts: Sequence[Concept]) -> Any:
     """The run's config with its steps totalled and its preserve prompts filled in."""
     prompts = config.preserve_prompts
-    keeps = config.preserve_weight > 0 or getattr(config, "keep_energy", 0.0) > 0
-    if keeps and not prompts and config.preserve_set:
+    if config.preserve_weight > 0 and not prompts and config.preserve_set:
         from forget_me_not.recipes.prompt_sets import prompt_set
 
         avoid = list(dict.fromkeys([*(c.words for c in concepts), *config.also_avoid]))
@@ -43,9 +42,6 @@ def resolve(config: Any, concepts: Sequence[Concept]) -> Any:
     if config.preserve_weight > 0 and not prompts:
         raise FmnError("preserve_weight > 0 needs prompts to preserve: pass "
                        "--set preserve_prompts=[...], or set preserve_weight=0")
-    if getattr(config, "keep_energy", 0.0) > 0 and not prompts:
-        raise FmnError("keep_energy > 0 needs prompts to keep: set preserve_set or "
-                       "preserve_prompts, or keep_energy=0")
     return dataclasses.replace(config, steps=config.total_steps(len(concepts)), steps_per="run",
                                preserve_prompts=tuple(prompts))
 
@@ -167,7 +163,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
     term_losses: dict[str, list[float]] = {}
     started = time.perf_counter()
     stack = contextlib.ExitStack()
-    kept_inputs = None
     try:
         params = trainable.setup()
         adversary = None
@@ -179,15 +174,9 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             text_keep = T.TextKeep(weight, pipe.unet, keep.rows, trainable.adapter)
             if text_keep.layers:  # no LoRA on to_k / to_v: nothing text-side to keep
                 terms.append(text_keep)
-        if getattr(config, "keep_energy", 0.0) > 0:
-            from forget_me_not.methods.fmn.subspace import KeptInputs
-
-            kept_inputs = KeptInputs(run, config.preserve_prompts, trainable.adapter)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         run.probes = install_probes(pipe.unet)
         bar = Progress(config.steps, label, enabled=progress)
-        if kept_inputs is not None:
-            bar.note(kept_inputs.line())
         for number in range(config.steps):
             index = [(number * config.batch_size + r) % len(rows)
                      for r in range(config.batch_size)]
@@ -234,8 +223,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if kept_inputs is not None:
-                kept_inputs.project()
             losses.append(loss.item())
             term_losses.setdefault("attention", []).append(shown["attention"])
             done = number + 1
@@ -261,6 +248,4 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
            "term_losses": term_losses, "seconds": round(time.perf_counter() - started, 3)}
     if stop is not None:
         out["stop"] = stop
-    if kept_inputs is not None:  # protected input directions per layer, for the patch's info
-        out["kept_directions"] = kept_inputs.summary()
     return out

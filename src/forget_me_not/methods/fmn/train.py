@@ -47,7 +47,5 @@ def to_patch(pipe: Any, method: str, concepts: list[Concept], config: Any, out: 
     }
     if "stop" in out:  # where the run stopped, and the pull read along it
         metadata["stop"] = out["stop"]
-    if "kept_directions" in out:  # keep_energy: protected input directions per layer
-        metadata["kept_directions"] = out["kept_directions"]
     return Patch(kind=out["kind"], tensors=out["tensors"], metadata=metadata,
                  lora_config=out["lora_config"], name=run_name("fmn", concepts, metadata))
