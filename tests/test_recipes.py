@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from forget_me_not import methods, recipes
@@ -12,6 +14,18 @@ from forget_me_not.errors import FmnError
 @pytest.mark.parametrize("name", recipes.names())
 def test_every_shipped_recipe_loads_and_validates(name):
     recipe = recipes.load(name)
+    assert recipe.parts and recipe.description
+    for config in (*recipe.configs(False), *recipe.configs(True)):
+        assert type(config) in {methods.get(p.method).config_class for p in recipe.parts}
+
+
+BENCH_RECIPES = sorted((Path(__file__).parent.parent / "benchmarks" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BENCH_RECIPES, ids=[p.stem for p in BENCH_RECIPES])
+def test_every_benchmark_recipe_still_loads_with_todays_settings(path):
+    # BENCHMARKS.md cites these files by command: a renamed setting must not break them.
+    recipe = recipes.load(path)
     assert recipe.parts and recipe.description
     for config in (*recipe.configs(False), *recipe.configs(True)):
         assert type(config) in {methods.get(p.method).config_class for p in recipe.parts}
