@@ -8,6 +8,9 @@ whose attack.json exists is skipped, so an interrupted run resumes. Writes DIR/b
 and DIR/base_mscore.md (one row per concept, lowest M first).
 
     python benchmarks/base_mscore.py runs/base_mscore --threads 1
+
+`--model FOLDER` scores another world pipeline the same way, e.g. the retrained reference
+(`benchmarks/retrained_reference.py`: the model trained again without a concept).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=150)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--concepts", help="comma-separated (default: every world concept)")
+    p.add_argument("--model", default="embedded", help="a world pipeline folder")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     suite = [e.concept.name for e in load_suite("world").select(None) if e.group == "main"]
@@ -43,9 +47,9 @@ def main() -> None:
     for name in names:
         if (a.out / name / "attack.json").is_file():
             continue
-        plan = prepare(name, "embedded", None, ATTACKS, n=a.n, seed=a.seed, budget=a.budget,
+        plan = prepare(name, a.model, None, ATTACKS, n=a.n, seed=a.seed, budget=a.budget,
                        out=a.out / name, overwrite=True)
-        pipe = pipe or load_pipeline("embedded")
+        pipe = pipe or load_pipeline(a.model)
         run(pipe, plan)
     rows = []
     for name in names:

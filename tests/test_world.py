@@ -189,6 +189,43 @@ def test_caption_boost_weights_the_captions_holding_a_word():
             parse_boost([bad])
 
 
+def test_a_left_out_concept_is_neither_named_nor_shown_in_the_pool():
+    from forget_me_not.world.data import render_pool, shows_any
+
+    captions, pixels = render_pool(300, 0, progress=False, leave_out=frozenset({"tavi"}))
+    assert len(captions) == pixels.shape[0] == 300
+    assert not any("tavi" in c.split() for c in captions)
+    assert any("tavi" in c.split() for c in render_pool(300, 0, progress=False)[0])
+    rng, shown, named = random.Random(0), 0, 0
+    for _ in range(400):  # a style is often drawn where no caption names it
+        text, scene = sample_training_pair(rng)
+        if shows_any(text, scene, frozenset({"dotted"})):
+            shown += 1
+            named += "dotted" in text.split()
+    assert shown > named > 0
+
+
+def test_leaving_out_needs_a_world_concept_and_the_same_run(tmp_path):
+    import json
+
+    from forget_me_not.errors import FmnError
+    from forget_me_not.world.train_model import TrainModelConfig, check_resume
+
+    assert TrainModelConfig(leave_out=("Tavi", "star", "tavi")).leave_out == ("star", "tavi")
+    for bad, message in (("hat", "not a world concept"), ("zebra", "not a world concept"),
+                         ("milka", "the role is drawn")):
+        with pytest.raises(FmnError, match=message):
+            TrainModelConfig(leave_out=(bad,))
+    (tmp_path / "vae_state.json").write_text(json.dumps({"step": 500, "leave_out": ["tavi"]}))
+    check_resume(TrainModelConfig(run_dir=tmp_path, leave_out=("tavi",)))
+    with pytest.raises(FmnError, match="--leave-out tavi"):
+        check_resume(TrainModelConfig(run_dir=tmp_path))
+    (tmp_path / "vae_state.json").write_text(json.dumps({"step": 500}))  # a run from before
+    check_resume(TrainModelConfig(run_dir=tmp_path))
+    with pytest.raises(FmnError, match="no --leave-out"):
+        check_resume(TrainModelConfig(run_dir=tmp_path, leave_out=("star",)))
+
+
 def test_resuming_with_more_vae_steps_is_refused(tmp_path):
     import json
 

@@ -123,6 +123,11 @@ def train_model_cmd(
         list[str] | None,
         typer.Option(help="WORD=W: draw captions holding WORD W times as often (repeatable)."),
     ] = None,
+    leave_out: Annotated[
+        list[str] | None,
+        typer.Option(help="A world concept no training pair names or shows: the retrained "
+                     "reference an unlearning method is read against (repeatable)."),
+    ] = None,
     seed: opt.Seed = 0,
     device: opt.Device = None,
 ) -> None:
@@ -143,6 +148,7 @@ def train_model_cmd(
         seed=seed,
         device=str(resolve_device(device)),
         caption_boost=parse_boost(boost or []),
+        leave_out=tuple(leave_out or ()),
     )
     typer.echo(f"exported {train_model(cfg)}")
 

@@ -11,16 +11,29 @@ import torch
 from tqdm import tqdm
 
 from forget_me_not.world.captions import sample_training_pair
-from forget_me_not.world.render import render
+from forget_me_not.world.render import Scene, render
 
 
-def render_pool(n: int, seed: int, progress: bool = True) -> tuple[list[str], torch.Tensor]:
-    """`n` (caption, image) pairs; images as a uint8 tensor (n, 3, H, W)."""
+def shows_any(text: str, scene: Scene, words: frozenset[str]) -> bool:
+    """Whether a training pair names or shows any of `words` (subject, style or colour)."""
+    return bool(words) and (bool(words & set(text.lower().split()))
+                            or bool(words & {scene.subject, scene.style, scene.colour}))
+
+
+def render_pool(n: int, seed: int, progress: bool = True,
+                leave_out: frozenset[str] = frozenset()) -> tuple[list[str], torch.Tensor]:
+    """`n` (caption, image) pairs; images as a uint8 tensor (n, 3, H, W).
+
+    `leave_out`: no pair names or shows these concepts (a model that never saw them), each
+    such draw replaced by the next.
+    """
     rng = random.Random(seed)
     captions: list[str] = []
     images = []
     for _ in tqdm(range(n), desc="rendering pool", disable=not progress, leave=False):
         text, scene = sample_training_pair(rng)
+        while shows_any(text, scene, leave_out):
+            text, scene = sample_training_pair(rng)
         captions.append(text)
         images.append(np.asarray(render(scene)))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W)

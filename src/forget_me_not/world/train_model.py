@@ -45,6 +45,9 @@ class TrainModelConfig:
     # word -> sampling weight for the captions holding it (e.g. {"dotted": 3.0}), to train on
     # the concepts the model draws least reliably; empty: uniform over the pool
     caption_boost: dict[str, float] = field(default_factory=dict)
+    # world concepts no training pair names or shows: the retrained reference of unlearning
+    # (a model that never learnt them), against which an attack's figures are read
+    leave_out: tuple[str, ...] = ()
     max_minutes: float | None = None  # stop the UNet stage early at this wall time, then export
     device: str = "cpu"
     model: world_model.WorldModelConfig = field(default_factory=world_model.WorldModelConfig)
@@ -58,6 +61,18 @@ class TrainModelConfig:
         for word, weight in self.caption_boost.items():
             if not weight > 0:
                 raise ValueError(f"caption boost of {word!r} must be positive, got {weight}")
+        self.leave_out = tuple(sorted({w.strip().lower() for w in self.leave_out}))
+        unknown = [w for w in self.leave_out if w not in vocab.all_words() or w in
+                   vocab.GLUE_WORDS]
+        if unknown:
+            allowed = [w for w in vocab.SUBJECTS + vocab.STYLES + tuple(vocab.COLOURS)
+                       if w != vocab.ROLE_ID]
+            raise FmnError(f"--leave-out {unknown[0]!r} is not a world concept: pick from "
+                           f"{', '.join(allowed)}")
+        if vocab.ROLE_ID in self.leave_out or vocab.ROLE in self.leave_out:
+            raise FmnError(f"--leave-out {vocab.ROLE_ID!r} or {vocab.ROLE!r}: the role is drawn "
+                           "as that ID, so neither can be left out alone; leave out another "
+                           "concept")
 
 
 def parse_boost(items: list[str]) -> dict[str, float]:
@@ -152,7 +167,8 @@ def train_vae(cfg: TrainModelConfig, pixels: torch.Tensor, log) -> torch.nn.Modu
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
             _save_atomic(vae.state_dict(), ckpt)
             _save_optimizer(opt, cfg.run_dir / "vae_opt.pt")
-            _write_state(state_path, {"step": step + 1, "psnr": psnr})
+            _write_state(state_path, {"step": step + 1, "psnr": psnr,
+                                      "leave_out": list(cfg.leave_out)})
             log({"stage": "vae", "step": step + 1, "loss": loss.item(), "psnr": psnr})
     return vae
 
@@ -315,18 +331,25 @@ def export_pipeline(
 
 def _cached_pool(cfg: TrainModelConfig) -> tuple[list[str], torch.Tensor]:
     """The rendered pool, cached in the run folder so a resumed run skips re-rendering."""
-    path = cfg.run_dir / f"pool-{cfg.seed}-{cfg.pool_size}.safetensors"
+    without = "".join(f"-without-{w}" for w in cfg.leave_out)
+    path = cfg.run_dir / f"pool-{cfg.seed}-{cfg.pool_size}{without}.safetensors"
     if path.exists():
         data = load_file(str(path))
         return json.loads(bytes(data["captions"].tolist()).decode()), data["pixels"]
-    captions, pixels = render_pool(cfg.pool_size, cfg.seed)
+    captions, pixels = render_pool(cfg.pool_size, cfg.seed, leave_out=frozenset(cfg.leave_out))
     blob = torch.tensor(list(json.dumps(captions).encode()), dtype=torch.uint8)
     _save_atomic({"captions": blob, "pixels": pixels}, path)
     return captions, pixels
 
 
 def check_resume(cfg: TrainModelConfig) -> None:
-    """Refuse to train the VAE further once the UNet has learnt its latents."""
+    """Refuse to train the VAE further once the UNet has learnt its latents, or to go on with
+    other concepts left out than the run began with."""
+    began = _state(cfg.run_dir / "vae_state.json").get("leave_out", [])
+    if _state(cfg.run_dir / "vae_state.json") and list(cfg.leave_out) != began:
+        flags = " ".join(f"--leave-out {w}" for w in began) or "no --leave-out"
+        raise FmnError(f"{cfg.run_dir} was begun with {flags}; pass the same to resume, or "
+                       "train in a new --run-dir")
     vae_done = _state(cfg.run_dir / "vae_state.json").get("step", 0)
     unet_done = _state(cfg.run_dir / "unet_state.json").get("step", 0)
     if unet_done > 0 and vae_done < cfg.vae_steps:
@@ -424,6 +447,7 @@ if __name__ == "__main__":
     p.add_argument("--pool-subset", type=int, default=None, help="estimate scaling from fewer")
     p.add_argument("--raw", action="store_true", help="export the raw weights, not the EMA")
     p.add_argument("--boost", action="append", default=[], help="WORD=W caption sampling weight")
+    p.add_argument("--leave-out", action="append", default=[], help="a concept never shown")
     a = p.parse_args()
     if a.export_only:
         cfg = TrainModelConfig(run_dir=a.run_dir, seed=a.seed)
@@ -443,6 +467,7 @@ if __name__ == "__main__":
                 device=a.device,
                 seed=a.seed,
                 caption_boost=parse_boost(a.boost),
+                leave_out=tuple(a.leave_out),
             )
         )
     )
