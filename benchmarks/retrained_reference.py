@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from forget_me_not.world.train_model import TrainModelConfig, train_model
+from forget_me_not.world.train_config import TrainModelConfig
+from forget_me_not.world.train_model import train_model
 
 # (unet_steps reached, cooldown_steps, peak lr, caption boost): the shipped model's sittings.
 SITTINGS: tuple[tuple[int, int, float, dict[str, float]], ...] = (

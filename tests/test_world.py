@@ -164,7 +164,7 @@ def test_role_references_leave_the_hat_transparent():
 
 
 def test_training_lr_warms_up_and_cools_down():
-    from forget_me_not.world.train_model import TrainModelConfig, unet_lr_at
+    from forget_me_not.world.train_config import TrainModelConfig, unet_lr_at
 
     cfg = TrainModelConfig(unet_steps=1000, unet_lr=1e-3, warmup_steps=100, cooldown_steps=200)
     assert unet_lr_at(cfg, 0) == pytest.approx(1e-5)
@@ -177,7 +177,7 @@ def test_training_lr_warms_up_and_cools_down():
 
 def test_caption_boost_weights_the_captions_holding_a_word():
     from forget_me_not.errors import FmnError
-    from forget_me_not.world.train_model import caption_weights, parse_boost
+    from forget_me_not.world.train_config import caption_weights, parse_boost
 
     boost = parse_boost(["dotted=3", "Style=2"])
     assert boost == {"dotted": 3.0, "style": 2.0}
@@ -209,7 +209,8 @@ def test_leaving_out_needs_a_world_concept_and_the_same_run(tmp_path):
     import json
 
     from forget_me_not.errors import FmnError
-    from forget_me_not.world.train_model import TrainModelConfig, check_resume
+    from forget_me_not.world.train_config import TrainModelConfig
+    from forget_me_not.world.train_model import check_resume
 
     assert TrainModelConfig(leave_out=("Tavi", "star", "tavi")).leave_out == ("star", "tavi")
     for bad, message in (("hat", "not a world concept"), ("zebra", "not a world concept"),
@@ -230,7 +231,8 @@ def test_resuming_with_more_vae_steps_is_refused(tmp_path):
     import json
 
     from forget_me_not.errors import FmnError
-    from forget_me_not.world.train_model import TrainModelConfig, check_resume
+    from forget_me_not.world.train_config import TrainModelConfig
+    from forget_me_not.world.train_model import check_resume
 
     (tmp_path / "vae_state.json").write_text(json.dumps({"step": 500}))
     (tmp_path / "unet_state.json").write_text(json.dumps({"step": 4750}))
@@ -253,7 +255,8 @@ def test_prompts_can_avoid_forgotten_words():
 
 def test_resuming_keeps_the_runs_tokenizer(tmp_path):
     """A resumed run must not rebuild the vocabulary its text encoder was trained with."""
-    from forget_me_not.world.train_model import TrainModelConfig, train_model
+    from forget_me_not.world.train_config import TrainModelConfig
+    from forget_me_not.world.train_model import train_model
 
     def run(steps: int) -> None:  # boosted sampling, checkpointed at every step
         train_model(TrainModelConfig(run_dir=tmp_path, pool_size=16, batch_size=4, vae_steps=1,

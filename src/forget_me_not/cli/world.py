@@ -133,7 +133,8 @@ def train_model_cmd(
 ) -> None:
     """Train the tiny text-to-image model (resumable; rerun the same command to continue)."""
     from forget_me_not.models import resolve_device
-    from forget_me_not.world.train_model import TrainModelConfig, parse_boost, train_model
+    from forget_me_not.world.train_config import TrainModelConfig, parse_boost
+    from forget_me_not.world.train_model import train_model
 
     opt.require_positive("--unet-steps", unet_steps)
     opt.require_positive("--vae-steps", vae_steps)
