@@ -190,6 +190,7 @@ def test_caption_boost_weights_the_captions_holding_a_word():
 
 
 def test_a_left_out_concept_is_neither_named_nor_shown_in_the_pool():
+    from forget_me_not.errors import FmnError
     from forget_me_not.world.data import render_pool, shows_any
 
     captions, pixels = render_pool(300, 0, progress=False, leave_out=frozenset({"tavi"}))
@@ -203,6 +204,9 @@ def test_a_left_out_concept_is_neither_named_nor_shown_in_the_pool():
             shown += 1
             named += "dotted" in text.split()
     assert shown > named > 0
+    everything = frozenset(vocab.SUBJECTS)
+    with pytest.raises(FmnError, match="leave out fewer"):
+        render_pool(4, 0, progress=False, leave_out=everything)
 
 
 def test_leaving_out_needs_a_world_concept_and_the_same_run(tmp_path):

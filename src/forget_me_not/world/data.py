@@ -10,8 +10,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from forget_me_not.errors import FmnError
 from forget_me_not.world.captions import sample_training_pair
 from forget_me_not.world.render import Scene, render
+
+# Draws tried in a row before a leave-out is taken to leave nothing (one in 1,000 or fewer).
+MAX_REDRAWS = 1000
 
 
 def shows_any(text: str, scene: Scene, words: frozenset[str]) -> bool:
@@ -32,8 +36,13 @@ def render_pool(n: int, seed: int, progress: bool = True,
     images = []
     for _ in tqdm(range(n), desc="rendering pool", disable=not progress, leave=False):
         text, scene = sample_training_pair(rng)
-        while shows_any(text, scene, leave_out):
+        for _ in range(MAX_REDRAWS):
+            if not shows_any(text, scene, leave_out):
+                break
             text, scene = sample_training_pair(rng)
+        else:
+            raise FmnError(f"leaving out {', '.join(sorted(leave_out))} leaves almost nothing "
+                           "to train on: leave out fewer concepts")
         captions.append(text)
         images.append(np.asarray(render(scene)))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W)
