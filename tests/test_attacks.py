@@ -137,6 +137,11 @@ def test_cli_attack_writes_every_part_and_refuses_bad_input(world_dir, tmp_path)
     parts = [data["g"], *(a["rate"] for a in data["attacks"].values())]
     assert data["m_score"] == max(parts) and "M-Score" in result.output
     assert (out / "adversarial.png").stat().st_size > 0
+    from forget_me_not.bench.suites import load_suite
+
+    suite = load_suite("world").settings()  # the search as `fmn bench` runs it
+    for key in ("lr", "max_anchors", "num_tokens", "batch_size"):
+        assert data["settings"][key] == suite[key], key
     evaluated = runner.invoke(app, ["eval", "--model", str(world_dir), "--suite", "world",
                                     "--concept", "star", "--patch", str(patch), "--n", "2",
                                     "--steps", "2", "--budget", "2", "--attack", "encoder"])

@@ -76,9 +76,12 @@ def prepare(concept: str, model: str, patch: list[Path] | None, attack_names: li
     suite = load_suite("world" if world else "conceptbench")
     entry = resolve_entry(suite, concept, None, None)
     defaults = suite.settings(n=n, seed=seed, steps=steps, budget=budget)
+    # Every search setting the suite gives, as `fmn bench` uses them: the same attack.
     settings = AttackSettings(n=defaults["n"], seed=defaults["seed"],
                               steps=defaults["steps"] or 25, guidance=defaults["guidance"],
-                              budget=defaults["budget"], adversarial_tokens=tokens,
+                              batch_size=defaults["batch_size"], budget=defaults["budget"],
+                              num_tokens=defaults["num_tokens"], lr=defaults["lr"],
+                              max_anchors=defaults["max_anchors"], adversarial_tokens=tokens,
                               init_words=entry.concept.words if init_word else None)
     if images is not None and not images.is_dir():
         raise FmnError(f"--images {images} is not a folder; pass a folder of the concept's images")
