@@ -3,7 +3,8 @@ what the robust-mode trials in BENCHMARKS.md ("Robust mode") were measured with.
 
 Forgets the target with the recipe, scores every world concept before and after (16 samples,
 seeds 1000+), runs the four attacks on the target (inversion, base encoder, paraphrases,
-adversarial search; budget 150) and prints one JSON line: G and each attack's rate, the three
+adversarial search; budget 150; the searching attacks learn from renders of other scenes than
+the forgetting's references, since 2026-12-06) and prints one JSON line: G and each attack's rate, the three
 lowest retentions, the forget seconds. `--on-top-of RECIPE` trains that recipe first and the
 given one on top of its patch, and scores the two stacked.
 
@@ -28,7 +29,7 @@ from forget_me_not.evaluate import applied
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.patch.ops import stack_patches
-from forget_me_not.presets import world_concepts
+from forget_me_not.presets import world_attack_images, world_concepts
 from forget_me_not.world import concepts as wc
 from forget_me_not.world.scoring import score_concepts
 
@@ -79,6 +80,8 @@ def main() -> None:
                "lowest_retention": sorted(kept.items(), key=lambda kv: kv[1])[:3]}
         settings = AttackSettings(n=a.n, budget=150, lr=a.lr)
         for c in concepts:
+            # the attacker's own images: other scenes than those the forgetting trained on
+            c = dataclasses.replace(c, images=world_attack_images(c.name, Path(tmp) / "attack"))
             r = attack_all(pipe, [patch], c, judge, list(ATTACKS), settings)
             row[c.name] = {"G": r["g"], **{n: x.rate for n, x in r["attacks"].items()}}
     print(json.dumps(row))

@@ -144,3 +144,31 @@ def test_attacks_encoder_view_and_paraphrases():
     assert any("STAR" in p for p in found) and any("in striped style" in p for p in found)
     with pytest.raises(FmnError, match="unknown attack 'magic'.*adversarial"):
         check(["magic"])
+
+
+def test_the_attacks_learn_from_other_images_than_the_forgetting(tmp_path):
+    """On the embedded model the leaderboard trains on a world concept's references and attacks
+    with renders of other scenes; `fmn attack` takes those same attack renders."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from forget_me_not.bench.compare import _Scorer
+    from forget_me_not.cli.attack import _with_images
+    from forget_me_not.concepts import Concept
+    from forget_me_not.models import load_pipeline
+
+    def pixels(paths):
+        return {np.asarray(Image.open(p).convert("RGB")).tobytes() for p in paths}
+
+    scorer = object.__new__(_Scorer)  # only the pipeline and the settings are read
+    scorer.pipe, scorer.settings = load_pipeline("embedded"), {"max_anchors": 8}
+    star = Concept("star", "object", ("a photo of a {}",))
+    base = SimpleNamespace(concepts=[SimpleNamespace(concept=star)])
+    train, score = scorer.with_references(base, tmp_path / "bench")
+    trained, attacked = pixels(train["star"].images), pixels(score["star"].images)
+    assert len(trained) >= 8 and len(attacked) >= 8
+    assert not trained & attacked
+    cli = _with_images(scorer.pipe, star, None, tmp_path / "cli")
+    assert pixels(cli.images) == attacked

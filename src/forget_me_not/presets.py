@@ -93,6 +93,18 @@ def is_world_concept(name: str) -> bool:
     return any(c.name == name for c in all_concepts())
 
 
+# The attacker's images of a world concept are other scenes than the forgetting's references
+# (renders at seed 0): an attack that learns from the very images a forgetting trained on
+# reads lower than one with the attacker's own (BENCHMARKS.md, "The attacker's own images").
+ATTACK_RENDER_SEED = 1
+
+
+def world_attack_images(name: str, ref_dir: str | Path) -> tuple[Path, ...]:
+    """Renders of world concept `name` for an attack's anchors, none of them a reference the
+    forgetting trains on; written under `ref_dir`."""
+    return world_concepts([name], ref_dir, seed=ATTACK_RENDER_SEED)[0].images
+
+
 def world_concepts(names: Sequence[str], ref_dir: str | Path, n_refs: int = 10,
                    seed: int = 0) -> list[Concept]:
     """ConceptWorld concepts with `n_refs` reference renders each, written under `ref_dir`."""

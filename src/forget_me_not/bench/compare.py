@@ -264,12 +264,12 @@ class _Scorer:
     def with_references(self, base, folder: Path) -> tuple[dict, dict]:
         """Per concept name: the concept to train on (as `fmn forget` would: world renders and
         the world's templates on the embedded model) and the one to score (the suite's prompts,
-        with reference images for the inversion attack: world renders, else the base model's
-        own recognised samples)."""
+        with reference images for the inversion attack: world renders of other scenes than the
+        training's, else the base model's own recognised samples)."""
         from forget_me_not.evaluate import choose_anchors
         from forget_me_not.images import save_numbered
         from forget_me_not.patch import family_of
-        from forget_me_not.presets import is_world_concept, world_concepts
+        from forget_me_not.presets import is_world_concept, world_attack_images, world_concepts
 
         train, score = {}, {}
         world = family_of(self.pipe) == "embedded"
@@ -279,7 +279,8 @@ class _Scorer:
                 train[c.name] = score[c.name] = c
             elif world and is_world_concept(c.name):
                 train[c.name] = world_concepts([c.name], folder)[0]
-                score[c.name] = dataclasses.replace(c, images=train[c.name].images)
+                score[c.name] = dataclasses.replace(
+                    c, images=world_attack_images(c.name, folder / "attack"))
             else:
                 anchors = choose_anchors(result.before.g, self.settings["max_anchors"])
                 paths = save_numbered(anchors, folder / c.name.replace(" ", "_"), "anchor")

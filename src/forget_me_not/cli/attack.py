@@ -112,18 +112,18 @@ def run(pipe, plan: dict) -> None:
 
 def _with_images(pipe, concept, images: Path | None, folder: Path):
     """The concept with reference images: the user's, else world renders on the embedded
-    model, else none (the base model's own samples are used)."""
+    model (other scenes than those `fmn forget` trains on), else none (the base model's own
+    samples are used)."""
     import dataclasses
 
     from forget_me_not.data import image_files
     from forget_me_not.patch import family_of
-    from forget_me_not.presets import is_world_concept, world_concepts
+    from forget_me_not.presets import is_world_concept, world_attack_images
 
     if images is not None:
         return dataclasses.replace(concept, images=tuple(image_files(images)))
     if family_of(pipe) == "embedded" and is_world_concept(concept.name):
-        rendered = world_concepts([concept.name], folder)[0]
-        return dataclasses.replace(concept, images=rendered.images)
+        return dataclasses.replace(concept, images=world_attack_images(concept.name, folder))
     return concept
 
 
