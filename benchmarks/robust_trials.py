@@ -5,8 +5,8 @@ Forgets the target with the recipe, scores every world concept before and after 
 seeds 1000+), runs the four attacks on the target (inversion, base encoder, paraphrases,
 adversarial search; budget 150; the searching attacks learn from renders of other scenes than
 the forgetting's references, since 2026-12-06) and prints one JSON line: G and each attack's
-rate, the three lowest retentions, the forget seconds. `--on-top-of RECIPE` trains that recipe first and the
-given one on top of its patch, and scores the two stacked.
+rate, the three lowest retentions, the forget seconds. `--on-top-of RECIPE` trains that
+recipe first and the given one on top of its patch, and scores the two stacked.
 
     python benchmarks/robust_trials.py conceptworld-robust star --threads 1 --set fmn.seed=1
 """
