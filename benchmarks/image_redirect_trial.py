@@ -84,8 +84,17 @@ keep_pool = [keep_prompts[i % len(keep_prompts)] for i in range(a.keep_n)]
 keep_lat = draw_latents(pipe, keep_pool, 25, a.seed + 5)
 keep_rows = encode_plain(pipe, keep_pool)
 print("kept latents", keep_lat.shape, round(time.time() - t0, 1), flush=True)
-empty = encode_plain(pipe, [""])[0].embeds
-rows = {pr: encode_plain(pipe, [pr])[0].embeds for pr in prompts}
+encoded: dict[str, torch.Tensor] = {}
+
+
+def embeds_of(prompt: str) -> torch.Tensor:
+    """A prompt's text states, encoded once (the text encoder is frozen)."""
+    if prompt not in encoded:
+        encoded[prompt] = encode_plain(pipe, [prompt])[0].embeds
+    return encoded[prompt]
+
+
+empty = embeds_of("")
 sched = DDPMScheduler.from_config(pipe.scheduler.config)
 T = sched.config.num_train_timesteps
 
@@ -108,12 +117,12 @@ for step in range(a.steps):
             conds.append(empty)
         elif u < (a.empty + a.others) / (1 + a.empty + a.others):
             op = rng.choice(keep_prompts)
-            conds.append(encode_plain(pipe, [op])[0].embeds)
+            conds.append(embeds_of(op))
             targets_c.append(None)
             continue
         else:
-            conds.append(rows[pr])
-        targets_c.append(encode_plain(pipe, [swap(pr)])[0].embeds)
+            conds.append(embeds_of(pr))
+        targets_c.append(embeds_of(swap(pr)))
     c = torch.cat(conds)
     tc = torch.cat([tc if tc is not None else conds[i] for i, tc in enumerate(targets_c)])
     with torch.no_grad():
