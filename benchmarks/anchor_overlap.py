@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from forget_me_not.api import forget
-from forget_me_not.attacks import AttackSettings
-from forget_me_not.attacks.report import attack_all
+from forget_me_not.attacks import AttackSettings, run
 from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.presets import world_concepts
@@ -52,8 +51,8 @@ def main() -> None:
             concept = (trained_on[0] if seed == 0 else
                        world_concepts([a.target], Path(tmp) / f"anchors{seed}", seed=seed)[0])
             for label, patches in (("patched", [patch]), ("base", [])):
-                found = attack_all(pipe, patches, concept, judge, ["inversion"], settings)
-                row[f"{label}_anchors{seed}"] = found["attacks"]["inversion"].rate
+                found = run("inversion", pipe, patches, concept, judge, settings)
+                row[f"{label}_anchors{seed}"] = found.rate
                 print(json.dumps({k: row[k] for k in row if k.endswith(f"anchors{seed}")}),
                       flush=True)
     print(json.dumps(row))
