@@ -88,6 +88,10 @@ register(Method(
     "forget_me_not.methods.values.config:ValuesConfig",
     "forget_me_not.methods.values.train:train"))
 register(Method(
+    "prune", "skilled-neuron pruning: the UNet units only the concept's images drive, "
+    "switched off", "forget", "forget_me_not.methods.prune.config:PruneConfig",
+    "forget_me_not.methods.prune.train:train"))
+register(Method(
     "esd", "Erasing Concepts (ESD-x / ESD-u): fine-tune toward negative guidance",
     "forget", "forget_me_not.methods.esd.config:EsdConfig",
     "forget_me_not.methods.esd.train:train"))

@@ -1,0 +1,1 @@
+"""Skilled-neuron pruning: the UNet units that only the concept drives, switched off."""

@@ -1,0 +1,118 @@
+"""Skilled-neuron pruning on tiny SD 1.x, 2.x and SDXL pipelines: which units it picks, what the
+patch changes, and bad settings refused before work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from forget_me_not.api import forget
+from forget_me_not.concepts import Concept
+from forget_me_not.errors import FmnError
+from forget_me_not.methods.prune.config import PruneConfig
+from forget_me_not.methods.prune.neurons import find_sites, skilled_units
+from forget_me_not.methods.prune.train import kept_groups
+from forget_me_not.methods.prune.train import train as prune
+from forget_me_not.patch import load_patch
+from tiny_pipelines import make_tiny_pipeline
+
+# kept: two prompts of your own (a random model's samples of many prompts drive every unit)
+QUICK = PruneConfig(kept_set="", preserve=("a photo of a cat", "a dog"), sample_steps=2,
+                    timesteps=(0.3, 0.7), fraction=0.05)
+
+
+def _images(folder, n: int = 4, size: int = 16) -> tuple:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        # sharp red and white stripes with grain: unlike anything the kept prompts draw
+        pixels = np.zeros((size, size, 3), np.uint8)
+        pixels[:, ::2] = (255, 255, 255)
+        pixels[:, 1::2] = (255, 0, 0)
+        pixels = np.clip(pixels.astype(int) - rng.integers(0, 30, pixels.shape), 0, 255)
+        path = folder / f"stripes_{i}.png"
+        Image.fromarray(pixels.astype(np.uint8)).save(path)
+        paths.append(path)
+    return tuple(paths)
+
+
+def test_a_unit_is_chosen_only_where_the_concept_drives_it_above_every_kept_group():
+    own = {"a": torch.tensor([5.0, 5.0, 1.0, 0.5]), "b": torch.tensor([3.0])}
+    kept = [{"a": torch.tensor([1.0, 1.0, 1.0, 1.0]), "b": torch.tensor([1.0])},
+            {"a": torch.tensor([1.0, 6.0, 0.5, 1.0]), "b": torch.tensor([2.0])}]
+    units, ratios = skilled_units(own, kept, count=3)
+    # a0: 5x the most any kept group gives it; a1: a kept group drives it harder; a2: only 1x
+    assert units == {"a": [0], "b": [0]} and ratios == [5.0, 1.5]
+    assert skilled_units(own, kept, count=1)[0] == {"a": [0]}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_prune_zeroes_the_chosen_units_and_nothing_else(family, tmp_path):
+    pipe = make_tiny_pipeline(family)
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    concept = Concept("star", images=_images(tmp_path / "star"))
+    patch = prune(pipe, [concept], QUICK, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
+    assert patch.kind == "delta" and patch.metadata["method"] == "prune"
+    chosen = patch.metadata["pruned_units"]
+    sites = {s.name: s.units for s in find_sites(pipe.unet, ("ff", "resnet"))}
+    assert set(chosen) <= set(sites) and patch.metadata["units_pruned"] >= 1
+    assert patch.metadata["units_pruned"] <= round(QUICK.fraction * sum(sites.values()))
+    patch.apply(pipe)
+    params = dict(pipe.unet.named_parameters())
+    for name, p in params.items():
+        site = name.removesuffix(".weight")
+        if site in chosen:
+            idx = chosen[site]
+            assert float(p.detach()[:, idx].abs().max()) == 0.0  # their outputs are gone
+            rest = [i for i in range(p.shape[1]) if i not in idx]
+            assert torch.equal(p[:, rest], before[name][:, rest])
+        else:
+            assert torch.equal(p, before[name])
+    patch.remove(pipe)
+    assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
+
+
+def test_prune_through_forget_saves_and_loads(tmp_path):
+    pipe = make_tiny_pipeline("sd1")
+    concept = Concept("star", images=_images(tmp_path / "star"))
+    sets = ["kept_set=", "preserve=[a photo of a cat]", "sample_steps=2", "timesteps=[0.5]"]
+    patch = forget(pipe, [concept], recipe="prune", sets=sets, progress=False)
+    again = forget(pipe, [concept], recipe="prune", sets=sets, progress=False)
+    assert patch.metadata["pruned_units"] == again.metadata["pruned_units"]  # seeded
+    loaded = load_patch(patch.save(tmp_path / "p.safetensors"))
+    assert loaded.kind == "delta" and loaded.metadata["pruned_units"] == \
+        patch.metadata["pruned_units"]
+    assert all(torch.equal(loaded.tensors[k], patch.tensors[k]) for k in patch.tensors)
+
+
+def test_the_kept_prompts_never_name_the_target():
+    groups = kept_groups(PruneConfig(kept_set="common"), [Concept("a dog")])
+    assert groups and not any("dog" in p for _, ps in groups for p in ps)
+    world = kept_groups(PruneConfig(kept_set="conceptworld", kept_prompts=3),
+                        [Concept("star")])
+    assert len(world) > 10 and not any("star" in p.split() for _, ps in world for p in ps)
+
+
+def test_prune_refuses_a_concept_without_images():
+    pipe = make_tiny_pipeline("sd1")
+    with pytest.raises(FmnError, match="--images"):
+        prune(pipe, [Concept("star")], QUICK, progress=False)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"fraction": 0.0}, "fraction"),
+    ({"fraction": 0.7}, "fraction"),
+    ({"sites": ("attn",)}, "sites"),
+    ({"timesteps": (1.5,)}, "timesteps"),
+    ({"kept_set": "mine"}, "kept_set"),
+    ({"kept_prompts": 0}, "kept_prompts"),
+    ({"kept_set": ""}, "nothing to keep"),
+    ({"preserve": ("",)}, "preserved prompt is empty"),
+])
+def test_prune_refuses_bad_settings(values, message):
+    with pytest.raises(FmnError, match=message):
+        PruneConfig(**values)
