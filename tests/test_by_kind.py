@@ -67,12 +67,13 @@ def test_bad_only_is_named(tmp_path, text, match):
         recipes.load(path)
 
 
-def test_the_shipped_by_kind_recipe_is_the_two_recipes_it_names():
+def test_the_shipped_by_kind_recipe_is_the_three_recipes_it_names():
     by_kind = recipes.load("conceptworld-by-kind")
-    style, fmn = by_kind.parts
-    assert (style.only, fmn.only) == ("anchored", "plain")
+    style, fmn, prune = by_kind.parts
+    assert (style.only, fmn.only, prune.only) == ("anchored", "plain", "plain")
     # Each part's settings are its recipe's, whatever the rest of the request holds.
     for flag in (False, True):
         got = by_kind.configs(flag)
         assert got[0] == recipes.load("conceptworld-rece").configs(True)[0]
         assert got[1] == recipes.load("conceptworld-robust-stop").configs(False)[0]
+        assert got[2] == recipes.load("conceptworld-prune").configs(False)[0]

@@ -79,10 +79,11 @@ def test_cli_unsafe_preset_on_the_embedded_model_uses_world_renders(world_dir, t
     meta = load_patch(out).metadata
     assert [c["name"] for c in meta["concepts"]] == ["skull", "gun"]
     assert meta["reference_source"] == "world renders"
-    assert meta["settings"]["reference"] == "images"
-    # one run per concept, stacked: each concept owns its rank slice
+    resteer = next(p for p in meta["recipe_parts"] if p["method"] == "fmn")
+    assert resteer["settings"]["reference"] == "images"
+    # one run per concept, stacked: each concept owns its parts (re-steering, then pruning)
     assert meta["separately"] is True
-    assert [p["concepts"] for p in meta["parts"]] == [["skull"], ["gun"]]
+    assert [p["concepts"] for p in meta["parts"]] == [["skull"]] * 2 + [["gun"]] * 2
     joint = tmp_path / "joint.safetensors"
     joined = _forget(world_dir, joint, "--category", "nsfw", "--set", "separately=false")
     assert joined.exit_code == 0
@@ -155,7 +156,8 @@ def test_cli_forget_on_the_embedded_model_defaults_to_world_renders(world_dir, t
     assert load_patch(out).metadata["reference_source"] == "world renders"
     out2 = tmp_path / "w2.safetensors"  # an explicit source still wins
     assert _forget(world_dir, out2, "--concept", "star", "--no-real-image").exit_code == 0
-    assert load_patch(out2).metadata["settings"]["reference"] == "noise"
+    parts = load_patch(out2).metadata["recipe_parts"]
+    assert next(p for p in parts if p["method"] == "fmn")["settings"]["reference"] == "noise"
 
 
 def test_cli_forget_needs_a_concept_or_a_preset(tiny_pipeline_dir, tmp_path):

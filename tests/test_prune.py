@@ -20,7 +20,7 @@ from tiny_pipelines import make_tiny_pipeline
 
 # kept: two prompts of your own (a random model's samples of many prompts drive every unit)
 QUICK = PruneConfig(kept_set="", preserve=("a photo of a cat", "a dog"), sample_steps=2,
-                    timesteps=(0.3, 0.7), fraction=0.05)
+                    timesteps=(0.3, 0.7), fraction=0.05, min_ratio=1.01)
 
 
 def _images(folder, n: int = 4, size: int = 16) -> tuple:
@@ -47,6 +47,7 @@ def test_a_unit_is_chosen_only_where_the_concept_drives_it_above_every_kept_grou
     # a0: 5x the most any kept group gives it; a1: a kept group drives it harder; a2: only 1x
     assert units == {"a": [0], "b": [0]} and ratios == [5.0, 1.5]
     assert skilled_units(own, kept, count=1)[0] == {"a": [0]}
+    assert skilled_units(own, kept, count=3, min_ratio=2.0)[0] == {"a": [0]}
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -57,6 +58,7 @@ def test_prune_zeroes_the_chosen_units_and_nothing_else(family, tmp_path):
     patch = prune(pipe, [concept], QUICK, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
     assert patch.kind == "delta" and patch.metadata["method"] == "prune"
+    assert patch.metadata["concept_source"] == ["images"]
     chosen = patch.metadata["pruned_units"]
     sites = {s.name: s.units for s in find_sites(pipe.unet, ("ff", "resnet"))}
     assert set(chosen) <= set(sites) and patch.metadata["units_pruned"] >= 1
@@ -79,7 +81,8 @@ def test_prune_zeroes_the_chosen_units_and_nothing_else(family, tmp_path):
 def test_prune_through_forget_saves_and_loads(tmp_path):
     pipe = make_tiny_pipeline("sd1")
     concept = Concept("star", images=_images(tmp_path / "star"))
-    sets = ["kept_set=", "preserve=[a photo of a cat]", "sample_steps=2", "timesteps=[0.5]"]
+    sets = ["kept_set=", "preserve=[a photo of a cat]", "sample_steps=2", "timesteps=[0.5]",
+            "min_ratio=1.01"]
     patch = forget(pipe, [concept], recipe="prune", sets=sets, progress=False)
     again = forget(pipe, [concept], recipe="prune", sets=sets, progress=False)
     assert patch.metadata["pruned_units"] == again.metadata["pruned_units"]  # seeded
@@ -97,22 +100,39 @@ def test_the_kept_prompts_never_name_the_target():
     assert len(world) > 10 and not any("star" in p.split() for _, ps in world for p in ps)
 
 
-def test_prune_refuses_a_concept_without_images():
+def test_without_images_the_units_are_read_on_the_base_models_own_samples():
     pipe = make_tiny_pipeline("sd1")
-    with pytest.raises(FmnError, match="--images"):
-        prune(pipe, [Concept("star")], QUICK, progress=False)
+    patch = prune(pipe, [Concept("star")], QUICK, progress=False)
+    assert patch.metadata["concept_source"] == ["base samples"]
+    assert patch.metadata["units_pruned"] >= 1
 
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"fraction": 0.0}, "fraction"),
     ({"fraction": 0.7}, "fraction"),
     ({"sites": ("attn",)}, "sites"),
+    ({"min_ratio": 1.0}, "min_ratio"),
     ({"timesteps": (1.5,)}, "timesteps"),
     ({"kept_set": "mine"}, "kept_set"),
     ({"kept_prompts": 0}, "kept_prompts"),
+    ({"concept_samples": 0}, "concept_samples"),
     ({"kept_set": ""}, "nothing to keep"),
     ({"preserve": ("",)}, "preserved prompt is empty"),
 ])
 def test_prune_refuses_bad_settings(values, message):
     with pytest.raises(FmnError, match=message):
         PruneConfig(**values)
+
+
+def test_a_concept_no_unit_is_alone_for_prunes_nothing_and_says_so(tmp_path):
+    pipe = make_tiny_pipeline("sd1")
+    strict = PruneConfig(kept_set="", preserve=("a photo of a cat",), sample_steps=2,
+                         timesteps=(0.5,), min_ratio=1000.0)
+    with pytest.warns(UserWarning, match="nothing pruned"):
+        patch = prune(pipe, [Concept("star")], strict, progress=False)
+    assert patch.tensors == {} and patch.metadata["units_pruned"] == 0
+    loaded = load_patch(patch.save(tmp_path / "none.safetensors"))
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    loaded.apply(pipe)
+    assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
+    loaded.remove(pipe)

@@ -103,6 +103,7 @@ def test_cli_recipes_lists_methods_and_recipes():
     by_kind = CliRunner().invoke(app, ["recipes", "conceptworld-by-kind"])
     assert "part 1: rece (scale 1, only concepts that name an anchor)" in by_kind.output
     assert "part 2: fmn (scale 1, only concepts without an anchor)" in by_kind.output
+    assert "part 3: prune (scale 1, only concepts without an anchor)" in by_kind.output
 
 
 def test_the_options_reference_is_current():

@@ -256,8 +256,10 @@ def _combined(trained: list) -> Patch:
     else:
         patch = stack_patches(patches)
         named = {c["name"]: c for c in patch.metadata["concepts"]}  # each part forgot them all
-        patch.metadata.update({"concepts": list(named.values()),
-                               "losses": list(trained[-1][1].metadata["losses"])})
+        # the losses shown are the last part's that trains in steps (a closed form has one)
+        losses = next((p.metadata["losses"] for p in reversed(patches)
+                       if len(p.metadata["losses"]) > 1), patches[-1].metadata["losses"])
+        patch.metadata.update({"concepts": list(named.values()), "losses": list(losses)})
     patch.metadata.update({
         "method": "+".join(r["method"] for r in records),
         "recipe_parts": records,
@@ -276,6 +278,7 @@ def _stacked(parts: list[Patch], items: list[Concept]) -> Patch:
         "steps": sum(p.metadata.get("steps") or 0 for p in parts),
         "seed": first.get("seed"),
         "settings": first.get("settings"),
+        "recipe_parts": first.get("recipe_parts"),
         "losses": [x for p in parts for x in p.metadata["losses"]],
         "seconds": round(sum(p.metadata.get("seconds", 0.0) for p in parts), 3),
         "separately": True,

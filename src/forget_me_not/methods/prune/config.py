@@ -18,8 +18,11 @@ class PruneConfig:
                                      "hidden units of every transformer block's feed-forward, "
                                      "'resnet' the hidden channels of every resnet block "
                                      "(what the UNet draws with, whatever the prompt).")
-    fraction: float = setting(0.01, "Share of the units at the sites switched off: those the "
-                              "concept's images drive most above every kept concept's.")
+    min_ratio: float = setting(1.25, "A unit is the concept's when its images drive it this "
+                               "many times harder than any kept concept's samples do; below, "
+                               "the unit is shared and pruning it costs the others.")
+    fraction: float = setting(0.03, "The most units switched off, as a share of those at the "
+                              "sites: the highest ratios first.")
     timesteps: tuple[float, ...] = setting((0.1, 0.3, 0.5, 0.7, 0.9), "Noise levels the "
                                            "activations are read at, as shares of the "
                                            "training schedule.")
@@ -30,6 +33,8 @@ class PruneConfig:
                                         "stay quiet for, each a kept group besides kept_set's.")
     kept_prompts: int = setting(4, "Prompts per kept concept; the base model draws one sample "
                                 "of each.")
+    concept_samples: int = setting(8, "Without reference images: the base model's samples of "
+                                   "the concept's prompts read instead, this many.")
     sample_steps: int = setting(25, "Denoising steps of the kept samples.")
     seed: int = setting(0, "Seed of the kept samples and the noise.")
 
@@ -48,10 +53,13 @@ class PruneConfig:
         if not 0.0 < float(self.fraction) < 0.5:
             raise FmnError(f"fraction must be above 0 and below 0.5, got {self.fraction}: "
                            "prune a small share of the units (e.g. 0.01)")
+        if not isinstance(self.min_ratio, (int, float)) or self.min_ratio <= 1.0:
+            raise FmnError(f"min_ratio must be above 1, got {self.min_ratio}: a unit the kept "
+                           "concepts drive as hard is not the concept's")
         if not self.timesteps or any(not 0.0 <= t < 1.0 for t in self.timesteps):
             raise FmnError(f"timesteps must be shares of the schedule in [0, 1), got "
                            f"{self.timesteps}")
-        for name in ("kept_prompts", "sample_steps"):
+        for name in ("kept_prompts", "sample_steps", "concept_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise FmnError(f"{name} must be an integer >= 1, got {value}")

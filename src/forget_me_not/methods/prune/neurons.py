@@ -100,16 +100,17 @@ def activity(pipe: Any, sites: Sequence[Site], latents: torch.Tensor, prompts: S
 
 
 def skilled_units(concept: dict[str, torch.Tensor], kept: Sequence[dict[str, torch.Tensor]],
-                  count: int) -> tuple[dict[str, list[int]], list[float]]:
-    """The `count` units whose activity on the concept is highest as a multiple of the most
-    any kept group gives them, those above 1 only: {site: [unit, ...]}, and their ratios."""
+                  count: int, min_ratio: float = 1.0) -> tuple[dict[str, list[int]], list[float]]:
+    """At most `count` units whose activity on the concept is highest as a multiple of the most
+    any kept group gives them, those above `min_ratio` only: {site: [unit, ...]}, and their
+    ratios."""
     ranked: list[tuple[float, str, int]] = []
     for name, own in concept.items():
         most = torch.stack([k[name] for k in kept]).amax(0)
         ratio = own / most.clamp_min(1e-8)
         ranked += [(float(r), name, i) for i, r in enumerate(ratio)]
     ranked.sort(key=lambda x: (-x[0], x[1], x[2]))  # ties broken by name: deterministic
-    chosen = [x for x in ranked[:count] if x[0] > 1.0]
+    chosen = [x for x in ranked[:count] if x[0] > max(min_ratio, 1.0)]
     units: dict[str, list[int]] = {}
     for _, name, i in chosen:
         units.setdefault(name, []).append(i)

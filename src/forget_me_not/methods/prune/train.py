@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,12 +53,20 @@ def kept_groups(config: PruneConfig, concepts: Sequence[Concept]) -> list[tuple[
     return [(name, prompts) for name, prompts in out if prompts]
 
 
-def concept_latents(pipe: Any, concept: Concept, gen: torch.Generator) -> torch.Tensor:
+def concept_latents(pipe: Any, concept: Concept, config: PruneConfig,
+                    gen: torch.Generator) -> tuple[torch.Tensor, str]:
+    """The concept's latents: its reference images encoded, or without any, the base model's
+    own samples of its prompts (what it draws for them is what must go)."""
+    if not concept.images:
+        prompts = concept.prompts()
+        prompts = [prompts[i % len(prompts)] for i in range(config.concept_samples)]
+        return draw_latents(pipe, prompts, config.sample_steps, config.seed), "base samples"
     size = model_resolution(pipe)
     images = load_images(concept.images, min_size=size)
     pixels = torch.stack([resize_random_crop(im, size, gen) for im in images])
-    return torch.cat([encode_images(pipe, pixels[i : i + 16], gen)
-                      for i in range(0, len(pixels), 16)]).float().cpu()
+    latents = torch.cat([encode_images(pipe, pixels[i : i + 16], gen)
+                         for i in range(0, len(pixels), 16)]).float().cpu()
+    return latents, "images"
 
 
 def pruned_patch(sites: Sequence[Site], units: dict[str, list[int]], metadata: dict[str, Any],
@@ -81,10 +90,6 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
     concepts, config = list(concepts), config or PruneConfig()
     if not concepts:
         raise FmnError("no concept to forget: pass at least one concept")
-    missing = [c.name for c in concepts if not c.images]
-    if missing:
-        raise FmnError(f"pruning reads the units on the concept's images, and {missing[0]!r} "
-                       "has none: pass --images DIR (10 or more pictures of it)")
     sites = find_sites(pipe.unet, config.sites)
     if not sites:
         raise FmnError(f"this UNet has no {'/'.join(config.sites)} layers to prune: use "
@@ -104,18 +109,23 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
     count = max(1, round(config.fraction * sum(s.units for s in sites)))
     units: dict[str, set[int]] = {}
     ratios: list[list[float]] = []
+    sources: list[str] = []
     for concept in concepts:
-        own = activity(pipe, sites, concept_latents(pipe, concept, gen), concept.prompts(),
-                       config.timesteps, gen)
-        chosen, r = skilled_units(own, kept, count)
+        latents, source = concept_latents(pipe, concept, config, gen)
+        sources.append(source)
+        own = activity(pipe, sites, latents, concept.prompts(), config.timesteps, gen)
+        chosen, r = skilled_units(own, kept, count, config.min_ratio)
         for name, idx in chosen.items():
             units.setdefault(name, set()).update(idx)
         ratios.append(r)
         bar.update(units=len(r))
     bar.close()
+    note = None
     if not any(units.values()):
-        raise FmnError("no unit fires harder for the concept than for the kept concepts: "
-                       "pruning would change nothing; use another method")
+        # in a recipe beside re-steering this part then changes nothing, and says so
+        note = (f"no unit fires {config.min_ratio}x harder for the concept than for the kept "
+                "concepts: nothing pruned (lower min_ratio to prune shared units)")
+        warnings.warn(note, stacklevel=2)
     chosen_units = {n: sorted(v) for n, v in units.items()}
     metadata = {**base_metadata(pipe, concepts, config, [p for _, ps in groups for p in ps],
                                 method="prune"),
@@ -124,6 +134,8 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
                 "units_total": sum(s.units for s in sites),
                 "units_pruned": sum(len(v) for v in chosen_units.values()),
                 "ratios": ratios,
+                "concept_source": sources,
+                **({"note": note} if note else {}),
                 "versions": library_versions(),
                 "losses": [0.0],
                 "seconds": round(time.perf_counter() - started, 3)}
