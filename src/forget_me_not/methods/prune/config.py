@@ -18,10 +18,10 @@ class PruneConfig:
                                      "hidden units of every transformer block's feed-forward, "
                                      "'resnet' the hidden channels of every resnet block "
                                      "(what the UNet draws with, whatever the prompt).")
-    min_ratio: float = setting(1.25, "A unit is the concept's when its images drive it this "
+    min_ratio: float = setting(1.15, "A unit is the concept's when its images drive it this "
                                "many times harder than any kept concept's samples do; below, "
                                "the unit is shared and pruning it costs the others.")
-    fraction: float = setting(0.03, "The most units switched off, as a share of those at the "
+    fraction: float = setting(0.05, "The most units switched off, as a share of those at the "
                               "sites: the highest ratios first.")
     timesteps: tuple[float, ...] = setting((0.1, 0.3, 0.5, 0.7, 0.9), "Noise levels the "
                                            "activations are read at, as shares of the "
