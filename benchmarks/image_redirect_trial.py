@@ -162,7 +162,7 @@ after = score_concepts(pipe, judge, names, n=a.n, progress=False, avoid=[a.targe
 # base scores: swap weights
 sd = copy.deepcopy(unet.state_dict())
 unet.load_state_dict(base_unet.state_dict())
-base = score_concepts(pipe, judge, names, n=a.n, progress=False)
+base = score_concepts(pipe, judge, names, n=a.n, progress=False, avoid=[a.target])
 unet.load_state_dict(sd)
 kept = {k: after[k]["rate"] / base[k]["rate"] for k in names
         if k != a.target and base[k]["rate"] > 0}

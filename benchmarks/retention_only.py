@@ -37,7 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         patch = forget(pipe, world_concepts([a.target], Path(tmp)), recipe=a.recipe,
                        sets=a.sets, progress=False)
-    base = score_concepts(pipe, judge, names, n=a.n, progress=False)
+    base = score_concepts(pipe, judge, names, n=a.n, progress=False, avoid=[a.target])
     with applied(pipe, [patch]):
         after = score_concepts(pipe, judge, names, n=a.n, progress=False, avoid=[a.target])
     kept = {k: after[k]["rate"] / base[k]["rate"] for k in names

@@ -67,7 +67,7 @@ def main() -> None:
         stopped = earlier[0] if earlier else patch  # with a stop: where the first stage ended
         judge = WorldJudge()
         names = [c.name for c in wc.all_concepts()]
-        base = score_concepts(pipe, judge, names, n=a.n, progress=False)
+        base = score_concepts(pipe, judge, names, n=a.n, progress=False, avoid=targets)
         with applied(pipe, [patch]):
             after = score_concepts(pipe, judge, names, n=a.n, progress=False, avoid=targets)
         kept = {k: after[k]["rate"] / base[k]["rate"] for k in names

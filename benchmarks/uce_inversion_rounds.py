@@ -107,7 +107,7 @@ def main() -> None:
             patch = solve()
         seconds = time.perf_counter() - started
         names = [c.name for c in wc.all_concepts()]
-        base = score_concepts(pipe, judge, names, n=a.n, progress=False)
+        base = score_concepts(pipe, judge, names, n=a.n, progress=False, avoid=[a.target])
         with applied(pipe, [patch]):
             after = score_concepts(pipe, judge, names, n=a.n, progress=False, avoid=[a.target])
         kept = {k: after[k]["rate"] / base[k]["rate"] for k in names
