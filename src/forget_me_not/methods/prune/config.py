@@ -10,7 +10,6 @@ from forget_me_not.settings import check_choice, setting
 
 SITES = ("ff", "resnet")
 KEPT_SETS = ("", "conceptworld", "common")
-ABLATIONS = ("mean", "zero")
 
 
 @dataclass
@@ -24,9 +23,6 @@ class PruneConfig:
                                "the unit is shared and pruning it costs the others.")
     fraction: float = setting(0.05, "The most units switched off, as a share of those at the "
                               "sites: the highest ratios first.")
-    ablate: str = setting("zero", "What a pruned unit passes on: 'zero' nothing at all "
-                          "(ConceptPrune); 'mean' the average it gave the kept concepts, "
-                          "folded into the layer's bias (a trial).", ABLATIONS)
     timesteps: tuple[float, ...] = setting((0.1, 0.3, 0.5, 0.7, 0.9), "Noise levels the "
                                            "activations are read at, as shares of the "
                                            "training schedule.")
@@ -44,7 +40,6 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         check_choice("kept_set", self.kept_set, KEPT_SETS)
-        check_choice("ablate", self.ablate, ABLATIONS)
         self.sites = tuple(self.sites)
         self.preserve = tuple(self.preserve)
         if any(not isinstance(p, str) or not p.strip() for p in self.preserve):

@@ -44,38 +44,25 @@ def find_sites(unet: Any, kinds: Sequence[str]) -> list[Site]:
     return out
 
 
-@dataclass(frozen=True)
-class Activity:
-    """Per site and unit: the mean peak |activation| (how hard the images drive it) and the mean
-    signed activation (what it passes on, on average)."""
-
-    peak: dict[str, torch.Tensor]
-    mean: dict[str, torch.Tensor]
-
-
 class Recorder:
-    """Forward hooks that add up each site's per-image peak |activation| and mean activation
-    per unit."""
+    """Forward hooks that add up each site's per-image peak |activation| per unit."""
 
     def __init__(self, sites: Sequence[Site]) -> None:
         self.sums = {s.name: torch.zeros(s.units, dtype=torch.float64) for s in sites}
-        self.signed = {s.name: torch.zeros(s.units, dtype=torch.float64) for s in sites}
         self.count = {s.name: 0 for s in sites}
         self._handles = [s.module.register_forward_pre_hook(self._hook(s.name)) for s in sites]
 
     def _hook(self, name: str) -> Any:
         def record(_module: Any, inputs: tuple[torch.Tensor, ...]) -> None:
-            h = inputs[0].detach().float()
+            h = inputs[0].detach().abs().float()
             # (B, C, H, W) channels first; (B, N, C) tokens first
-            flat = h.flatten(2) if h.dim() == 4 else h.transpose(1, 2)
-            self.sums[name] += flat.abs().amax(-1).sum(0).double().cpu()
-            self.signed[name] += flat.mean(-1).sum(0).double().cpu()
-            self.count[name] += h.shape[0]
+            peak = h.flatten(2).amax(-1) if h.dim() == 4 else h.amax(1)
+            self.sums[name] += peak.sum(0).double().cpu()
+            self.count[name] += peak.shape[0]
         return record
 
-    def result(self) -> Activity:
-        return Activity({n: self.sums[n] / max(self.count[n], 1) for n in self.sums},
-                        {n: self.signed[n] / max(self.count[n], 1) for n in self.signed})
+    def means(self) -> dict[str, torch.Tensor]:
+        return {n: self.sums[n] / max(self.count[n], 1) for n in self.sums}
 
     def close(self) -> None:
         for h in self._handles:
@@ -84,10 +71,9 @@ class Recorder:
 
 @torch.no_grad()
 def activity(pipe: Any, sites: Sequence[Site], latents: torch.Tensor, prompts: Sequence[str],
-             timesteps: Sequence[float], gen: torch.Generator) -> Activity:
-    """Mean peak activity and mean activation per unit of `latents` (image i read under prompt
-    i mod len, and under the empty prompt), noised at each share of the schedule in
-    `timesteps`."""
+             timesteps: Sequence[float], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Mean peak activity per unit of `latents` (image i read under prompt i mod len, and
+    under the empty prompt), noised at each share of the schedule in `timesteps`."""
     unet, scheduler = pipe.unet, pipe.scheduler
     device, dtype = unet.device, unet.dtype
     resolution = model_resolution(pipe)
@@ -110,7 +96,7 @@ def activity(pipe: Any, sites: Sequence[Site], latents: torch.Tensor, prompts: S
                          added_cond_kwargs=cond, return_dict=False)
     finally:
         recorder.close()
-    return recorder.result()
+    return recorder.means()
 
 
 def skilled_units(concept: dict[str, torch.Tensor], kept: Sequence[dict[str, torch.Tensor]],

@@ -70,10 +70,8 @@ def concept_latents(pipe: Any, concept: Concept, config: PruneConfig,
 
 
 def pruned_patch(sites: Sequence[Site], units: dict[str, list[int]], metadata: dict[str, Any],
-                 concepts: Sequence[Concept],
-                 kept_mean: dict[str, torch.Tensor] | None = None) -> Patch:
-    """Full-weight deltas that zero each chosen unit's outgoing weights; with `kept_mean`, the
-    layer's bias takes over what the unit passed on on average over the kept concepts."""
+                 concepts: Sequence[Concept]) -> Patch:
+    """Full-weight deltas that zero each chosen unit's outgoing weights."""
     tensors = {}
     for site in sites:
         if site.name not in units:
@@ -83,12 +81,6 @@ def pruned_patch(sites: Sequence[Site], units: dict[str, list[int]], metadata: d
         idx = torch.tensor(units[site.name])
         delta[:, idx] = -weight[:, idx]
         tensors[f"unet.{site.name}.weight"] = delta.contiguous()
-        if kept_mean is not None and site.module.bias is not None:
-            # a conv's kernel sums over its window: a constant input reaches the output once
-            # per tap (exact away from the padded border)
-            taps = weight[:, idx].flatten(2).sum(-1) if weight.dim() == 4 else weight[:, idx]
-            shift = taps @ kept_mean[site.name][idx].float()
-            tensors[f"unet.{site.name}.bias"] = shift.contiguous()
     return Patch("delta", tensors, metadata, None, run_name("prune", concepts, metadata))
 
 
@@ -122,7 +114,7 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
         latents, source = concept_latents(pipe, concept, config, gen)
         sources.append(source)
         own = activity(pipe, sites, latents, concept.prompts(), config.timesteps, gen)
-        chosen, r = skilled_units(own.peak, [k.peak for k in kept], count, config.min_ratio)
+        chosen, r = skilled_units(own, kept, count, config.min_ratio)
         for name, idx in chosen.items():
             units.setdefault(name, set()).update(idx)
         ratios.append(r)
@@ -147,6 +139,4 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
                 "versions": library_versions(),
                 "losses": [0.0],
                 "seconds": round(time.perf_counter() - started, 3)}
-    kept_mean = ({n: torch.stack([k.mean[n] for k in kept]).mean(0) for n in kept[0].mean}
-                 if config.ablate == "mean" else None)
-    return pruned_patch(sites, chosen_units, metadata, concepts, kept_mean)
+    return pruned_patch(sites, chosen_units, metadata, concepts)
