@@ -79,11 +79,12 @@ def test_the_shipped_by_kind_recipe_is_the_three_recipes_it_names():
         assert got[2] == recipes.load("conceptworld-prune").configs(False)[0]
 
 
-def test_the_robust_recipe_with_pruning_is_the_two_recipes_it_names():
+def test_the_robust_recipe_with_pruning_is_the_three_recipes_it_names():
     robust_prune = recipes.load("conceptworld-robust-prune")
-    fmn, prune = robust_prune.parts
-    assert (fmn.only, prune.only) == ("", "plain")  # a style gets the robust recipe alone
+    style, fmn, prune = robust_prune.parts
+    assert (style.only, fmn.only, prune.only) == ("anchored", "plain", "plain")
     for flag in (False, True):
         got = robust_prune.configs(flag)
-        assert got[0] == recipes.load("conceptworld-robust").configs(flag)[0]
-        assert got[1] == recipes.load("conceptworld-prune").configs(False)[0]
+        assert got[0] == recipes.load("conceptworld-rece").configs(True)[0]
+        assert got[1] == recipes.load("conceptworld-robust").configs(False)[0]
+        assert got[2] == recipes.load("conceptworld-prune").configs(False)[0]
