@@ -67,24 +67,17 @@ def test_bad_only_is_named(tmp_path, text, match):
         recipes.load(path)
 
 
-def test_the_shipped_by_kind_recipe_is_the_three_recipes_it_names():
-    by_kind = recipes.load("conceptworld-by-kind")
+@pytest.mark.parametrize(("name", "fmn_part"), [
+    ("conceptworld-by-kind", "conceptworld-robust-stop"),
+    ("conceptworld-robust-prune", "conceptworld-robust"),
+])
+def test_a_shipped_by_kind_recipe_is_the_three_recipes_it_names(name, fmn_part):
+    by_kind = recipes.load(name)
     style, fmn, prune = by_kind.parts
     assert (style.only, fmn.only, prune.only) == ("anchored", "plain", "plain")
     # Each part's settings are its recipe's, whatever the rest of the request holds.
     for flag in (False, True):
         got = by_kind.configs(flag)
         assert got[0] == recipes.load("conceptworld-rece").configs(True)[0]
-        assert got[1] == recipes.load("conceptworld-robust-stop").configs(False)[0]
-        assert got[2] == recipes.load("conceptworld-prune").configs(False)[0]
-
-
-def test_the_robust_recipe_with_pruning_is_the_three_recipes_it_names():
-    robust_prune = recipes.load("conceptworld-robust-prune")
-    style, fmn, prune = robust_prune.parts
-    assert (style.only, fmn.only, prune.only) == ("anchored", "plain", "plain")
-    for flag in (False, True):
-        got = robust_prune.configs(flag)
-        assert got[0] == recipes.load("conceptworld-rece").configs(True)[0]
-        assert got[1] == recipes.load("conceptworld-robust").configs(False)[0]
+        assert got[1] == recipes.load(fmn_part).configs(False)[0]
         assert got[2] == recipes.load("conceptworld-prune").configs(False)[0]
