@@ -40,6 +40,15 @@ def main() -> None:
     entries = [e for e in suite.select(None) if e.group == "main"]
     if a.target not in {e.concept.name for e in entries}:
         raise SystemExit(f"'{a.target}' is not a world suite concept")
+    missing = [x for x in a.patches.split(",") if not Path(x).is_file()]
+    if missing:
+        raise SystemExit(f"no patch file {missing[0]}: pass .safetensors patches from fmn forget")
+    cache = Path(a.cache)
+    cached = json.loads(cache.read_text()) if cache.exists() else None
+    if cached is not None and cached.get("threads") != a.threads:
+        # another thread count rounds differently: the samples before and after would not pair
+        raise SystemExit(f"{cache} was scored with {cached.get('threads')} threads: pass "
+                         f"--threads {cached.get('threads')} or another --cache")
     patches = [load_patch(x) for x in a.patches.split(",")]
     judges = build_judges(suite, entries)
     pipe = load_pipeline("embedded")
@@ -55,9 +64,8 @@ def main() -> None:
                                 refs)
         return {k: v.rate for k, v in got.items()}, kid
 
-    cache = Path(a.cache)
-    if cache.exists():
-        base = json.loads(cache.read_text())
+    if cached is not None:
+        base = cached
     else:
         rates, kid = score()
         base = {"rates": rates, "kid": kid, "threads": a.threads}
