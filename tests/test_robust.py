@@ -101,6 +101,7 @@ def test_a_run_that_never_gets_low_enough_keeps_its_lowest_pull_state(capsys):
     ("erase_weight", -1.0, "erase_weight"),
     ("preserve_guidance", -1.0, "preserve_guidance"),
     ("erase_neutral", "anchor", "unknown erase_neutral 'anchor': use one of empty, prompt"),
+    ("lora_levels", "fine", "unknown lora_levels 'fine': use one of all, coarse"),
 ])
 def test_bad_robust_settings_are_named(key, value, match):
     with pytest.raises(FmnError, match=match):
@@ -166,3 +167,18 @@ def test_a_sequential_recipe_needs_a_later_fmn_lora_part(tmp_path):
     one.write_text("sequential: true\nparts:\n  - {method: uce}\n")
     with pytest.raises(FmnError, match="at least two parts"):
         recipes.load(one)
+
+
+def test_a_coarse_lora_leaves_the_finest_cross_attention_level_untouched(family):
+    from forget_me_not.methods.fmn.trainable import attention_level
+
+    pipe = make_tiny_pipeline(family)
+    n_levels = len(pipe.unet.config.block_out_channels)
+    every = train_any(pipe, [Concept("star")], _cfg(steps=1))
+    coarse = train_any(pipe, [Concept("star")], _cfg(steps=1, lora_levels="coarse"))
+
+    def levels(patch):
+        return {attention_level(k.removeprefix("unet."), n_levels) for k in patch.tensors}
+
+    assert levels(coarse) and min(levels(coarse)) > min(levels(every))
+    assert levels(coarse) == levels(every) - {min(levels(every))}

@@ -21,6 +21,8 @@ EXTRA_POSITIONS = ("none", "eot", "pooler", "padding")
 TRAIN_MODES = ("lora", "xattn", "unet")
 # All four cross-attention projections, as the paper's "cross-attention only" mode trains them.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Which UNet levels' cross-attention gets the LoRA (see trainable.attention_levels).
+LORA_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).
 ERASE_NEUTRALS = ("empty", "prompt")
@@ -141,6 +143,11 @@ class FmnConfig(ResteerSettings):
                                        "scale 1).")
     lora_targets: tuple[str, ...] = setting(LORA_TARGETS, "train=lora: projections of each "
                                             "cross-attention layer that get a LoRA.")
+    lora_levels: str = setting("all", "train=lora: 'all' every cross-attention layer; 'coarse' "
+                               "those below the latent's full resolution: there the UNet "
+                               "decides what is drawn, while at full resolution it renders the "
+                               "texture and fine detail every other concept shares (P+, "
+                               "Voynov et al. 2023).", LORA_LEVELS)
     text_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
                                       "LoRA on to_k/to_v does to the preserve prompts' text "
                                       "states (0: off).")
@@ -166,6 +173,7 @@ class FmnConfig(ResteerSettings):
         super().__post_init__()
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
+        check_choice("lora_levels", self.lora_levels, LORA_LEVELS)
         if not isinstance(self.adversarial_every, int) or self.adversarial_every < 0:
             raise FmnError(f"adversarial_every must be an integer >= 0, got "
                            f"{self.adversarial_every}")

@@ -16,6 +16,32 @@ from forget_me_not.pipeline_io import Row
 TRAIN_ADAPTER = "fmn_training"
 
 
+def attention_level(name: str, n_levels: int) -> int:
+    """A module's UNet level, 0 at the latent's full resolution: down block i is level i, up
+    block j level n-1-j, the middle block the coarsest."""
+    part, _, rest = name.partition(".")
+    if part == "mid_block":
+        return n_levels - 1
+    index = int(rest.split(".")[0])
+    return index if part == "down_blocks" else n_levels - 1 - index
+
+
+def lora_modules(unet: Any, targets: Sequence[str], levels: str) -> list[str]:
+    """peft's target_modules: every cross-attention projection in `targets`, or with
+    levels='coarse' only those of the levels below the finest one that has cross-attention."""
+    if levels == "all":
+        return [f"attn2.{t}" for t in targets]
+    n_levels = len(unet.config.block_out_channels)
+    names = [n for n, _ in unet.named_modules()
+             if any(n.endswith(f"attn2.{t}") for t in targets)]
+    finest = min(attention_level(n, n_levels) for n in names)
+    chosen = [n for n in names if attention_level(n, n_levels) > finest]
+    if not chosen:
+        raise FmnError("lora_levels=coarse: this UNet has cross-attention at one level only; "
+                       "use lora_levels=all")
+    return chosen
+
+
 class UnetTrainable:
     """`config.train` in ("lora", "xattn", "unet", "noxattn": every weight outside attn2)."""
 
@@ -119,7 +145,7 @@ class UnetTrainable:
         return {
             "r": cfg.lora_rank,
             "lora_alpha": cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
-            "target_modules": [f"attn2.{t}" for t in cfg.lora_targets],
+            "target_modules": lora_modules(self.unet, cfg.lora_targets, cfg.lora_levels),
             "init_lora_weights": True,
         }
 
