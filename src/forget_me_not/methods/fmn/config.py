@@ -144,9 +144,9 @@ class FmnConfig(ResteerSettings):
     lora_targets: tuple[str, ...] = setting(LORA_TARGETS, "train=lora: projections of each "
                                             "cross-attention layer that get a LoRA.")
     lora_levels: str = setting("all", "train=lora: 'all' every cross-attention layer; 'coarse' "
-                               "those below the latent's full resolution: there the UNet "
-                               "decides what is drawn, while at full resolution it renders the "
-                               "texture and fine detail every other concept shares (P+, "
+                               "all but those of the finest level that has cross-attention: "
+                               "the coarser levels decide what is drawn, the finest renders "
+                               "the texture and fine detail every other concept shares (P+, "
                                "Voynov et al. 2023).", LORA_LEVELS)
     text_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
                                       "LoRA on to_k/to_v does to the preserve prompts' text "
