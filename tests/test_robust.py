@@ -101,7 +101,7 @@ def test_a_run_that_never_gets_low_enough_keeps_its_lowest_pull_state(capsys):
     ("erase_weight", -1.0, "erase_weight"),
     ("preserve_guidance", -1.0, "preserve_guidance"),
     ("erase_neutral", "anchor", "unknown erase_neutral 'anchor': use one of empty, prompt"),
-    ("lora_levels", "fine", "unknown lora_levels 'fine': use one of all, coarse"),
+    ("ship_levels", "fine", "unknown ship_levels 'fine': use one of all, coarse"),
 ])
 def test_bad_robust_settings_are_named(key, value, match):
     with pytest.raises(FmnError, match=match):
@@ -169,16 +169,40 @@ def test_a_sequential_recipe_needs_a_later_fmn_lora_part(tmp_path):
         recipes.load(one)
 
 
-def test_a_coarse_lora_leaves_the_finest_cross_attention_level_untouched(family):
+def test_a_patch_of_the_coarse_levels_is_the_trained_lora_without_its_finest_level(family):
     from forget_me_not.methods.fmn.trainable import attention_level
 
     pipe = make_tiny_pipeline(family)
     n_levels = len(pipe.unet.config.block_out_channels)
-    every = train_any(pipe, [Concept("star")], _cfg(steps=1))
-    coarse = train_any(pipe, [Concept("star")], _cfg(steps=1, lora_levels="coarse"))
+    every = train_any(pipe, [Concept("star")], _cfg(steps=2))
+    coarse = train_any(pipe, [Concept("star")], _cfg(steps=2, ship_levels="coarse"))
 
-    def levels(patch):
-        return {attention_level(k.removeprefix("unet."), n_levels) for k in patch.tensors}
+    def level(key):
+        return attention_level(key.removeprefix("unet."), n_levels)
 
-    assert levels(coarse) and min(levels(coarse)) > min(levels(every))
-    assert levels(coarse) == levels(every) - {min(levels(every))}
+    finest = min(level(k) for k in every.tensors)
+    # The same training, its finest level left out: the other tensors bit for bit.
+    assert coarse.tensors and set(coarse.tensors) == {k for k in every.tensors
+                                                      if level(k) > finest}
+    assert all(torch.equal(coarse.tensors[k], every.tensors[k]) for k in coarse.tensors)
+    assert all(m.split(".")[0] in {"down_blocks", "up_blocks", "mid_block"}
+               for m in coarse.lora_config["target_modules"])
+    name = next(k.removeprefix("unet.").split(".lora_")[0] for k in coarse.tensors
+                if ".lora_B" in k and coarse.tensors[k].abs().sum() > 0)
+
+    def probe():
+        module = pipe.unet.get_submodule(name)
+        x = torch.randn(1, module.in_features, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            return module(x)
+
+    before = probe()
+    coarse.apply(pipe)  # loads through peft with the named modules only
+    assert not torch.equal(probe(), before)
+    coarse.remove(pipe)
+    torch.testing.assert_close(probe(), before, rtol=0, atol=0)
+
+
+def test_a_coarse_patch_needs_a_lora():
+    with pytest.raises(FmnError, match="ship_levels=coarse keeps part of a LoRA: set train=lora"):
+        fmn_config(train="xattn", ship_levels="coarse")

@@ -21,8 +21,8 @@ EXTRA_POSITIONS = ("none", "eot", "pooler", "padding")
 TRAIN_MODES = ("lora", "xattn", "unet")
 # All four cross-attention projections, as the paper's "cross-attention only" mode trains them.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# Which UNet levels' cross-attention gets the LoRA (see trainable.attention_levels).
-LORA_LEVELS = ("all", "coarse")
+# Which UNet levels' part of a trained LoRA the patch keeps (see trainable.lora_modules).
+SHIP_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).
 ERASE_NEUTRALS = ("empty", "prompt")
@@ -143,11 +143,12 @@ class FmnConfig(ResteerSettings):
                                        "scale 1).")
     lora_targets: tuple[str, ...] = setting(LORA_TARGETS, "train=lora: projections of each "
                                             "cross-attention layer that get a LoRA.")
-    lora_levels: str = setting("all", "train=lora: 'all' every cross-attention layer; 'coarse' "
-                               "all but those of the finest level that has cross-attention: "
-                               "the coarser levels decide what is drawn, the finest renders "
-                               "the texture and fine detail every other concept shares (P+, "
-                               "Voynov et al. 2023).", LORA_LEVELS)
+    ship_levels: str = setting("all", "train=lora: which levels' part of the trained LoRA the "
+                               "patch keeps. 'coarse': all but the finest level that has "
+                               "cross-attention. It trains at every level and shares the erase "
+                               "target's fine detail; the coarser levels decide what is drawn, "
+                               "the finest renders the texture every other concept shares (P+, "
+                               "Voynov et al. 2023).", SHIP_LEVELS)
     text_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
                                       "LoRA on to_k/to_v does to the preserve prompts' text "
                                       "states (0: off).")
@@ -173,7 +174,10 @@ class FmnConfig(ResteerSettings):
         super().__post_init__()
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
-        check_choice("lora_levels", self.lora_levels, LORA_LEVELS)
+        check_choice("ship_levels", self.ship_levels, SHIP_LEVELS)
+        if self.ship_levels != "all" and self.train != "lora":
+            raise FmnError(f"ship_levels={self.ship_levels} keeps part of a LoRA: set "
+                           "train=lora, or ship_levels=all")
         if not isinstance(self.adversarial_every, int) or self.adversarial_every < 0:
             raise FmnError(f"adversarial_every must be an integer >= 0, got "
                            f"{self.adversarial_every}")

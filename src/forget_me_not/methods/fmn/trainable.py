@@ -37,8 +37,8 @@ def lora_modules(unet: Any, targets: Sequence[str], levels: str) -> list[str]:
     finest = min(attention_level(n, n_levels) for n in names)
     chosen = [n for n in names if attention_level(n, n_levels) > finest]
     if not chosen:
-        raise FmnError("lora_levels=coarse: this UNet has cross-attention at one level only; "
-                       "use lora_levels=all")
+        raise FmnError("ship_levels=coarse: this UNet has cross-attention at one level only; "
+                       "use ship_levels=all")
     return chosen
 
 
@@ -145,19 +145,27 @@ class UnetTrainable:
         return {
             "r": cfg.lora_rank,
             "lora_alpha": cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
-            "target_modules": lora_modules(self.unet, cfg.lora_targets, cfg.lora_levels),
+            "target_modules": [f"attn2.{t}" for t in cfg.lora_targets],
             "init_lora_weights": True,
         }
 
-    def result(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any] | None]:
+    def result(self, levels: str = "all"
+               ) -> tuple[str, dict[str, torch.Tensor], dict[str, Any] | None]:
+        """The trained change; a LoRA with levels='coarse' keeps only its coarse levels' part."""
         if self.config.train == "lora":
             from peft import get_peft_model_state_dict
 
             state = get_peft_model_state_dict(self.unet, adapter_name=self.adapter)
+            config = self.lora_config()
+            if levels == "coarse":
+                config["target_modules"] = lora_modules(self.unet, self.config.lora_targets,
+                                                        levels)
+                state = {k: v for k, v in state.items()
+                         if any(k.startswith(f"{m}.") for m in config["target_modules"])}
             tensors = {
                 f"unet.{k}": v.detach().to("cpu", torch.float32).clone() for k, v in state.items()
             }
-            return "lora", tensors, self.lora_config()
+            return "lora", tensors, config
         tensors = {}
         for name, p in self.params.items():
             delta = p.detach().to("cpu", torch.float32) - self.originals[name].float()
