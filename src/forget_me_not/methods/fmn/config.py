@@ -175,9 +175,6 @@ class FmnConfig(ResteerSettings):
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
         check_choice("ship_levels", self.ship_levels, SHIP_LEVELS)
-        if self.ship_levels != "all" and self.train != "lora":
-            raise FmnError(f"ship_levels={self.ship_levels} keeps part of a LoRA: set "
-                           "train=lora, or ship_levels=all")
         if not isinstance(self.adversarial_every, int) or self.adversarial_every < 0:
             raise FmnError(f"adversarial_every must be an integer >= 0, got "
                            f"{self.adversarial_every}")

@@ -23,6 +23,10 @@ def train(pipe: Any, concepts: Sequence[Concept], config: FmnConfig | None = Non
     if not concepts:
         raise FmnError("no concept to forget: pass at least one concept")
     config = resolve(config or FmnConfig(), concepts)
+    if config.ship_levels != "all" and config.train != "lora":
+        # checked on the resolved config: a recipe's train and a --set may come from apart
+        raise FmnError(f"ship_levels={config.ship_levels} keeps part of a LoRA: set "
+                       "train=lora, or ship_levels=all")
     base_hash = model_hash(pipe)
     out = run_loop(pipe, concepts, config, UnetTrainable(pipe.unet, config), progress)
     return to_patch(pipe, "fmn", concepts, config, out, base_hash)
