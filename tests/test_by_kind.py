@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -67,11 +69,11 @@ def test_bad_only_is_named(tmp_path, text, match):
         recipes.load(path)
 
 
-@pytest.mark.parametrize(("name", "fmn_part"), [
-    ("conceptworld-by-kind", "conceptworld-robust-stop"),
-    ("conceptworld-robust-prune", "conceptworld-robust"),
+@pytest.mark.parametrize(("name", "fmn_part", "changed"), [
+    ("conceptworld-by-kind", "conceptworld-robust-stop", {}),
+    ("conceptworld-robust-prune", "conceptworld-robust", {"ship_levels": "coarse"}),
 ])
-def test_a_shipped_by_kind_recipe_is_the_three_recipes_it_names(name, fmn_part):
+def test_a_shipped_by_kind_recipe_is_the_three_recipes_it_names(name, fmn_part, changed):
     by_kind = recipes.load(name)
     style, fmn, prune = by_kind.parts
     assert (style.only, fmn.only, prune.only) == ("anchored", "plain", "plain")
@@ -79,5 +81,6 @@ def test_a_shipped_by_kind_recipe_is_the_three_recipes_it_names(name, fmn_part):
     for flag in (False, True):
         got = by_kind.configs(flag)
         assert got[0] == recipes.load("conceptworld-rece").configs(True)[0]
-        assert got[1] == recipes.load(fmn_part).configs(False)[0]
+        # the re-steering part as its recipe sets it, but for the fields its config changes
+        assert got[1] == dataclasses.replace(recipes.load(fmn_part).configs(False)[0], **changed)
         assert got[2] == recipes.load("conceptworld-prune").configs(False)[0]
