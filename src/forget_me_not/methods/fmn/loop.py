@@ -238,7 +238,7 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
                 stop = {"at": check.restore_best(params), "reached": False}
             stop["pull"] = check.history
             bar.note(stop_line(stop, config.stop_pull))
-        kind, tensors, lora_config = trainable.result(config.ship_levels)
+        kind, tensors, lora_config = trainable.result()
     finally:
         if run.probes is not None:
             run.probes.remove()

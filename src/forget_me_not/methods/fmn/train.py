@@ -12,7 +12,7 @@ from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.methods.fmn.config import FmnConfig
 from forget_me_not.methods.fmn.loop import resolve, run_loop
-from forget_me_not.methods.fmn.trainable import UnetTrainable
+from forget_me_not.methods.fmn.trainable import UnetTrainable, coarse_part
 from forget_me_not.patch import Patch, family_of, library_versions, model_hash, run_name
 
 
@@ -29,6 +29,9 @@ def train(pipe: Any, concepts: Sequence[Concept], config: FmnConfig | None = Non
                        "train=lora, or ship_levels=all")
     base_hash = model_hash(pipe)
     out = run_loop(pipe, concepts, config, UnetTrainable(pipe.unet, config), progress)
+    if config.ship_levels == "coarse":
+        out["tensors"], out["lora_config"] = coarse_part(pipe.unet, config.lora_targets,
+                                                         out["tensors"], out["lora_config"])
     return to_patch(pipe, "fmn", concepts, config, out, base_hash)
 
 

@@ -42,6 +42,15 @@ def lora_modules(unet: Any, targets: Sequence[str], levels: str) -> list[str]:
     return chosen
 
 
+def coarse_part(unet: Any, targets: Sequence[str], tensors: dict[str, torch.Tensor],
+                lora_config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A trained LoRA's tensors and config without the finest cross-attention level."""
+    modules = lora_modules(unet, targets, "coarse")
+    kept = {k: v for k, v in tensors.items()
+            if any(k.startswith(f"unet.{m}.") for m in modules)}
+    return kept, {**lora_config, "target_modules": modules}
+
+
 class UnetTrainable:
     """`config.train` in ("lora", "xattn", "unet", "noxattn": every weight outside attn2)."""
 
@@ -149,23 +158,15 @@ class UnetTrainable:
             "init_lora_weights": True,
         }
 
-    def result(self, levels: str = "all"
-               ) -> tuple[str, dict[str, torch.Tensor], dict[str, Any] | None]:
-        """The trained change; a LoRA with levels='coarse' keeps only its coarse levels' part."""
+    def result(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any] | None]:
         if self.config.train == "lora":
             from peft import get_peft_model_state_dict
 
             state = get_peft_model_state_dict(self.unet, adapter_name=self.adapter)
-            config = self.lora_config()
-            if levels == "coarse":
-                config["target_modules"] = lora_modules(self.unet, self.config.lora_targets,
-                                                        levels)
-                state = {k: v for k, v in state.items()
-                         if any(k.startswith(f"{m}.") for m in config["target_modules"])}
             tensors = {
                 f"unet.{k}": v.detach().to("cpu", torch.float32).clone() for k, v in state.items()
             }
-            return "lora", tensors, config
+            return "lora", tensors, self.lora_config()
         tensors = {}
         for name, p in self.params.items():
             delta = p.detach().to("cpu", torch.float32) - self.originals[name].float()
