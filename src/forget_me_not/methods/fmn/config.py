@@ -21,7 +21,7 @@ EXTRA_POSITIONS = ("none", "eot", "pooler", "padding")
 TRAIN_MODES = ("lora", "xattn", "unet")
 # All four cross-attention projections, as the paper's "cross-attention only" mode trains them.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# Which UNet levels' part of a trained LoRA the patch keeps (see trainable.lora_modules).
+# Which UNet levels' part of a trained LoRA the patch keeps (see trainable.coarse_modules).
 SHIP_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).

@@ -12,7 +12,7 @@ from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.methods.fmn.config import FmnConfig
 from forget_me_not.methods.fmn.loop import resolve, run_loop
-from forget_me_not.methods.fmn.trainable import UnetTrainable, coarse_part
+from forget_me_not.methods.fmn.trainable import UnetTrainable, coarse_modules, coarse_part
 from forget_me_not.patch import Patch, family_of, library_versions, model_hash, run_name
 
 
@@ -27,11 +27,14 @@ def train(pipe: Any, concepts: Sequence[Concept], config: FmnConfig | None = Non
         # checked on the resolved config: a recipe's train and a --set may come from apart
         raise FmnError(f"ship_levels={config.ship_levels} keeps part of a LoRA: set "
                        "train=lora, or ship_levels=all")
+    # before training: a UNet with one cross-attention level has no coarse part
+    shipped = (coarse_modules(pipe.unet, config.lora_targets)
+               if config.ship_levels == "coarse" else None)
     base_hash = model_hash(pipe)
     out = run_loop(pipe, concepts, config, UnetTrainable(pipe.unet, config), progress)
-    if config.ship_levels == "coarse":
-        out["tensors"], out["lora_config"] = coarse_part(pipe.unet, config.lora_targets,
-                                                         out["tensors"], out["lora_config"])
+    if shipped is not None:
+        out["tensors"], out["lora_config"] = coarse_part(shipped, out["tensors"],
+                                                         out["lora_config"])
     return to_patch(pipe, "fmn", concepts, config, out, base_hash)
 
 

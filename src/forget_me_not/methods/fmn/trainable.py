@@ -26,11 +26,9 @@ def attention_level(name: str, n_levels: int) -> int:
     return index if part == "down_blocks" else n_levels - 1 - index
 
 
-def lora_modules(unet: Any, targets: Sequence[str], levels: str) -> list[str]:
-    """peft's target_modules: every cross-attention projection in `targets`, or with
-    levels='coarse' only those of the levels below the finest one that has cross-attention."""
-    if levels == "all":
-        return [f"attn2.{t}" for t in targets]
+def coarse_modules(unet: Any, targets: Sequence[str]) -> list[str]:
+    """The cross-attention projections in `targets` of every level but the finest one that
+    has cross-attention: peft's target_modules for a patch that keeps the coarse levels."""
     n_levels = len(unet.config.block_out_channels)
     names = [n for n, _ in unet.named_modules()
              if any(n.endswith(f"attn2.{t}") for t in targets)]
@@ -42,13 +40,12 @@ def lora_modules(unet: Any, targets: Sequence[str], levels: str) -> list[str]:
     return chosen
 
 
-def coarse_part(unet: Any, targets: Sequence[str], tensors: dict[str, torch.Tensor],
+def coarse_part(modules: Sequence[str], tensors: dict[str, torch.Tensor],
                 lora_config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A trained LoRA's tensors and config without the finest cross-attention level."""
-    modules = lora_modules(unet, targets, "coarse")
+    """A trained LoRA's tensors and config for `modules` only (see coarse_modules)."""
     kept = {k: v for k, v in tensors.items()
             if any(k.startswith(f"unet.{m}.") for m in modules)}
-    return kept, {**lora_config, "target_modules": modules}
+    return kept, {**lora_config, "target_modules": list(modules)}
 
 
 class UnetTrainable:
