@@ -239,6 +239,29 @@ def test_cli_passes_method_recipe_and_sets_to_the_library(inputs, tmp_path, monk
         seen["sets"])
 
 
+def test_a_set_seed_for_one_part_is_not_overridden_by_the_default_seed(inputs, tmp_path,
+                                                                        monkeypatch):
+    import forget_me_not.api as api
+    from forget_me_not import recipes
+    from forget_me_not.patch import Patch
+
+    seen = {}
+
+    def fake_forget(pipe, concepts, config=None, **kw):
+        seen.update(kw)
+        rows = {"text_encoder.token_ids": torch.tensor([1]),
+                "text_encoder.token_delta": torch.zeros(1, 32)}
+        return Patch("embedding", rows, {"losses": [1.0], "seconds": 0.0, "method": "fake",
+                                       "recipe": str(kw["recipe"])}, None, "fake")
+
+    monkeypatch.setattr(api, "forget", fake_forget)
+    monkeypatch.setattr(Patch, "save", lambda self, path: path)
+    result = _forget(inputs, tmp_path / "p.safetensors", "--no-real-image", "--recipe",
+                     "paper-lora", "--set", "fmn.seed=3")
+    assert result.exit_code == 0, result.output
+    assert recipes.load("paper-lora").configs(False, list(seen["sets"]))[0].seed == 3
+
+
 def test_forget_and_correct_keep_their_options_few():
     import typer.main
 

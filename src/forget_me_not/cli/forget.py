@@ -123,8 +123,9 @@ def forget(
     family = detect_family(pipe)
     chosen = api.plan(family, method, recipe)  # the family check, before any work
     keys = {f.name for part in chosen.parts for f in dataclasses.fields(part.config)}
-    # the family's own recipe decides which parts take a reference source and a seed
-    sets += [p for p in implicit if p.split("=", 1)[0] in keys]
+    # the family's own recipe decides which parts take a reference source and a seed; they go
+    # first, so that a --set of the same key (e.g. fmn.seed=1 for one part) is not overridden
+    sets = [p for p in implicit if p.split("=", 1)[0] in keys] + sets
     preset = None
     if not names and not token_files:  # --category nsfw alone
         from forget_me_not.presets import family_preset
