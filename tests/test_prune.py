@@ -20,7 +20,8 @@ from tiny_pipelines import make_tiny_pipeline
 
 # kept: two prompts of your own (a random model's samples of many prompts drive every unit)
 QUICK = PruneConfig(kept_set="", preserve=("a photo of a cat", "a dog"), sample_steps=2,
-                    timesteps=(0.3, 0.7), fraction=0.05, min_ratio=1.01)
+                    timesteps=(0.3, 0.7), fraction=0.05, min_ratio=1.01,
+                    sites=("ff", "resnet"))
 
 
 def _images(folder, n: int = 4, size: int = 16) -> tuple:
@@ -76,6 +77,17 @@ def test_prune_zeroes_the_chosen_units_and_nothing_else(family, tmp_path):
             assert torch.equal(p, before[name])
     patch.remove(pipe)
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
+
+
+def test_feed_forward_sites_alone_leave_every_resnet_channel(tmp_path):
+    import dataclasses
+
+    pipe = make_tiny_pipeline("sd1")
+    concept = Concept("star", images=_images(tmp_path / "star"))
+    patch = prune(pipe, [concept], dataclasses.replace(QUICK, sites=("ff",)), progress=False)
+    chosen = patch.metadata["pruned_units"]
+    assert chosen and all(name.endswith(".ff.net.2") for name in chosen)
+    assert not any(".resnets." in key for key in patch.tensors)
 
 
 def test_prune_through_forget_saves_and_loads(tmp_path):
