@@ -70,6 +70,16 @@ def test_the_default_rule_prefers_removal_then_targets_met_then_the_lowest_mean_
     assert not overall(hiding, 0.95)[0]["removes"]
 
 
+def test_the_placebo_column_shows_only_where_it_was_measured():
+    from forget_me_not.bench.leaderboard import COLUMNS, PLACEBO, columns
+
+    plain = [_row("a", "fmn", "x", 0.1, 0.97)]
+    assert columns(plain) == COLUMNS
+    keys = [k for k, _ in columns([{**plain[0], "placebo_retention_min": 0.94}])]
+    assert keys.index(PLACEBO[0]) == keys.index("retention_mean") + 1
+    assert len(keys) == len(COLUMNS) + 1
+
+
 def test_cli_compare_refuses_bad_input_before_loading(tmp_path):
     runner = CliRunner()
     full = tmp_path / "full"
@@ -78,7 +88,7 @@ def test_cli_compare_refuses_bad_input_before_loading(tmp_path):
     for args, fragment in ((["--compare", "uce"], "at least two"),
                            (["--compare", "uce", "--compare", "conceptworld-uce"], "--targets"),
                            (["--compare", "uce", "--compare", "uce", "--targets", "star"],
-                            "twice")):
+                            "twice"), (["--placebo"], "with --compare")):
         result = runner.invoke(app, ["bench", "--suite", "world", "--out", str(tmp_path / "o"),
                                      *args])
         assert result.exit_code == 2 and fragment in result.stderr, result.stderr
@@ -97,7 +107,7 @@ def test_a_comparison_on_the_embedded_model_writes_and_resumes(tmp_path):
         "    concepts: [star, moon, circle]\n")
     out = tmp_path / "board"
     rows = run_compare("embedded", ["conceptworld-uce", "conceptworld-rows"], str(suite), "star",
-                       out, progress=False)
+                       out, progress=False, placebo=True)
     assert {r["entry"] for r in rows} == {"conceptworld-uce", "conceptworld-rows"}
     assert sorted(r["rank"] for r in rows) == [1, 2]
     for row in rows:
@@ -110,6 +120,8 @@ def test_a_comparison_on_the_embedded_model_writes_and_resumes(tmp_path):
         assert set(each) <= {"moon", "circle"} and "star" not in each
         assert each == {} or abs(min(each.values()) - row["retention_min"]) < 1e-3
         assert row["stop"] is None  # neither recipe stops on the pull
+        # A placebo of the patch's size: scored on the other concepts, never the target.
+        assert row["placebo_retention_min"] is None or row["placebo_retention_min"] >= 0
     # A token-row patch only hides the word: the base text encoder gets the concept back as the
     # base model draws it (same seeds), and the M-Score says so.
     rows_row = next(r for r in rows if r["entry"] == "conceptworld-rows")
@@ -117,6 +129,7 @@ def test_a_comparison_on_the_embedded_model_writes_and_resumes(tmp_path):
     for name in ("json", "csv", "md", "html", "png"):
         assert (out / f"leaderboard.{name}").stat().st_size > 0
     assert "conceptworld-uce" in (out / "leaderboard.md").read_text()
+    assert "placebo retention min" in (out / "leaderboard.md").read_text()
     # An interrupted comparison resumes from its finished runs.
     (out / "runs" / "conceptworld-uce__star.json").write_text(json.dumps({**rows[0],
         "entry": "conceptworld-uce", "forget_seconds": -1.0}))

@@ -118,9 +118,12 @@ def _patch_for(pipe: Any, entry: Entry, group: list[str], concepts: dict, out: P
 def run_compare(model: Any, specs: Sequence[str], suite_name: str, targets: str,
                 out_dir: str | Path, *, overwrite: bool = False, n: int | None = None,
                 seed: int | None = None, budget: int | None = None, device: str | None = None,
-                dtype: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                dtype: str | None = None, progress: bool = True,
+                placebo: bool = False) -> list[dict[str, Any]]:
     """Train or load every entry for every target group, score all on the same seeds; write
-    leaderboard.{json,csv,md,html,png} into `out_dir`; return the rows, best first."""
+    leaderboard.{json,csv,md,html,png} into `out_dir`; return the rows, best first.
+    `placebo`: each row also scores a placebo of its patch (its size per layer, random
+    directions) for the retention a change of that size costs whatever it aims at."""
     from forget_me_not.bench.leaderboard import rank, write_leaderboard
     from forget_me_not.bench.runner import build_judges
     from forget_me_not.bench.suites import load_suite
@@ -167,6 +170,8 @@ def run_compare(model: Any, specs: Sequence[str], suite_name: str, targets: str,
                 row = _row(entry, patch, names, base, after, seconds, peak, size, attacks)
                 if quality is not None:
                     row.update(scorer.quality_after(quality, after, names))
+                if placebo:
+                    row["placebo_retention_min"] = scorer.placebo_retention(patch, names, base)
                 cached.write_text(json.dumps(row, indent=1, default=str))
                 rows.append(row)
     ranked = rank(rows, KEEP)
@@ -251,6 +256,22 @@ class _Scorer:
         first = quality.distances(judge, _images(base), refs)
         second = quality.distances(judge, _images(again), refs)
         return {"judge": judge, "refs": refs, "base": first, "spread_by": second}
+
+    def placebo_retention(self, patch: Any, names: list[str], base: Any) -> float | None:
+        """Retention min of the other concepts with a placebo of `patch` applied."""
+        from forget_me_not.placebo import placebo
+
+        control = placebo(patch, self.settings["seed"])
+        control.apply(self.pipe)
+        try:
+            after = self.score(set(), only=[e.concept.name for e in self.entries
+                                            if e.concept.name not in names])
+        finally:
+            control.remove(self.pipe)
+        now = {c.key: c.before.g.rate for c in after.concepts}
+        kept = [now[c.key] / c.before.g.rate for c in base.concepts
+                if c.key in now and c.before.g.rate > 0]
+        return min(kept) if kept else None
 
     def quality_after(self, q: dict, after, names: list[str]) -> dict[str, Any]:
         from forget_me_not import quality

@@ -25,6 +25,16 @@ COLUMNS = (
     ("kid_worst", "KID worst"), ("forget_seconds", "forget s"), ("peak_mb", "peak MB"),
     ("patch_bytes", "patch bytes"),
 )
+# With `--placebo`: the retention a random change of the patch's size per layer leaves.
+PLACEBO = ("placebo_retention_min", "placebo retention min")
+
+
+def columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """The table's columns: the placebo's retention beside the patch's where it was measured."""
+    if not any(row.get(PLACEBO[0]) is not None for row in rows):
+        return COLUMNS
+    at = [k for k, _ in COLUMNS].index("retention_mean") + 1
+    return (*COLUMNS[:at], PLACEBO, *COLUMNS[at:])
 
 
 def met(row: dict[str, Any], keep: float) -> bool:
@@ -114,7 +124,7 @@ def _cell(key: str, value: Any) -> str:
         return f"{100 * value:.0f}%"
     if key in ("kid_change", "kid_spread"):
         return f"{value:+.3f}" if key == "kid_change" else f"{value:.3f}"
-    if key.startswith("retention"):
+    if key.startswith("retention") or key == "placebo_retention_min":
         return f"{value:.2f}"
     if key in ("forget_seconds", "peak_mb"):
         return f"{value:.1f}"
@@ -122,7 +132,8 @@ def _cell(key: str, value: Any) -> str:
 
 
 def markdown(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
-    head = "| rank | " + " | ".join(label for _, label in COLUMNS) + " |"
+    shown = columns(rows)
+    head = "| rank | " + " | ".join(label for _, label in shown) + " |"
     lines = [f"# Leaderboard: suite {info.get('suite')}, {info.get('n')} samples per concept, "
              f"seed {info.get('seed')}, inversion budget {info.get('budget')}", "",
              f"Ranked per target: M-Score <= {FORGOTTEN:.0%} with retention min >= "
@@ -131,9 +142,9 @@ def markdown(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
              "unseen paraphrases, A the adversarial prompt "
              "search. KID change: the largest growth of an other concept's KID to fresh renders "
              "(judge features), beside the base model's run-to-run spread.", "", head,
-             "|" + "---|" * (len(COLUMNS) + 1)]
+             "|" + "---|" * (len(shown) + 1)]
     for row in rows:
-        cells = [str(row["rank"])] + [_cell(k, row.get(k)) for k, _ in COLUMNS]
+        cells = [str(row["rank"])] + [_cell(k, row.get(k)) for k, _ in shown]
         lines.append("| " + " | ".join(cells) + " |")
     lines += overall_markdown(overall(rows, info.get("keep", 0.95)), info.get("keep", 0.95))
     return "\n".join(lines) + "\n"
@@ -176,10 +187,11 @@ def plot_png(rows: Sequence[dict[str, Any]]) -> bytes:
 
 
 def html_page(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
+    shown = columns(rows)
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in shown)
     body = "".join(
         "<tr><td>" + str(r["rank"]) + "</td>"
-        + "".join(f"<td>{html.escape(_cell(k, r.get(k)))}</td>" for k, _ in COLUMNS) + "</tr>"
+        + "".join(f"<td>{html.escape(_cell(k, r.get(k)))}</td>" for k, _ in shown) + "</tr>"
         for r in rows)
     keep = info.get("keep", 0.95)
     summary = overall(rows, keep)
@@ -208,10 +220,11 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], out: Path, info: dict[str,
     """Every file through a temp file and a rename: no half-written leaderboard."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["rank", *(k for k, _ in COLUMNS)])
+    shown = columns(rows)
+    writer.writerow(["rank", *(k for k, _ in shown)])
     for r in rows:
         writer.writerow([r["rank"], *(";".join(r[k]) if k == "below" else r.get(k)
-                                      for k, _ in COLUMNS)])
+                                      for k, _ in shown)])
     files = {
         "leaderboard.json": json.dumps({"info": info, "rows": list(rows), "overall": overall(
             rows, info.get("keep", 0.95))}, indent=1).encode(),

@@ -78,6 +78,10 @@ def bench(
     targets: Annotated[str | None, typer.Option(
         help="--compare: what each recipe forgets, e.g. 'star,tavi,skull+gun' ('+': one "
              "run for several).")] = None,
+    placebo: Annotated[bool, typer.Option(
+        help="--compare: also score a placebo of each patch (its size per layer, random "
+             "directions): the retention a change of that size costs, beside the patch's.")
+    ] = False,
     device: opt.Device = None,
     dtype: opt.Dtype = None,
     allow_pickle: opt.AllowPickle = False,
@@ -91,9 +95,12 @@ def bench(
     for name, value in (("--n", n), ("--steps", steps), ("--batch-size", batch_size),
                         ("--budget", budget)):
         opt.require_positive(name, value)
+    if placebo and compare is None:
+        raise FmnError("--placebo scores a placebo beside each compared patch: use it with "
+                       "--compare")
     if compare is not None or targets is not None:
         _compare(model, compare or [], suite, targets, out, overwrite, n, seed, budget, device,
-                 dtype, bool(patch))
+                 dtype, bool(patch), placebo)
         return
     result = run_bench(
         model, suite, concepts.split(",") if concepts is not None else None,
@@ -108,7 +115,7 @@ def bench(
 
 
 def _compare(model, entries, suite, targets, out, overwrite, n, seed, budget, device, dtype,
-             with_patch) -> None:
+             with_patch, placebo=False) -> None:
     from forget_me_not.bench.compare import parse_entries, run_compare
     from forget_me_not.bench.leaderboard import markdown
 
@@ -118,7 +125,7 @@ def _compare(model, entries, suite, targets, out, overwrite, n, seed, budget, de
     if not targets:
         raise FmnError("--compare needs --targets, e.g. --targets star,tavi,skull+gun")
     rows = run_compare(model, entries, suite, targets, out, overwrite=overwrite, n=n, seed=seed,
-                       budget=budget, device=device, dtype=dtype)
+                       budget=budget, device=device, dtype=dtype, placebo=placebo)
     typer.echo(markdown(rows, {"suite": suite, "n": n, "seed": seed, "budget": budget,
                                "keep": 0.95}))
     typer.echo(f"wrote {out}/leaderboard.md, .csv, .json, .html, .png")
