@@ -215,11 +215,12 @@ def test_invert_bad_input(inputs, tmp_path, args, fragment):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_passes_method_recipe_and_sets_to_the_library(inputs, tmp_path, monkeypatch):
+def _library_stub(monkeypatch) -> dict:
+    """`api.forget` replaced by a stub that records what the CLI passed; returns the record."""
     import forget_me_not.api as api
     from forget_me_not.patch import Patch
 
-    seen = {}
+    seen: dict = {}
 
     def fake_forget(pipe, concepts, config=None, **kw):
         seen.update(kw, concepts=[c.name for c in concepts])
@@ -230,6 +231,11 @@ def test_cli_passes_method_recipe_and_sets_to_the_library(inputs, tmp_path, monk
 
     monkeypatch.setattr(api, "forget", fake_forget)
     monkeypatch.setattr(Patch, "save", lambda self, path: path)
+    return seen
+
+
+def test_cli_passes_method_recipe_and_sets_to_the_library(inputs, tmp_path, monkeypatch):
+    seen = _library_stub(monkeypatch)
     result = _forget(inputs, tmp_path / "p.safetensors", "--no-real-image", "--recipe",
                      "paper-lora", "--method", "fmn", "--lr", "0.001", "--set", "lora_rank=8")
     assert result.exit_code == 0, result.output
@@ -241,21 +247,9 @@ def test_cli_passes_method_recipe_and_sets_to_the_library(inputs, tmp_path, monk
 
 def test_a_set_seed_for_one_part_is_not_overridden_by_the_default_seed(inputs, tmp_path,
                                                                         monkeypatch):
-    import forget_me_not.api as api
     from forget_me_not import recipes
-    from forget_me_not.patch import Patch
 
-    seen = {}
-
-    def fake_forget(pipe, concepts, config=None, **kw):
-        seen.update(kw)
-        rows = {"text_encoder.token_ids": torch.tensor([1]),
-                "text_encoder.token_delta": torch.zeros(1, 32)}
-        return Patch("embedding", rows, {"losses": [1.0], "seconds": 0.0, "method": "fake",
-                                       "recipe": str(kw["recipe"])}, None, "fake")
-
-    monkeypatch.setattr(api, "forget", fake_forget)
-    monkeypatch.setattr(Patch, "save", lambda self, path: path)
+    seen = _library_stub(monkeypatch)
     result = _forget(inputs, tmp_path / "p.safetensors", "--no-real-image", "--recipe",
                      "paper-lora", "--set", "fmn.seed=3")
     assert result.exit_code == 0, result.output
