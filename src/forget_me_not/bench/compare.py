@@ -268,10 +268,8 @@ class _Scorer:
                                             if e.concept.name not in names])
         finally:
             control.remove(self.pipe)
-        now = {c.key: c.before.g.rate for c in after.concepts}
-        kept = [now[c.key] / c.before.g.rate for c in base.concepts
-                if c.key in now and c.before.g.rate > 0]
-        return min(kept) if kept else None
+        kept = _kept(base, after, names)
+        return min(kept.values()) if kept else None
 
     def quality_after(self, q: dict, after, names: list[str]) -> dict[str, Any]:
         from forget_me_not import quality
@@ -314,6 +312,14 @@ def _images(result) -> dict[str, list]:
     return {c.concept.name: list(c.before.g.images) for c in result.concepts}
 
 
+def _kept(base: Any, after: Any, names: list[str]) -> dict[str, float]:
+    """Each other concept's retention by name, G after / G before (those scored after, with G
+    before above 0)."""
+    now = {c.key: c.before.g.rate for c in after.concepts}
+    return {c.concept.name: now[c.key] / c.before.g.rate for c in base.concepts
+            if c.concept.name not in names and c.key in now and c.before.g.rate > 0}
+
+
 def _row(entry: Entry, patch, names: list[str], base, after, seconds, peak, size,
          attacks: dict[str, dict[str, Any]]) -> dict:
     before = {c.key: c.before for c in base.concepts}
@@ -322,8 +328,7 @@ def _row(entry: Entry, patch, names: list[str], base, after, seconds, peak, size
     targets = [k for k in before if by_name[k] in names]
     g = max(now[k].g.rate for k in targets)
     inv = [now[k].i.rate for k in targets if now[k].i is not None]
-    kept = {by_name[k]: now[k].g.rate / before[k].g.rate for k in before
-            if k not in targets and before[k].g.rate > 0}
+    kept = _kept(base, after, names)
     meta = patch.metadata
     return {
         "entry": entry.name,

@@ -124,7 +124,7 @@ def _cell(key: str, value: Any) -> str:
         return f"{100 * value:.0f}%"
     if key in ("kid_change", "kid_spread"):
         return f"{value:+.3f}" if key == "kid_change" else f"{value:.3f}"
-    if key.startswith("retention") or key == "placebo_retention_min":
+    if "retention" in key:  # the patch's and its placebo's
         return f"{value:.2f}"
     if key in ("forget_seconds", "peak_mb"):
         return f"{value:.1f}"
