@@ -4,6 +4,7 @@ judge's features against the same references), in a few minutes per patch. The b
 rates and distances are computed once and kept in --cache.
 
     python benchmarks/suite_retention.py PATCH.safetensors tavi [--threads 2]
+        [--n 64 --seed 1000 --cache runs/base_n64.json]   # more samples: a less noisy reading
 
 Prints one JSON line: the target's G, the lowest retentions, the mean, the KID change and the
 concept it is worst for. Scored at the leaderboard's thread count (2), it gives the
@@ -34,6 +35,8 @@ def main() -> None:
     p.add_argument("target", help="the concept the patches forget")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="runs/suite_retention_base.json")
+    p.add_argument("--n", type=int, default=32, help="samples per concept (the leaderboard: 32)")
+    p.add_argument("--seed", type=int, default=1000, help="first sample seed (leaderboard: 1000)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     suite = load_suite("world")
@@ -49,11 +52,14 @@ def main() -> None:
         # another thread count rounds differently: the samples before and after would not pair
         raise SystemExit(f"{cache} was scored with {cached.get('threads')} threads: pass "
                          f"--threads {cached.get('threads')} or another --cache")
+    if cached is not None and (cached.get("n", 32), cached.get("seed", 1000)) != (a.n, a.seed):
+        raise SystemExit(f"{cache} holds {cached.get('n', 32)} samples from seed "
+                         f"{cached.get('seed', 1000)}: pass those or another --cache")
     patches = [load_patch(x) for x in a.patches.split(",")]
     judges = build_judges(suite, entries)
     pipe = load_pipeline("embedded")
-    gen = GenerationSettings(32, 1000, default_steps(pipe), default_guidance(pipe), 16)
-    refs = quality.references([e.concept.name for e in entries], 32)
+    gen = GenerationSettings(a.n, a.seed, default_steps(pipe), default_guidance(pipe), 16)
+    refs = quality.references([e.concept.name for e in entries], 32)  # as the leaderboard
     judge = next(iter(judges.values()))
 
     def score() -> tuple[dict[str, float], dict[str, float]]:
@@ -68,7 +74,7 @@ def main() -> None:
         base = cached
     else:
         rates, kid = score()
-        base = {"rates": rates, "kid": kid, "threads": a.threads}
+        base = {"rates": rates, "kid": kid, "threads": a.threads, "n": a.n, "seed": a.seed}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(base))
     with applied(pipe, patches):

@@ -143,6 +143,22 @@ def test_extract_lora_reports_error_and_full_rank_is_exact(delta):
         extract_lora(full, 2)
 
 
+def test_extract_lora_carries_convolutions_exactly_only_when_asked():
+    whole = _patch("heart", train="unet", lr=1e-3)
+    weights = {k: v for k, v in whole.tensors.items()
+               if k.endswith(".weight") and v.ndim in (2, 4)}
+    assert any(v.ndim == 4 for v in weights.values())
+    weights_only = dataclasses.replace(whole, tensors=weights)
+    rank = max(min(t.flatten(1).shape) for t in weights.values())
+    assert extract_lora(weights_only, rank).metadata["extraction"]["dropped"]  # convs by default
+    lora = extract_lora(weights_only, rank, convolutions=True)
+    assert not lora.metadata["extraction"]["dropped"]
+    a, b = make_tiny_pipeline("sd1"), make_tiny_pipeline("sd1")
+    weights_only.apply(a)
+    lora.apply(b)  # peft's conv LoRA: a kernel-sized down conv, a 1x1 up conv
+    assert torch.allclose(unet_probe(a), unet_probe(b), atol=1e-4)
+
+
 def test_merge_writes_a_pipeline_with_the_patch_fused(star, delta, tmp_path):
     ref = make_tiny_pipeline("sd1")
     star.apply(ref)

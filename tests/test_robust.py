@@ -207,3 +207,25 @@ def test_a_coarse_patch_needs_a_lora():
     pipe = make_tiny_pipeline("sd1")
     with pytest.raises(FmnError, match="ship_levels=coarse keeps part of a LoRA: set train=lora"):
         train_any(pipe, [Concept("star")], fmn_config(train="xattn", ship_levels="coarse"))
+
+
+def test_a_pruning_delta_with_resnet_channels_is_carried_for_the_part_after_it(tmp_path):
+    from forget_me_not.api import forget
+    from test_prune import _images
+
+    pipe = make_tiny_pipeline("sd1")
+    prune = ("{sites: [ff, resnet], kept_set: '', preserve: [a photo of a cat], "
+             "sample_steps: 2, timesteps: [0.3, 0.7], fraction: 0.05, min_ratio: 1.01}")
+    lora = ("{train: lora, lora_rank: 2, steps: 3, steps_per: run, lr: 1.0e-2, "
+            "reference: noise, preserve_weight: 1.0, preserve_prompts: [a photo of a circle]}")
+    path = tmp_path / "prune_then_fmn.yaml"
+    path.write_text(f"description: test\nsequential: true\nparts:\n"
+                    f"  - {{method: prune, config: {prune}}}\n"
+                    f"  - {{method: fmn, config: {lora}}}\n")
+    star = Concept("star", images=_images(tmp_path / "star"))
+    combo = forget(pipe, star, recipe=path, progress=False)
+    assert combo.metadata["method"] == "prune+fmn"
+    assert any(key.endswith(".conv2.weight") for key in combo.unet_tensors)  # resnet channels
+    # The pruning, convolutions included, rode along as an exact LoRA the FMN part switched off.
+    (switched,) = combo.metadata["recipe_parts"][1]["settings"]["compare_without"]
+    assert switched.startswith(f"{combo.metadata['parts'][0]['name']}_r")

@@ -202,8 +202,9 @@ def _as_lora(patch: Patch) -> Patch:
     from forget_me_not.patch.ops import extract_lora
 
     if patch.kind == "delta" and not patch.has_rows:
-        full = max(min(t.shape) for t in patch.unet_tensors.values() if t.ndim == 2)
-        lora = extract_lora(patch, full)
+        full = max(min(t.flatten(1).shape) for t in patch.unet_tensors.values()
+                   if t.ndim in (2, 4))
+        lora = extract_lora(patch, full, convolutions=True)
         extraction = lora.metadata["extraction"]
         if not extraction["dropped"] and extraction["overall_relative_error"] <= 1e-4:
             return lora

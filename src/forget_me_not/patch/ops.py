@@ -189,11 +189,15 @@ def unstack(patch: Patch, drop: Sequence[str]) -> Patch:
 # -- low-rank extraction ------------------------------------------------------------------------
 
 
-def extract_lora(patch: Patch, rank: int, targets: Sequence[str] | None = None) -> Patch:
+def extract_lora(patch: Patch, rank: int, targets: Sequence[str] | None = None,
+                 convolutions: bool = False) -> Patch:
     """A delta patch turned into a LoRA of `rank` by truncated SVD of each 2-D weight delta.
 
     Each linear weight delta D (out, in) becomes B @ A with B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T.
-    Tensors a LoRA cannot carry (biases, norms, convolutions) are dropped. The relative Frobenius
+    `convolutions`: a conv weight delta D (out, in, kh, kw) is carried too, as peft's conv
+    LoRA (A a kh x kw conv to the rank, B a 1x1 conv back) from the SVD of D flattened to
+    (out, in*kh*kw); off by default, as not every LoRA consumer reads conv LoRAs. Tensors a
+    LoRA cannot carry (biases, norms, convolutions unless asked) are dropped. The relative Frobenius
     error ||D - B A|| / ||D|| per layer, and overall (dropped tensors counted in full), is stored
     under metadata["extraction"].
     """
@@ -215,10 +219,13 @@ def extract_lora(patch: Patch, rank: int, targets: Sequence[str] | None = None) 
         total_sq += norm_sq
         module = key.removeprefix("unet.").removesuffix(".weight")
         selected = targets is None or any(module.endswith(t) for t in targets)
-        if d.ndim != 2 or not key.endswith(".weight") or not selected:
+        carried = d.ndim == 2 or (convolutions and d.ndim == 4)
+        if not carried or not key.endswith(".weight") or not selected:
             dropped.append(key.removeprefix("unet."))
             err_sq += norm_sq
             continue
+        shape = d.shape
+        d = d.flatten(1)  # a conv's (out, in, kh, kw) as (out, in*kh*kw); a linear's unchanged
         u, s, vh = torch.linalg.svd(d, full_matrices=False)  # (out, k), (k,), (k, in)
         k = min(rank, s.numel())
         root = s[:k].sqrt()
@@ -230,6 +237,8 @@ def extract_lora(patch: Patch, rank: int, targets: Sequence[str] | None = None) 
         residual = float((d - b @ a).pow(2).sum())
         err_sq += residual
         per_layer[module] = math.sqrt(residual / norm_sq) if norm_sq > 0 else 0.0
+        if len(shape) == 4:  # peft's conv LoRA: A keeps the kernel, B is 1x1
+            a, b = a.reshape(rank, *shape[1:]), b[:, :, None, None]
         tensors[f"unet.{module}.lora_A.weight"] = a.contiguous()
         tensors[f"unet.{module}.lora_B.weight"] = b.contiguous()
     if not tensors:
