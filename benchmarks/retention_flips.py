@@ -8,8 +8,8 @@ borderline samples of the base model or each their own.
         runs/a.safetensors runs/b.safetensors ... [--threads 1] [--n 32]
 
 Prints one JSON line: per concept, the base model's probability of each sample, the seeds
-each patch flips (recognised before, not after: 'lost'; the reverse: 'gained'), and how many
-lost seeds the patches share.
+each patch flips (recognised before, not after: 'lost'; the reverse: 'gained'), and the
+seeds two or more patches lose ('lost_by_two_or_more').
 """
 
 from __future__ import annotations
