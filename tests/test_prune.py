@@ -12,7 +12,7 @@ from forget_me_not.api import forget
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.methods.prune.config import PruneConfig
-from forget_me_not.methods.prune.neurons import find_sites, skilled_units
+from forget_me_not.methods.prune.neurons import effect, find_sites, skilled_units
 from forget_me_not.methods.prune.train import kept_groups
 from forget_me_not.methods.prune.train import train as prune
 from forget_me_not.patch import load_patch
@@ -90,6 +90,54 @@ def test_feed_forward_sites_alone_leave_every_resnet_channel(tmp_path):
     assert not any(".resnets." in key for key in patch.tensors)
 
 
+def test_a_units_effect_is_what_switching_it_off_moves_not_how_hard_it_fires():
+    pipe = make_tiny_pipeline("sd1")
+    site = next(s for s in find_sites(pipe.unet, ("ff",)))
+    with torch.no_grad():
+        site.module.weight[:, 0] = 0.0  # unit 0 fires as before but reaches nothing
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
+
+    def read(probes: int) -> torch.Tensor:
+        return effect(pipe, [site], latents, ["a cat"], (0.5,),
+                      torch.Generator().manual_seed(1), probes=probes)[site.name]
+
+    scores = read(8)
+    assert float(scores[0]) == 0.0 and float(scores[1:].min()) > 0.0
+    assert [p.requires_grad for p in pipe.unet.parameters()] == flags
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    # switching off the unit it scores highest moves the prediction more than the lowest
+    order = scores[1:].argsort() + 1
+    high, low = int(order[-1]), int(order[0])
+    gen = torch.Generator().manual_seed(2)
+    t = torch.full((3,), 500)
+    noisy = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=gen), t)
+    states = pipe.encode_prompt(["a cat"] * 3, "cpu", 1, False)[0]
+
+    def moved(unit: int) -> float:
+        with torch.no_grad():
+            base = pipe.unet(noisy, t, encoder_hidden_states=states).sample
+            kept = site.module.weight[:, unit].clone()
+            site.module.weight[:, unit] = 0.0
+            off = pipe.unet(noisy, t, encoder_hidden_states=states).sample
+            site.module.weight[:, unit] = kept
+        return float((off - base).norm())
+
+    assert moved(high) > moved(low)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_prune_by_effect_reads_gate_gradients_and_zeroes_what_it_chose(family, tmp_path):
+    import dataclasses
+
+    pipe = make_tiny_pipeline(family)
+    concept = Concept("star", images=_images(tmp_path / "star"))
+    patch = prune(pipe, [concept], dataclasses.replace(QUICK, score="effect"), progress=False)
+    assert patch.metadata["train"] == "gate gradient statistics"
+    assert patch.metadata["units_pruned"] >= 1
+    assert len(patch.tensors) == len(patch.metadata["pruned_units"])
+
+
 def test_prune_through_forget_saves_and_loads(tmp_path):
     pipe = make_tiny_pipeline("sd1")
     concept = Concept("star", images=_images(tmp_path / "star"))
@@ -126,6 +174,7 @@ def test_without_images_the_units_are_read_on_the_base_models_own_samples():
     ({"min_ratio": 1.0}, "min_ratio"),
     ({"timesteps": (1.5,)}, "timesteps"),
     ({"kept_set": "mine"}, "kept_set"),
+    ({"score": "magnitude"}, "score"),
     ({"kept_prompts": 0}, "kept_prompts"),
     ({"concept_samples": 0}, "concept_samples"),
     ({"kept_set": ""}, "nothing to keep"),

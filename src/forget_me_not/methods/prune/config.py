@@ -10,6 +10,7 @@ from forget_me_not.settings import check_choice, setting
 
 SITES = ("ff", "resnet")
 KEPT_SETS = ("", "conceptworld", "common")
+SCORES = ("activity", "effect")
 
 
 @dataclass
@@ -21,6 +22,10 @@ class PruneConfig:
     min_ratio: float = setting(1.15, "A unit is the concept's when its images drive it this "
                                "many times harder than any kept concept's samples do; below, "
                                "the unit is shared and pruning it costs the others.")
+    score: str = setting("activity", "How a unit is read on each set of images: 'activity' "
+                         "its peak |activation| (ConceptPrune's reading); 'effect' how far "
+                         "switching it off moves the noise prediction, which is what pruning "
+                         "costs a kept concept (one backward pass per probe).", SCORES)
     fraction: float = setting(0.05, "The most units switched off, as a share of those at the "
                               "sites: the highest ratios first.")
     timesteps: tuple[float, ...] = setting((0.1, 0.3, 0.5, 0.7, 0.9), "Noise levels the "
@@ -40,6 +45,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         check_choice("kept_set", self.kept_set, KEPT_SETS)
+        check_choice("score", self.score, SCORES)
         self.sites = tuple(self.sites)
         self.preserve = tuple(self.preserve)
         if any(not isinstance(p, str) or not p.strip() for p in self.preserve):

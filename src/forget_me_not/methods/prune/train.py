@@ -25,7 +25,7 @@ from forget_me_not.concepts import Concept
 from forget_me_not.data import load_images, model_resolution, resize_random_crop
 from forget_me_not.errors import FmnError
 from forget_me_not.methods.prune.config import PruneConfig
-from forget_me_not.methods.prune.neurons import Site, activity, find_sites, skilled_units
+from forget_me_not.methods.prune.neurons import Site, activity, effect, find_sites, skilled_units
 from forget_me_not.methods.uce.train import COMMON_CONCEPTS, base_metadata
 from forget_me_not.patch import Patch, library_versions, run_name
 from forget_me_not.pipeline_io import draw_latents, encode_images
@@ -100,11 +100,12 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
                        "another kept_set")
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed)
+    read = activity if config.score == "activity" else effect
     bar = Progress(len(groups) + len(concepts), "reading units", enabled=progress)
     kept = []
     for i, (_, prompts) in enumerate(groups):
         latents = draw_latents(pipe, prompts, config.sample_steps, config.seed + i)
-        kept.append(activity(pipe, sites, latents, prompts, config.timesteps, gen))
+        kept.append(read(pipe, sites, latents, prompts, config.timesteps, gen))
         bar.update()
     count = max(1, round(config.fraction * sum(s.units for s in sites)))
     units: dict[str, set[int]] = {}
@@ -113,7 +114,7 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
     for concept in concepts:
         latents, source = concept_latents(pipe, concept, config, gen)
         sources.append(source)
-        own = activity(pipe, sites, latents, concept.prompts(), config.timesteps, gen)
+        own = read(pipe, sites, latents, concept.prompts(), config.timesteps, gen)
         chosen, r = skilled_units(own, kept, count, config.min_ratio)
         for name, idx in chosen.items():
             units.setdefault(name, set()).update(idx)
@@ -129,7 +130,8 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
     chosen_units = {n: sorted(v) for n, v in units.items()}
     metadata = {**base_metadata(pipe, concepts, config, [p for _, ps in groups for p in ps],
                                 method="prune"),
-                "train": "activation statistics", "steps": 0,
+                "train": ("activation statistics" if config.score == "activity"
+                          else "gate gradient statistics"), "steps": 0,
                 "pruned_units": chosen_units,
                 "units_total": sum(s.units for s in sites),
                 "units_pruned": sum(len(v) for v in chosen_units.values()),
