@@ -138,6 +138,23 @@ def test_prune_by_effect_reads_gate_gradients_and_zeroes_what_it_chose(family, t
     assert len(patch.tensors) == len(patch.metadata["pruned_units"])
 
 
+def test_prune_by_both_takes_a_unit_only_when_each_reading_would(tmp_path):
+    import dataclasses
+
+    pipe = make_tiny_pipeline("sd1")
+    concept = Concept("star", images=_images(tmp_path / "star"))
+    # room for every unit above the floor: no reading is cut short by the count
+    wide = dataclasses.replace(QUICK, fraction=0.45, min_ratio=1.5)
+    chosen = {}
+    for score in ("activity", "effect", "both"):
+        patch = prune(pipe, [concept], dataclasses.replace(wide, score=score), progress=False)
+        sites = sum(s.units for s in find_sites(pipe.unet, wide.sites))
+        assert patch.metadata["units_pruned"] < round(wide.fraction * sites)
+        chosen[score] = {(n, i) for n, v in patch.metadata["pruned_units"].items() for i in v}
+    assert chosen["both"] == chosen["activity"] & chosen["effect"]
+    assert chosen["both"] and chosen["activity"] != chosen["effect"]
+
+
 def test_prune_through_forget_saves_and_loads(tmp_path):
     pipe = make_tiny_pipeline("sd1")
     concept = Concept("star", images=_images(tmp_path / "star"))

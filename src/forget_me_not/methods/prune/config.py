@@ -10,7 +10,7 @@ from forget_me_not.settings import check_choice, setting
 
 SITES = ("ff", "resnet")
 KEPT_SETS = ("", "conceptworld", "common")
-SCORES = ("activity", "effect")
+SCORES = ("activity", "effect", "both")
 
 
 @dataclass
@@ -25,7 +25,9 @@ class PruneConfig:
     score: str = setting("activity", "How a unit is read on each set of images: 'activity' "
                          "its peak |activation| (ConceptPrune's reading); 'effect' how far "
                          "switching it off moves the noise prediction, which is what pruning "
-                         "costs a kept concept (one backward pass per probe).", SCORES)
+                         "costs a kept concept (one backward pass per probe); 'both' a "
+                         "unit's lower ratio of the two, so it is taken only when the concept "
+                         "both drives it and needs it more than any kept concept.", SCORES)
     fraction: float = setting(0.05, "The most units switched off, as a share of those at the "
                               "sites: the highest ratios first.")
     timesteps: tuple[float, ...] = setting((0.1, 0.3, 0.5, 0.7, 0.9), "Noise levels the "

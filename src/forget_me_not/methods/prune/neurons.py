@@ -154,19 +154,29 @@ def effect(pipe: Any, sites: Sequence[Site], latents: torch.Tensor, prompts: Seq
     return {n: (v / max(count, 1)).sqrt() for n, v in sums.items()}
 
 
-def skilled_units(concept: dict[str, torch.Tensor], kept: Sequence[dict[str, torch.Tensor]],
-                  count: int, min_ratio: float = 1.0) -> tuple[dict[str, list[int]], list[float]]:
-    """At most `count` units whose activity on the concept is highest as a multiple of the most
-    any kept group gives them, those above `min_ratio` only: {site: [unit, ...]}, and their
-    ratios."""
-    ranked: list[tuple[float, str, int]] = []
-    for name, own in concept.items():
-        most = torch.stack([k[name] for k in kept]).amax(0)
-        ratio = own / most.clamp_min(1e-8)
-        ranked += [(float(r), name, i) for i, r in enumerate(ratio)]
+def unit_ratios(concept: dict[str, torch.Tensor], kept: Sequence[dict[str, torch.Tensor]]
+                ) -> dict[str, torch.Tensor]:
+    """Per site, each unit's reading on the concept as a multiple of the most any kept group
+    gives it."""
+    return {name: own / torch.stack([k[name] for k in kept]).amax(0).clamp_min(1e-8)
+            for name, own in concept.items()}
+
+
+def select_units(ratios: dict[str, torch.Tensor], count: int, min_ratio: float = 1.0
+                 ) -> tuple[dict[str, list[int]], list[float]]:
+    """At most `count` units of the highest ratio, those above `min_ratio` only: {site: [unit,
+    ...]}, and their ratios."""
+    ranked = [(float(r), name, i) for name, ratio in ratios.items() for i, r in enumerate(ratio)]
     ranked.sort(key=lambda x: (-x[0], x[1], x[2]))  # ties broken by name: deterministic
     chosen = [x for x in ranked[:count] if x[0] > max(min_ratio, 1.0)]
     units: dict[str, list[int]] = {}
     for _, name, i in chosen:
         units.setdefault(name, []).append(i)
     return {n: sorted(v) for n, v in units.items()}, [round(x[0], 4) for x in chosen]
+
+
+def skilled_units(concept: dict[str, torch.Tensor], kept: Sequence[dict[str, torch.Tensor]],
+                  count: int, min_ratio: float = 1.0) -> tuple[dict[str, list[int]], list[float]]:
+    """At most `count` units whose reading on the concept is highest as a multiple of the most
+    any kept group gives them, those above `min_ratio` only."""
+    return select_units(unit_ratios(concept, kept), count, min_ratio)

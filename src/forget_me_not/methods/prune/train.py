@@ -25,7 +25,14 @@ from forget_me_not.concepts import Concept
 from forget_me_not.data import load_images, model_resolution, resize_random_crop
 from forget_me_not.errors import FmnError
 from forget_me_not.methods.prune.config import PruneConfig
-from forget_me_not.methods.prune.neurons import Site, activity, effect, find_sites, skilled_units
+from forget_me_not.methods.prune.neurons import (
+    Site,
+    activity,
+    effect,
+    find_sites,
+    select_units,
+    unit_ratios,
+)
 from forget_me_not.methods.uce.train import COMMON_CONCEPTS, base_metadata
 from forget_me_not.patch import Patch, library_versions, run_name
 from forget_me_not.pipeline_io import draw_latents, encode_images
@@ -84,6 +91,28 @@ def pruned_patch(sites: Sequence[Site], units: dict[str, list[int]], metadata: d
     return Patch("delta", tensors, metadata, None, run_name("prune", concepts, metadata))
 
 
+def unit_readings(pipe: Any, sites: Sequence[Site], groups: Sequence[tuple[str, list[str]]],
+                  kept_latents: Sequence[torch.Tensor], concepts: Sequence[Concept],
+                  config: PruneConfig, score: str, bar: Progress
+                  ) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
+    """Per concept, each unit's ratio (its reading by `score` on the concept over the most any
+    kept group gives it), and where the concept's images came from."""
+    gen = torch.Generator().manual_seed(config.seed)  # each score reads the same noise
+    read = activity if score == "activity" else effect
+    kept = []
+    for (_, prompts), latents in zip(groups, kept_latents, strict=True):
+        kept.append(read(pipe, sites, latents, prompts, config.timesteps, gen))
+        bar.update()
+    out, sources = [], []
+    for concept in concepts:
+        latents, source = concept_latents(pipe, concept, config, gen)
+        sources.append(source)
+        own = read(pipe, sites, latents, concept.prompts(), config.timesteps, gen)
+        out.append(unit_ratios(own, kept))
+        bar.update()
+    return out, sources
+
+
 def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = None, *,
           progress: bool = True) -> Patch:
     """Prune the units only `concepts` drive in `pipe`'s UNet; return the patch."""
@@ -99,27 +128,27 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
         raise FmnError("no kept prompt is left once the targets' words are removed: choose "
                        "another kept_set")
     started = time.perf_counter()
-    gen = torch.Generator().manual_seed(config.seed)
-    read = activity if config.score == "activity" else effect
-    bar = Progress(len(groups) + len(concepts), "reading units", enabled=progress)
-    kept = []
+    scores = ("activity", "effect") if config.score == "both" else (config.score,)
+    bar = Progress(len(groups) + len(scores) * (len(groups) + len(concepts)), "reading units",
+                   enabled=progress)
+    kept_latents = []
     for i, (_, prompts) in enumerate(groups):
-        latents = draw_latents(pipe, prompts, config.sample_steps, config.seed + i)
-        kept.append(read(pipe, sites, latents, prompts, config.timesteps, gen))
+        kept_latents.append(draw_latents(pipe, prompts, config.sample_steps, config.seed + i))
         bar.update()
+    per_score = [unit_readings(pipe, sites, groups, kept_latents, concepts, config, score, bar)
+                 for score in scores]
+    sources = per_score[0][1]
     count = max(1, round(config.fraction * sum(s.units for s in sites)))
     units: dict[str, set[int]] = {}
     ratios: list[list[float]] = []
-    sources: list[str] = []
-    for concept in concepts:
-        latents, source = concept_latents(pipe, concept, config, gen)
-        sources.append(source)
-        own = read(pipe, sites, latents, concept.prompts(), config.timesteps, gen)
-        chosen, r = skilled_units(own, kept, count, config.min_ratio)
+    for c in range(len(concepts)):
+        # 'both': a unit's lower ratio, so either reading alone can veto it
+        combined = {name: torch.stack([r[0][c][name] for r in per_score]).amin(0)
+                    for name in per_score[0][0][c]}
+        chosen, r = select_units(combined, count, config.min_ratio)
         for name, idx in chosen.items():
             units.setdefault(name, set()).update(idx)
         ratios.append(r)
-        bar.update(units=len(r))
     bar.close()
     note = None
     if not any(units.values()):
