@@ -69,11 +69,13 @@ def test_bad_only_is_named(tmp_path, text, match):
         recipes.load(path)
 
 
-@pytest.mark.parametrize(("name", "fmn_part", "changed"), [
-    ("conceptworld-by-kind", "conceptworld-robust-stop", {}),
-    ("conceptworld-robust-prune", "conceptworld-robust", {"ship_levels": "coarse"}),
+@pytest.mark.parametrize(("name", "fmn_part", "changed", "prune_changed"), [
+    ("conceptworld-by-kind", "conceptworld-robust-stop", {}, {}),
+    ("conceptworld-robust-prune", "conceptworld-robust", {"ship_levels": "coarse"},
+     {"score": "both"}),
 ])
-def test_a_shipped_by_kind_recipe_is_the_three_recipes_it_names(name, fmn_part, changed):
+def test_a_shipped_by_kind_recipe_is_the_three_recipes_it_names(name, fmn_part, changed,
+                                                                 prune_changed):
     by_kind = recipes.load(name)
     style, fmn, prune = by_kind.parts
     assert (style.only, fmn.only, prune.only) == ("anchored", "plain", "plain")
@@ -83,4 +85,5 @@ def test_a_shipped_by_kind_recipe_is_the_three_recipes_it_names(name, fmn_part, 
         assert got[0] == recipes.load("conceptworld-rece").configs(True)[0]
         # the re-steering part as its recipe sets it, but for the fields its config changes
         assert got[1] == dataclasses.replace(recipes.load(fmn_part).configs(False)[0], **changed)
-        assert got[2] == recipes.load("conceptworld-prune").configs(False)[0]
+        assert got[2] == dataclasses.replace(recipes.load("conceptworld-prune").configs(False)[0],
+                                             **prune_changed)
