@@ -38,6 +38,9 @@ from forget_me_not.patch import Patch, library_versions, run_name
 from forget_me_not.pipeline_io import draw_latents, encode_images
 from forget_me_not.progress import Progress
 
+READINGS = {"activity": "activation statistics", "effect": "gate gradient statistics",
+            "both": "activation and gate gradient statistics"}
+
 
 def kept_groups(config: PruneConfig, concepts: Sequence[Concept]) -> list[tuple[str, list[str]]]:
     """(name, prompts) of every kept concept, none naming a target."""
@@ -159,8 +162,7 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
     chosen_units = {n: sorted(v) for n, v in units.items()}
     metadata = {**base_metadata(pipe, concepts, config, [p for _, ps in groups for p in ps],
                                 method="prune"),
-                "train": ("activation statistics" if config.score == "activity"
-                          else "gate gradient statistics"), "steps": 0,
+                "train": READINGS[config.score], "steps": 0,
                 "pruned_units": chosen_units,
                 "units_total": sum(s.units for s in sites),
                 "units_pruned": sum(len(v) for v in chosen_units.values()),
