@@ -12,7 +12,7 @@ from forget_me_not.api import forget
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.methods.prune.config import PruneConfig
-from forget_me_not.methods.prune.neurons import effect, find_sites, skilled_units
+from forget_me_not.methods.prune.neurons import effect, find_sites, select_units, unit_ratios
 from forget_me_not.methods.prune.train import kept_groups
 from forget_me_not.methods.prune.train import train as prune
 from forget_me_not.patch import load_patch
@@ -38,6 +38,10 @@ def _images(folder, n: int = 4, size: int = 16) -> tuple:
         Image.fromarray(pixels.astype(np.uint8)).save(path)
         paths.append(path)
     return tuple(paths)
+
+
+def skilled_units(own, kept, count, min_ratio=1.0):
+    return select_units(unit_ratios(own, kept), count, min_ratio)
 
 
 def test_a_unit_is_chosen_only_where_the_concept_drives_it_above_every_kept_group():

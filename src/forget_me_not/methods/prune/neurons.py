@@ -174,9 +174,3 @@ def select_units(ratios: dict[str, torch.Tensor], count: int, min_ratio: float =
         units.setdefault(name, []).append(i)
     return {n: sorted(v) for n, v in units.items()}, [round(x[0], 4) for x in chosen]
 
-
-def skilled_units(concept: dict[str, torch.Tensor], kept: Sequence[dict[str, torch.Tensor]],
-                  count: int, min_ratio: float = 1.0) -> tuple[dict[str, list[int]], list[float]]:
-    """At most `count` units whose reading on the concept is highest as a multiple of the most
-    any kept group gives them, those above `min_ratio` only."""
-    return select_units(unit_ratios(concept, kept), count, min_ratio)

@@ -156,8 +156,9 @@ def train(pipe: Any, concepts: Sequence[Concept], config: PruneConfig | None = N
     note = None
     if not any(units.values()):
         # in a recipe beside re-steering this part then changes nothing, and says so
-        note = (f"no unit fires {config.min_ratio}x harder for the concept than for the kept "
-                "concepts: nothing pruned (lower min_ratio to prune shared units)")
+        note = (f"no unit reads {config.min_ratio}x higher ({config.score}) for the concept "
+                "than for the kept concepts: nothing pruned (lower min_ratio to prune shared "
+                "units)")
         warnings.warn(note, stacklevel=2)
     chosen_units = {n: sorted(v) for n, v in units.items()}
     metadata = {**base_metadata(pipe, concepts, config, [p for _, ps in groups for p in ps],
