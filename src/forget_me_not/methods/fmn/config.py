@@ -26,6 +26,8 @@ SHIP_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).
 ERASE_NEUTRALS = ("empty", "prompt")
+# How each step's timesteps are drawn (see loop.spread_timesteps).
+TIMESTEP_DRAWS = ("random", "spread")
 
 
 @dataclass
@@ -50,6 +52,10 @@ class ResteerSettings:
         "'pooler' (every end-of-text id, as the official use_pooler), 'padding' (end-of-text "
         "and everything after it).", EXTRA_POSITIONS)
     seed: int = setting(0, "Seed of every random draw.")
+    timesteps: str = setting(
+        "random", "Each step's timesteps: 'random' (drawn independently, as the paper) or "
+        "'spread' (one random start, then the golden-ratio sequence over the schedule: any run "
+        "of consecutive steps covers it evenly, as in Kingma et al. 2021).", TIMESTEP_DRAWS)
     stop_pull: float = setting(
         0.0, "Stop once every concept's remaining pull is at most this: what its prompts add "
         "over the empty prompt (a concept with an anchor: over its prompts with the anchor) at "
@@ -102,6 +108,7 @@ class ResteerSettings:
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         check_choice("preserve_latents", self.preserve_latents, PRESERVE_LATENTS)
         check_choice("preserve_set", self.preserve_set, PROMPT_SETS)
+        check_choice("timesteps", self.timesteps, TIMESTEP_DRAWS)
         for name in ("steps", "batch_size", "n_self_images", "self_steps", "preserve_batch",
                      "preserve_steps", "concept_anchor_images", "stop_every"):
             value = getattr(self, name)

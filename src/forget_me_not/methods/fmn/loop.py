@@ -111,6 +111,17 @@ class Run:
         return F.mse_loss(pred.float(), target.float())
 
 
+GOLDEN = (5 ** 0.5 - 1) / 2
+
+
+def spread_timesteps(count: int, n_train_t: int, seed: int) -> torch.Tensor:
+    """`count` timesteps from one random start along the golden-ratio sequence: every run of
+    consecutive ones covers [0, n_train_t) evenly (a low-discrepancy draw)."""
+    start = torch.rand((), generator=torch.Generator("cpu").manual_seed(seed + 7))
+    fractions = (start + GOLDEN * torch.arange(count, dtype=torch.float64)) % 1.0
+    return (fractions * n_train_t).long().clamp(max=n_train_t - 1)
+
+
 def encode_rows(pipe: Any, concepts: Sequence[Concept], extra: str) -> list[Row]:
     """Every (concept, prompt) pair, encoded once, with the positions to re-steer."""
     rows = []
@@ -157,6 +168,8 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
     terms = _terms(run, concepts)
     check = PullCheck(run, rows, concepts) if getattr(config, "stop_pull", 0.0) > 0 else None
     stop: dict[str, Any] | None = None
+    spread = (spread_timesteps(config.steps * config.batch_size * 2, run.n_train_t, config.seed)
+              if config.timesteps == "spread" else None)
     references = build_references(pipe, concepts, config.reference, run.resolution,
                                   config.n_self_images, config.self_steps, config.seed)
     losses: list[float] = []
@@ -192,6 +205,8 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             latents = latents.to(run.device, run.unet.dtype)  # (B, C, h, w)
             noise = torch.randn(latents.shape, generator=gen).to(run.device, latents.dtype)
             t = torch.randint(0, run.n_train_t, (len(batch),), generator=gen).to(run.device)
+            if spread is not None:  # drawn above all the same: the other draws stay
+                t, spread = spread[:len(batch)].to(run.device), spread[len(batch):]
             embeds = torch.cat([row.embeds for row in batch]).to(run.device)  # (B, T, D)
             step = Step(number, index, batch, run.scheduler.add_noise(latents, noise, t), t,
                         embeds, run.cond(batch), pixel_weights(drawn, run.resolution))
