@@ -93,7 +93,36 @@ def test_a_run_that_never_gets_low_enough_keeps_its_lowest_pull_state(capsys):
     assert all(torch.equal(run.tensors[k], same.tensors[k]) for k in same.tensors)
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_restarts_keep_the_run_with_the_lowest_pull_at_its_end(family, capsys):
+    pipe = make_tiny_pipeline(family)
+    run = train_any(pipe, [Concept("star")], _cfg(restarts=3, seed=4), progress=True)
+    tried = run.metadata["restarts"]["runs"]
+    assert [r["seed"] for r in tried] == [4, 5, 6]
+    kept = min(tried, key=lambda r: r["pull"])["seed"]
+    assert run.metadata["restarts"]["kept"] == kept
+    assert f"kept the run from seed {kept}" in capsys.readouterr().err
+    # The patch is that seed's single run, bit for bit.
+    alone = train_any(pipe, [Concept("star")], _cfg(seed=kept))
+    assert "restarts" not in alone.metadata
+    assert all(torch.equal(run.tensors[k], alone.tensors[k]) for k in alone.tensors)
+    # The runs differ: the pull is read on the same latents and tells them apart.
+    assert len({r["pull"] for r in tried}) == 3
+
+
+def test_restarts_read_the_pull_on_the_levels_the_patch_ships():
+    pipe = make_tiny_pipeline("sd1")
+    probe = unet_probe(pipe)
+    every = train_any(pipe, [Concept("star")], _cfg(restarts=2, steps=6, lr=0.1))
+    coarse = train_any(pipe, [Concept("star")], _cfg(restarts=2, steps=6, lr=0.1,
+                                                     ship_levels="coarse"))
+    pulls = [[r["pull"] for r in p.metadata["restarts"]["runs"]] for p in (every, coarse)]
+    assert pulls[0] != pulls[1]  # the same runs, the finest level's LoRA off when read
+    torch.testing.assert_close(unet_probe(pipe), probe, rtol=0, atol=0)  # put back
+
+
 @pytest.mark.parametrize(("key", "value", "match"), [
+    ("restarts", 0, "restarts must be an integer >= 1"),
     ("stop_pull", -0.1, "stop_pull"),
     ("stop_every", 0, "stop_every must be an integer >= 1"),
     ("adversarial_every", -1, "adversarial_every must be an integer >= 0"),

@@ -26,8 +26,6 @@ SHIP_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).
 ERASE_NEUTRALS = ("empty", "prompt")
-# How each step's timesteps are drawn (see loop.spread_timesteps).
-TIMESTEP_DRAWS = ("random", "spread")
 
 
 @dataclass
@@ -52,10 +50,6 @@ class ResteerSettings:
         "'pooler' (every end-of-text id, as the official use_pooler), 'padding' (end-of-text "
         "and everything after it).", EXTRA_POSITIONS)
     seed: int = setting(0, "Seed of every random draw.")
-    timesteps: str = setting(
-        "random", "Each step's timesteps: 'random' (drawn independently, as the paper) or "
-        "'spread' (one random start, then the golden-ratio sequence over the schedule: any run "
-        "of consecutive steps covers it evenly, as in Kingma et al. 2021).", TIMESTEP_DRAWS)
     stop_pull: float = setting(
         0.0, "Stop once every concept's remaining pull is at most this: what its prompts add "
         "over the empty prompt (a concept with an anchor: over its prompts with the anchor) at "
@@ -108,7 +102,6 @@ class ResteerSettings:
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         check_choice("preserve_latents", self.preserve_latents, PRESERVE_LATENTS)
         check_choice("preserve_set", self.preserve_set, PROMPT_SETS)
-        check_choice("timesteps", self.timesteps, TIMESTEP_DRAWS)
         for name in ("steps", "batch_size", "n_self_images", "self_steps", "preserve_batch",
                      "preserve_steps", "concept_anchor_images", "stop_every"):
             value = getattr(self, name)
@@ -159,6 +152,12 @@ class FmnConfig(ResteerSettings):
     text_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
                                       "LoRA on to_k/to_v does to the preserve prompts' text "
                                       "states (0: off).")
+    restarts: int = setting(
+        1, "Runs trained from seeds seed, seed+1, ...; the patch keeps the one whose concepts' "
+        "remaining pull (see stop_pull) is lowest at its end, read on the same latents for "
+        "every run and on the levels the patch ships. A fixed-step run ends wherever its last "
+        "draws leave it; the pull, read without any judge, picks a run that let go (1: one "
+        "run).")
     adversarial_every: int = setting(0, "Robust mode: every this many steps, a token per "
                                      "concept is learnt by inversion on the model being trained "
                                      "and re-steered beside the word (0: off).")
@@ -182,6 +181,8 @@ class FmnConfig(ResteerSettings):
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
         check_choice("ship_levels", self.ship_levels, SHIP_LEVELS)
+        if not isinstance(self.restarts, int) or self.restarts < 1:
+            raise FmnError(f"restarts must be an integer >= 1, got {self.restarts}")
         if not isinstance(self.adversarial_every, int) or self.adversarial_every < 0:
             raise FmnError(f"adversarial_every must be an integer >= 0, got "
                            f"{self.adversarial_every}")

@@ -111,17 +111,6 @@ class Run:
         return F.mse_loss(pred.float(), target.float())
 
 
-GOLDEN = (5 ** 0.5 - 1) / 2
-
-
-def spread_timesteps(count: int, n_train_t: int, seed: int) -> torch.Tensor:
-    """`count` timesteps from one random start along the golden-ratio sequence: every run of
-    consecutive ones covers [0, n_train_t) evenly (a low-discrepancy draw)."""
-    start = torch.rand((), generator=torch.Generator("cpu").manual_seed(seed + 7))
-    fractions = (start + GOLDEN * torch.arange(count, dtype=torch.float64)) % 1.0
-    return (fractions * n_train_t).long().clamp(max=n_train_t - 1)
-
-
 def encode_rows(pipe: Any, concepts: Sequence[Concept], extra: str) -> list[Row]:
     """Every (concept, prompt) pair, encoded once, with the positions to re-steer."""
     rows = []
@@ -155,11 +144,15 @@ def _terms(run: Run, concepts: list[Concept]) -> list[T.Term]:
 
 
 def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
-             progress: bool, label: str = "re-steering") -> dict[str, Any]:
+             progress: bool, label: str = "re-steering",
+             end_pull: tuple[int, list[str] | None] | None = None) -> dict[str, Any]:
     """Train `trainable` with the attention loss and `config`'s terms; the pipeline is put back.
 
     Returns the trainable's result ("kind", "tensors", "lora_config") and the logs ("losses",
-    "term_losses", "seconds"). On a non-finite loss, an error or Ctrl-C nothing is returned.
+    "term_losses", "seconds"). `end_pull` (a seed, and the modules a patch ships or None):
+    also the concepts' remaining pull at the end ("end_pull"), read on that seed's latents
+    with only those modules' LoRA on. On a non-finite loss, an error or Ctrl-C nothing is
+    returned.
     """
     freeze(pipe)  # frozen parts first, before anything trains
     gen = torch.Generator("cpu").manual_seed(config.seed)
@@ -168,8 +161,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
     terms = _terms(run, concepts)
     check = PullCheck(run, rows, concepts) if getattr(config, "stop_pull", 0.0) > 0 else None
     stop: dict[str, Any] | None = None
-    spread = (spread_timesteps(config.steps * config.batch_size * 2, run.n_train_t, config.seed)
-              if config.timesteps == "spread" else None)
     references = build_references(pipe, concepts, config.reference, run.resolution,
                                   config.n_self_images, config.self_steps, config.seed)
     losses: list[float] = []
@@ -205,8 +196,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             latents = latents.to(run.device, run.unet.dtype)  # (B, C, h, w)
             noise = torch.randn(latents.shape, generator=gen).to(run.device, latents.dtype)
             t = torch.randint(0, run.n_train_t, (len(batch),), generator=gen).to(run.device)
-            if spread is not None:  # drawn above all the same: the other draws stay
-                t, spread = spread[:len(batch)].to(run.device), spread[len(batch):]
             embeds = torch.cat([row.embeds for row in batch]).to(run.device)  # (B, T, D)
             step = Step(number, index, batch, run.scheduler.add_noise(latents, noise, t), t,
                         embeds, run.cond(batch), pixel_weights(drawn, run.resolution))
@@ -253,6 +242,11 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
                 stop = {"at": check.restore_best(params), "reached": False}
             stop["pull"] = check.history
             bar.note(stop_line(stop, config.stop_pull))
+        pull_at_end = None
+        if end_pull is not None:
+            with trainable.only_modules(end_pull[1]):
+                pull_at_end = PullCheck(run, rows, concepts, seed=end_pull[0]).remaining(run)
+            bar.note(f"the pull at the end is {pull_at_end:.4f}")
         kind, tensors, lora_config = trainable.result()
     finally:
         if run.probes is not None:
@@ -263,4 +257,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
            "term_losses": term_losses, "seconds": round(time.perf_counter() - started, 3)}
     if stop is not None:
         out["stop"] = stop
+    if pull_at_end is not None:
+        out["end_pull"] = round(pull_at_end, 4)
     return out

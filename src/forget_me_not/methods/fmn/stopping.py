@@ -27,8 +27,10 @@ CHUNK = 8  # latents per forward pass: real models check 512+ px images
 class PullCheck:
     """The concepts' remaining pull (the highest over concepts), and the best state so far."""
 
-    def __init__(self, run: Any, rows: list[Row], concepts: list[Concept]) -> None:
+    def __init__(self, run: Any, rows: list[Row], concepts: list[Concept],
+                 seed: int | None = None) -> None:
         cfg = run.config
+        seed = cfg.seed if seed is None else seed  # restarts read theirs on the same latents
         by_prompt = getattr(cfg, "erase_neutral", "empty") == "prompt"
         neutral = {(ci, prompt): without if c.anchor or by_prompt else ""
                    for ci, c in enumerate(concepts)
@@ -36,9 +38,9 @@ class PullCheck:
         self.rows, self.concepts = rows, [row.concept for row in rows]
         self.neutral = encode_plain(run.pipe, [neutral[row.concept, row.prompt] for row in rows])
         latents = draw_latents(run.pipe, [row.prompt for row in rows], cfg.preserve_steps,
-                               cfg.seed + 5)
+                               seed + 5)
         # Its own generator: the run's draws stay those of a run without checks.
-        noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(cfg.seed))
+        noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(seed))
         self.t = torch.full((len(self.rows),), int(HIGH_NOISE * run.n_train_t))
         self.noisy = run.scheduler.add_noise(latents, noise, self.t)
         self.base: torch.Tensor | None = None

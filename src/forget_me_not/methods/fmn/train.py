@@ -5,6 +5,7 @@ it was."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,11 +32,35 @@ def train(pipe: Any, concepts: Sequence[Concept], config: FmnConfig | None = Non
     shipped = (coarse_modules(pipe.unet, config.lora_targets)
                if config.ship_levels == "coarse" else None)
     base_hash = model_hash(pipe)
-    out = run_loop(pipe, concepts, config, UnetTrainable(pipe.unet, config), progress)
+    out = restarted(pipe, concepts, config, shipped, progress)
     if shipped is not None:
         out["tensors"], out["lora_config"] = coarse_part(shipped, out["tensors"],
                                                          out["lora_config"])
     return to_patch(pipe, "fmn", concepts, config, out, base_hash)
+
+
+def restarted(pipe: Any, concepts: list[Concept], config: FmnConfig,
+              shipped: list[str] | None, progress: bool) -> dict[str, Any]:
+    """`config.restarts` runs from consecutive seeds; the one with the lowest pull at its end."""
+    if config.restarts == 1:
+        return run_loop(pipe, concepts, config, UnetTrainable(pipe.unet, config), progress)
+    best: dict[str, Any] | None = None
+    tried = []
+    for number in range(config.restarts):
+        seeded = dataclasses.replace(config, seed=config.seed + number)
+        out = run_loop(pipe, concepts, seeded, UnetTrainable(pipe.unet, seeded), progress,
+                       label=f"re-steering, run {number + 1}/{config.restarts}",
+                       end_pull=(config.seed, shipped))
+        tried.append({"seed": seeded.seed, "pull": out["end_pull"], "seconds": out["seconds"]})
+        if best is None or out["end_pull"] < best["end_pull"]:
+            best = out
+    assert best is not None
+    best["restarts"] = {"runs": tried, "kept": min(tried, key=lambda r: r["pull"])["seed"]}
+    best["seconds"] = round(sum(r["seconds"] for r in tried), 3)
+    if progress:
+        print(f"re-steering: kept the run from seed {best['restarts']['kept']} "
+              f"(pull at the end {best['end_pull']}; {len(tried)} runs)", file=sys.stderr)
+    return best
 
 
 def to_patch(pipe: Any, method: str, concepts: list[Concept], config: Any, out: dict[str, Any],
@@ -57,5 +82,7 @@ def to_patch(pipe: Any, method: str, concepts: list[Concept], config: Any, out: 
     }
     if "stop" in out:  # where the run stopped, and the pull read along it
         metadata["stop"] = out["stop"]
+    if "restarts" in out:  # each run's seed and end pull, and the one kept
+        metadata["restarts"] = out["restarts"]
     return Patch(kind=out["kind"], tensors=out["tensors"], metadata=metadata,
                  lora_config=out["lora_config"], name=run_name("fmn", concepts, metadata))

@@ -146,6 +146,25 @@ class UnetTrainable:
                 for name, p in self.params.items():
                     p.copy_(trained[name])
 
+    @contextlib.contextmanager
+    def only_modules(self, modules: Sequence[str] | None) -> Iterator[None]:
+        """Within: the trained LoRA acts on `modules` only (None: everywhere), as a patch that
+        ships those modules computes."""
+        if modules is None or self.adapter is None:
+            yield
+            return
+        kept = set(modules)
+        off = [m for name, m in self.unet.named_modules()
+               if name not in kept and self.adapter in (getattr(m, "scaling", None) or {})]
+        saved = [m.scaling[self.adapter] for m in off]
+        for m in off:
+            m.scaling[self.adapter] = 0.0
+        try:
+            yield
+        finally:
+            for m, value in zip(off, saved, strict=True):
+                m.scaling[self.adapter] = value
+
     def lora_config(self) -> dict[str, Any]:
         cfg = self.config
         return {
