@@ -71,7 +71,7 @@ def test_bad_only_is_named(tmp_path, text, match):
 
 @pytest.mark.parametrize(("name", "fmn_part", "changed", "prune_changed"), [
     ("conceptworld-by-kind", "conceptworld-robust-stop", {}, {}),
-    ("conceptworld-robust-prune", "conceptworld-robust", {"ship_levels": "coarse"},
+    ("conceptworld-robust-prune", "conceptworld-robust", {"ship_levels": "coarse", "restarts": 3},
      {"score": "both"}),
 ])
 def test_a_shipped_by_kind_recipe_is_the_three_recipes_it_names(name, fmn_part, changed,
