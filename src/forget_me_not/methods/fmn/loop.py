@@ -143,16 +143,35 @@ def _terms(run: Run, concepts: list[Concept]) -> list[T.Term]:
     return out
 
 
+@dataclass
+class EndPull:
+    """Read the concepts' pull at the end of each run it is handed to: on `seed`'s latents,
+    with the LoRA on `modules` only (None: everywhere). The reader, made in the first run, is
+    kept, so every run is read on the same latents against the same base pulls."""
+
+    seed: int
+    modules: list[str] | None
+    reader: PullCheck | None = None
+
+    def prepare(self, run: Run, rows: list[Row], concepts: list[Concept]) -> None:
+        """Before anything trains: the latents are the base model's own."""
+        if self.reader is None:
+            self.reader = PullCheck(run, rows, concepts, seed=self.seed)
+
+    def read(self, run: Run) -> float:
+        assert self.reader is not None, "prepare() first"
+        with run.trainable.only_modules(self.modules):
+            return self.reader.remaining(run)
+
+
 def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
              progress: bool, label: str = "re-steering",
-             end_pull: tuple[int, list[str] | None] | None = None) -> dict[str, Any]:
+             end_pull: EndPull | None = None) -> dict[str, Any]:
     """Train `trainable` with the attention loss and `config`'s terms; the pipeline is put back.
 
     Returns the trainable's result ("kind", "tensors", "lora_config") and the logs ("losses",
-    "term_losses", "seconds"). `end_pull` (a seed, and the modules a patch ships or None):
-    also the concepts' remaining pull at the end ("end_pull"), read on that seed's latents
-    with only those modules' LoRA on. On a non-finite loss, an error or Ctrl-C nothing is
-    returned.
+    "term_losses", "seconds"); with `end_pull`, also the concepts' remaining pull at the end
+    ("end_pull"). On a non-finite loss, an error or Ctrl-C nothing is returned.
     """
     freeze(pipe)  # frozen parts first, before anything trains
     gen = torch.Generator("cpu").manual_seed(config.seed)
@@ -160,6 +179,8 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
     rows = encode_rows(pipe, concepts, config.extra_positions)
     terms = _terms(run, concepts)
     check = PullCheck(run, rows, concepts) if getattr(config, "stop_pull", 0.0) > 0 else None
+    if end_pull is not None:
+        end_pull.prepare(run, rows, concepts)
     stop: dict[str, Any] | None = None
     references = build_references(pipe, concepts, config.reference, run.resolution,
                                   config.n_self_images, config.self_steps, config.seed)
@@ -244,8 +265,7 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             bar.note(stop_line(stop, config.stop_pull))
         pull_at_end = None
         if end_pull is not None:
-            with trainable.only_modules(end_pull[1]):
-                pull_at_end = PullCheck(run, rows, concepts, seed=end_pull[0]).remaining(run)
+            pull_at_end = end_pull.read(run)
             bar.note(f"the pull at the end is {pull_at_end:.4f}")
         kind, tensors, lora_config = trainable.result()
     finally:

@@ -12,7 +12,7 @@ from typing import Any
 from forget_me_not.concepts import Concept
 from forget_me_not.errors import FmnError
 from forget_me_not.methods.fmn.config import FmnConfig
-from forget_me_not.methods.fmn.loop import resolve, run_loop
+from forget_me_not.methods.fmn.loop import EndPull, resolve, run_loop
 from forget_me_not.methods.fmn.trainable import UnetTrainable, coarse_modules, coarse_part
 from forget_me_not.patch import Patch, family_of, library_versions, model_hash, run_name
 
@@ -44,22 +44,22 @@ def restarted(pipe: Any, concepts: list[Concept], config: FmnConfig,
     """`config.restarts` runs from consecutive seeds; the one with the lowest pull at its end."""
     if config.restarts == 1:
         return run_loop(pipe, concepts, config, UnetTrainable(pipe.unet, config), progress)
-    best: dict[str, Any] | None = None
+    reading = EndPull(config.seed, shipped)
+    best: dict[str, Any] = {}
     tried = []
     for number in range(config.restarts):
         seeded = dataclasses.replace(config, seed=config.seed + number)
         out = run_loop(pipe, concepts, seeded, UnetTrainable(pipe.unet, seeded), progress,
                        label=f"re-steering, run {number + 1}/{config.restarts}",
-                       end_pull=(config.seed, shipped))
+                       end_pull=reading)
         tried.append({"seed": seeded.seed, "pull": out["end_pull"], "seconds": out["seconds"]})
-        if best is None or out["end_pull"] < best["end_pull"]:
-            best = out
-    assert best is not None
-    best["restarts"] = {"runs": tried, "kept": min(tried, key=lambda r: r["pull"])["seed"]}
+        if not best or out["end_pull"] < best["end_pull"]:
+            best, kept = out, seeded.seed
+    best["restarts"] = {"runs": tried, "kept": kept}
     best["seconds"] = round(sum(r["seconds"] for r in tried), 3)
     if progress:
-        print(f"re-steering: kept the run from seed {best['restarts']['kept']} "
-              f"(pull at the end {best['end_pull']}; {len(tried)} runs)", file=sys.stderr)
+        print(f"re-steering: kept the run from seed {kept} (pull at the end "
+              f"{best['end_pull']}; {len(tried)} runs)", file=sys.stderr)
     return best
 
 
