@@ -110,6 +110,22 @@ def test_restarts_keep_the_run_with_the_lowest_pull_at_its_end(family, capsys):
     assert len({r["pull"] for r in tried}) == 3
 
 
+def test_restarts_read_every_run_on_latents_the_base_model_drew(monkeypatch):
+    from forget_me_not.methods.fmn.stopping import PullCheck
+    from forget_me_not.methods.fmn.trainable import TRAIN_ADAPTER
+
+    made = []
+    original = PullCheck.__init__
+
+    def spy(self, run, *args, **kwargs):
+        made.append(TRAIN_ADAPTER in (getattr(run.unet, "peft_config", None) or {}))
+        original(self, run, *args, **kwargs)
+
+    monkeypatch.setattr(PullCheck, "__init__", spy)
+    train_any(make_tiny_pipeline("sd1"), [Concept("star")], _cfg(restarts=3))
+    assert made == [False]  # one reader for the three runs, made before any LoRA existed
+
+
 def test_restarts_read_the_pull_on_the_levels_the_patch_ships():
     pipe = make_tiny_pipeline("sd1")
     probe = unet_probe(pipe)
