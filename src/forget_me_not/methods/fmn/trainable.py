@@ -48,6 +48,19 @@ def coarse_part(modules: Sequence[str], tensors: dict[str, torch.Tensor],
     return kept, {**lora_config, "target_modules": list(modules)}
 
 
+@contextlib.contextmanager
+def _scaled_off(switched: list[tuple[torch.nn.Module, str]]) -> Iterator[None]:
+    """Within: each (peft layer, adapter) adds nothing (peft adds scaling * B(A(x)))."""
+    saved = [m.scaling[name] for m, name in switched]
+    for m, name in switched:
+        m.scaling[name] = 0.0
+    try:
+        yield
+    finally:
+        for (m, name), value in zip(switched, saved, strict=True):
+            m.scaling[name] = value
+
+
 class UnetTrainable:
     """`config.train` in ("lora", "xattn", "unet", "noxattn": every weight outside attn2)."""
 
@@ -123,17 +136,10 @@ class UnetTrainable:
         if self.adapter is not None:
             # peft adds scaling[adapter] * B(A(x)); a zero scaling gives exactly the base output.
             names = [self.adapter, *(self.config.compare_without if original else ())]
-            switched = [(m, name) for m in self.unet.modules()
-                        if isinstance(getattr(m, "scaling", None), dict)
-                        for name in names if name in m.scaling]
-            saved = [m.scaling[name] for m, name in switched]
-            for m, name in switched:
-                m.scaling[name] = 0.0
-            try:
+            with _scaled_off([(m, name) for m in self.unet.modules()
+                              if isinstance(getattr(m, "scaling", None), dict)
+                              for name in names if name in m.scaling]):
                 yield
-            finally:
-                for (m, name), value in zip(switched, saved, strict=True):
-                    m.scaling[name] = value
             return
         with torch.no_grad():
             trained = {n: p.detach().clone() for n, p in self.params.items()}
@@ -154,16 +160,10 @@ class UnetTrainable:
             yield
             return
         kept = set(modules)
-        off = [m for name, m in self.unet.named_modules()
-               if name not in kept and self.adapter in (getattr(m, "scaling", None) or {})]
-        saved = [m.scaling[self.adapter] for m in off]
-        for m in off:
-            m.scaling[self.adapter] = 0.0
-        try:
+        with _scaled_off([(m, self.adapter) for name, m in self.unet.named_modules()
+                          if name not in kept
+                          and self.adapter in (getattr(m, "scaling", None) or {})]):
             yield
-        finally:
-            for m, value in zip(off, saved, strict=True):
-                m.scaling[self.adapter] = value
 
     def lora_config(self) -> dict[str, Any]:
         cfg = self.config
