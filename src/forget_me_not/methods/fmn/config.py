@@ -152,10 +152,6 @@ class FmnConfig(ResteerSettings):
     text_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
                                       "LoRA on to_k/to_v does to the preserve prompts' text "
                                       "states (0: off).")
-    query_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
-                                       "LoRA on to_q does to the image features the preserve "
-                                       "prompts' own images give it (needs preserve_latents="
-                                       "own; 0: off).")
     restarts: int = setting(
         1, "Runs trained from seeds seed, seed+1, ...; the patch keeps the one whose concepts' "
         "remaining pull (see stop_pull) is lowest at its end, read on the same latents for "
@@ -200,10 +196,6 @@ class FmnConfig(ResteerSettings):
             raise FmnError(f"lora_rank must be an integer >= 1, got {self.lora_rank}")
         check_number("lora_alpha", self.lora_alpha, strict=True, optional=True)
         check_number("text_keep_weight", self.text_keep_weight)
-        check_number("query_keep_weight", self.query_keep_weight)
-        if self.query_keep_weight > 0 and self.preserve_latents != "own":
-            raise FmnError("query_keep_weight > 0 reads the preserve prompts' own images: set "
-                           "preserve_latents=own, or query_keep_weight=0")
         self.lora_targets = tuple(self.lora_targets)
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if not self.lora_targets or bad:

@@ -226,29 +226,29 @@ class ConceptAnchor(Term):
         return run.matched(self.noisy, self.t, step.live_embeds[self.to_pull], cond, self.base)
 
 
-def _root(second: torch.Tensor) -> torch.Tensor:
-    """L with L L^T = `second` (a second moment, symmetric positive semi-definite)."""
-    values, vectors = torch.linalg.eigh(second)
-    return vectors * values.clamp(min=0).sqrt()
+class TextKeep(Term):
+    """What the LoRA on to_k / to_v does to the preserve prompts' text states, relative to the
+    base weights: mean over layers of ||B A L||^2 / ||W L||^2, with L L^T their second moment.
+    A direction the other prompts use costs; one only the target's prompts use is free."""
 
+    name, draws_at = "text_keep", 5
 
-class _InputKeep(Term):
-    """What a LoRA does to the inputs the kept prompts give its projections, relative to the
-    base weights: mean over layers of ||B A L||^2 / ||W L||^2, L L^T their inputs' second moment.
-    A direction the kept inputs use costs; one only the target's use is free."""
-
-    def __init__(self, weight: float, unet: torch.nn.Module, suffixes: tuple[str, ...],
-                 adapter: str, root_of: Any) -> None:
+    def __init__(self, weight: float, unet: torch.nn.Module, keep: list[Row],
+                 adapter: str) -> None:
         super().__init__(weight)
+        states = torch.cat([row.embeds.reshape(-1, row.embeds.shape[-1]) for row in keep])
+        second = states.float().T @ states.float() / states.shape[0]  # (D, D)
+        values, vectors = torch.linalg.eigh(second)
+        root = vectors * values.clamp(min=0).sqrt()  # L with L L^T = second moment
         self.layers = []
         for name, module in unet.named_modules():
-            if not name.endswith(suffixes):
+            if not name.endswith(("attn2.to_k", "attn2.to_v")):
                 continue
             lora_a, lora_b = getattr(module, "lora_A", {}), getattr(module, "lora_B", {})
             if adapter not in lora_a:
                 continue
             base = module.base_layer.weight.detach().float()
-            local = root_of(name).to(base.device)
+            local = root.to(base.device)
             norm = float((base @ local).pow(2).sum()) or 1.0
             self.layers.append((lora_a[adapter].weight, lora_b[adapter].weight,
                                 module.scaling[adapter], local, norm))
@@ -257,69 +257,3 @@ class _InputKeep(Term):
         terms = [(scale * (b.float() @ (a.float() @ root))).pow(2).sum() / norm  # (out, D)
                  for a, b, scale, root, norm in self.layers]
         return torch.stack(terms).mean()
-
-
-class TextKeep(_InputKeep):
-    """The LoRA on to_k / to_v held off the preserve prompts' text states."""
-
-    name, draws_at = "text_keep", 5
-
-    def __init__(self, weight: float, unet: torch.nn.Module, keep: list[Row],
-                 adapter: str) -> None:
-        states = torch.cat([row.embeds.reshape(-1, row.embeds.shape[-1]) for row in keep])
-        root = _root(states.float().T @ states.float() / states.shape[0])  # (D, D)
-        super().__init__(weight, unet, ("attn2.to_k", "attn2.to_v"), adapter, lambda _: root)
-
-
-class QueryKeep(_InputKeep):
-    """The LoRA on to_q held off the image features the kept prompts' own images give it.
-
-    A query is computed from the image at every pixel, whatever the prompt: a change there
-    reaches every prompt's drawing, where to_k / to_v reach only through the text. The inputs
-    are collected once, from the base model denoising the preserve images at `QUERY_TIMESTEPS`
-    timesteps across the schedule."""
-
-    name, draws_at = "query_keep", 5
-
-    def __init__(self, weight: float, run: Any, keep: Preserve, adapter: str) -> None:
-        moments = _query_inputs(run, keep, adapter)
-        super().__init__(weight, run.unet, ("attn2.to_q",), adapter,
-                         lambda name: _root(moments[name]))
-
-
-QUERY_TIMESTEPS = 10
-
-
-def _query_inputs(run: Any, keep: Preserve, adapter: str) -> dict[str, torch.Tensor]:
-    """Per LoRA'd to_q: the second moment of its inputs over the kept images (C, C)."""
-    modules = {name: m for name, m in run.unet.named_modules()
-               if name.endswith("attn2.to_q") and adapter in getattr(m, "lora_A", {})}
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(modules, 0)
-
-    def collect(name: str) -> Any:
-        def hook(_module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] += x.shape[0]
-        return hook
-
-    # Its own generator: the run's draws stay as they were without this term.
-    gen = torch.Generator("cpu").manual_seed(run.config.seed + 5)
-    steps = torch.linspace(0, run.n_train_t - 1, QUERY_TIMESTEPS).round().long()
-    handles = [m.register_forward_hook(collect(name)) for name, m in modules.items()]
-    try:
-        with run.trainable.base_weights(), torch.no_grad():
-            for t in steps:
-                for first in range(0, len(keep.rows), 16):
-                    index = list(range(first, min(first + 16, len(keep.rows))))
-                    timesteps = t.repeat(len(index)).to(run.device)
-                    clean = keep.latents[index].to(run.device, run.unet.dtype)
-                    noise = torch.randn(clean.shape, generator=gen).to(run.device, clean.dtype)
-                    noisy = run.scheduler.add_noise(clean, noise, timesteps)
-                    embeds = torch.cat([keep.rows[i].embeds for i in index]).to(run.device)
-                    run.predict(noisy, timesteps, embeds, run.cond([keep.rows[i] for i in index]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: sums[name] / counts[name] for name in modules}
