@@ -175,9 +175,6 @@ class FmnConfig(ResteerSettings):
         "unprompted one (ESD's); 'prompt': the same prompt with the concept's words taken out "
         "(or put as its anchor), so the prompt's other words (subject, colour, setting) are "
         "kept and only the concept's pull is removed.", ERASE_NEUTRALS)
-    erase_t_min: int = setting(0, "Erase term: lowest timestep it applies at (the layout, "
-                               "what is drawn, is settled at high noise; the texture every "
-                               "concept shares at low noise).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,8 +192,6 @@ class FmnConfig(ResteerSettings):
         check_number("adversarial_lr", self.adversarial_lr, strict=True)
         check_number("erase_weight", self.erase_weight)
         check_number("erase_guidance", self.erase_guidance)
-        if not isinstance(self.erase_t_min, int) or self.erase_t_min < 0:
-            raise FmnError(f"erase_t_min must be an integer >= 0, got {self.erase_t_min}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise FmnError(f"lora_rank must be an integer >= 1, got {self.lora_rank}")
         check_number("lora_alpha", self.lora_alpha, strict=True, optional=True)

@@ -159,11 +159,8 @@ class Erase(Term):
             asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
             self.target = uncond - self.guidance * (asked - uncond)
 
-    def loss(self, run: Any, step: Any) -> torch.Tensor | None:
-        high = step.t >= run.config.erase_t_min
-        if not bool(high.any()):
-            return None
-        return torch.nn.functional.mse_loss(step.own[high].float(), self.target[high].float())
+    def loss(self, run: Any, step: Any) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(step.own.float(), self.target.float())
 
 
 class Hold(Term):
