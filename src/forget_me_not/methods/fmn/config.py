@@ -26,6 +26,8 @@ SHIP_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).
 ERASE_NEUTRALS = ("empty", "prompt")
+# What the erase term's negative guidance measures the concept's pull against (see terms.Erase).
+ERASE_CONTRASTS = ("neutral", "kept")
 
 
 @dataclass
@@ -175,11 +177,18 @@ class FmnConfig(ResteerSettings):
         "unprompted one (ESD's); 'prompt': the same prompt with the concept's words taken out "
         "(or put as its anchor), so the prompt's other words (subject, colour, setting) are "
         "kept and only the concept's pull is removed.", ERASE_NEUTRALS)
+    erase_contrast: str = setting(
+        "neutral", "Erase term: what the negative guidance measures the concept's pull against. "
+        "'neutral': the neutral prompt (ESD: what the concept's prompt adds over nothing); "
+        "'kept': the preserve prompts, one a step in turn (what it adds over the concepts "
+        "kept), so what the concept shares with them (a filled shape, a face, a brush stroke) "
+        "is not pushed away.", ERASE_CONTRASTS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
+        check_choice("erase_contrast", self.erase_contrast, ERASE_CONTRASTS)
         check_choice("ship_levels", self.ship_levels, SHIP_LEVELS)
         if not isinstance(self.restarts, int) or self.restarts < 1:
             raise FmnError(f"restarts must be an integer >= 1, got {self.restarts}")
