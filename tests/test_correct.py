@@ -101,6 +101,27 @@ def test_preserve_latents_own_draws_one_latent_per_prompt_and_changes_the_run():
     assert own != shared
 
 
+def test_preserve_latents_live_redraws_with_the_model_in_training():
+    with pytest.raises(FmnError, match="preserve_redraw"):
+        fmn_config(preserve_redraw=0)
+    prompts = ("a photo of a moon", "a cat")
+
+    def run(latents, redraw=10):
+        cfg = _cfg(steps=4, preserve_weight=10.0, preserve_prompts=prompts, preserve_steps=2,
+                   preserve_latents=latents, preserve_redraw=redraw)
+        return train_any(make_tiny_pipeline("sd1"), [Concept("star")], cfg, progress=False)
+
+    own = run("own")
+    # Before the first redraw the images are the base model's: the same run as "own".
+    assert all(torch.equal(own.tensors[k], run("live").tensors[k]) for k in own.tensors)
+    # Redrawn after two steps, the later steps hold the changed model's own samples.
+    redrawn = run("live", redraw=2)
+    assert redrawn.metadata["term_losses"]["preserve"][:2] == \
+        own.metadata["term_losses"]["preserve"][:2]
+    assert redrawn.metadata["term_losses"]["preserve"][2:] != \
+        own.metadata["term_losses"]["preserve"][2:]
+
+
 def test_preserve_t_min_draws_the_regulariser_timesteps_apart():
     with pytest.raises(FmnError, match="preserve_t_min"):
         fmn_config(preserve_t_min=-1)

@@ -14,7 +14,7 @@ from forget_me_not.settings import check_choice, check_number, setting
 
 REFERENCES = ("images", "self", "noise")
 PRECISIONS = ("no", "fp16", "bf16")
-PRESERVE_LATENTS = ("shared", "own")
+PRESERVE_LATENTS = ("shared", "own", "live")
 STEPS_PER = ("run", "concept")
 # Which positions besides the concept's own tokens are re-steered (see concepts.locate_tokens).
 EXTRA_POSITIONS = ("none", "eot", "pooler", "padding")
@@ -73,9 +73,13 @@ class ResteerSettings:
         0.0, "Retention term: hold the classifier-free-guided prediction (empty + scale x "
         "(prompt - empty)) at this scale, as sampling amplifies it, instead of the prompt's "
         "prediction alone (0: the prompt's alone).")
-    preserve_latents: str = setting("shared", "Latents of the retention term: the target's "
-                                    "('shared') or an image the base model draws per preserve "
-                                    "prompt ('own').", PRESERVE_LATENTS)
+    preserve_latents: str = setting(
+        "shared", "Latents of the retention term: the target's ('shared'), an image the base "
+        "model draws per preserve prompt ('own'), or one the model in training draws from the "
+        "same seeds, drawn again every `preserve_redraw` steps ('live'): held where the "
+        "changed model's own samples go, not only where the base model's are.",
+        PRESERVE_LATENTS)
+    preserve_redraw: int = setting(10, "preserve_latents=live: steps between two drawings.")
     preserve_steps: int = setting(25, "Denoising steps of the images the base model draws for "
                                   "the retention, anchor and hold terms.")
     preserve_t_min: int = setting(0, "preserve_latents=own: lowest timestep compared (a colour "
@@ -105,7 +109,8 @@ class ResteerSettings:
         check_choice("preserve_latents", self.preserve_latents, PRESERVE_LATENTS)
         check_choice("preserve_set", self.preserve_set, PROMPT_SETS)
         for name in ("steps", "batch_size", "n_self_images", "self_steps", "preserve_batch",
-                     "preserve_steps", "concept_anchor_images", "stop_every"):
+                     "preserve_steps", "concept_anchor_images", "stop_every",
+                     "preserve_redraw"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise FmnError(f"{name} must be an integer >= 1, got {value}")

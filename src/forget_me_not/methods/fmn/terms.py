@@ -46,12 +46,18 @@ class Preserve(Term):
         super().__init__(cfg.preserve_weight)
         self.rows = encode_plain(run.pipe, prompts)
         self.empty = encode_plain(run.pipe, [""])[0]
-        # "own": one image the base model draws per prompt, compared at its own timesteps.
+        self.prompts = prompts
+        # "own": one image the base model draws per prompt, compared at its own timesteps;
+        # "live" starts from the same images (nothing has trained yet) and redraws them.
         self.latents = (draw_latents(run.pipe, prompts, cfg.preserve_steps, cfg.seed)
-                        if cfg.preserve_latents == "own" else None)
+                        if cfg.preserve_latents in ("own", "live") else None)
 
     def before(self, run: Any, step: Any) -> None:
         cfg = run.config
+        redraw = step.number > 0 and step.number % cfg.preserve_redraw == 0
+        if cfg.preserve_latents == "live" and redraw:
+            # The model as trained so far, from the same seeds: where its samples now go.
+            self.latents = draw_latents(run.pipe, self.prompts, cfg.preserve_steps, cfg.seed)
         # Each of the step's preserve prompts sees every noisy latent of the batch.
         first = step.number * cfg.preserve_batch
         self.index = [(first + j) % len(self.rows)
