@@ -65,6 +65,12 @@ class ResteerSettings:
                                      "trained and the base prediction on preserve prompts "
                                      "(0: off, the paper).")
     preserve_prompts: tuple[str, ...] = setting((), "Prompts the retention term keeps.")
+    sample_keep_weight: float = setting(
+        0.0, "Retention through the sampler: weight of the MSE between the images (latents) "
+        "the model in training and the base model draw for the preserve prompts from the same "
+        "seeds, differentiated through every sampling step (`preserve_steps` DDIM steps at the "
+        "model's guidance; 0: off). It holds where a sample ends, which a per-step retention "
+        "leaves free.")
     preserve_set: str = setting("", "A shipped prompt set added to the preserve prompts, the "
                                 "targets' own words left out ('conceptworld': every other "
                                 "world concept).", PROMPT_SETS)
@@ -119,6 +125,7 @@ class ResteerSettings:
         check_number("learning rate (lr)", self.lr, strict=True)
         check_number("max_grad_norm", self.max_grad_norm, strict=True, optional=True)
         for name in ("stop_pull", "weight_decay", "preserve_weight", "preserve_guidance",
+                     "sample_keep_weight",
                      "transparent_weight", "anchor_weight", "concept_anchor_weight",
                      "hold_weight"):
             check_number(name, getattr(self, name))
