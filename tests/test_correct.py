@@ -101,27 +101,6 @@ def test_preserve_latents_own_draws_one_latent_per_prompt_and_changes_the_run():
     assert own != shared
 
 
-def test_preserve_latents_live_redraws_with_the_model_in_training():
-    with pytest.raises(FmnError, match="preserve_redraw"):
-        fmn_config(preserve_redraw=0)
-    prompts = ("a photo of a moon", "a cat")
-
-    def run(latents, redraw=10):
-        cfg = _cfg(steps=4, preserve_weight=10.0, preserve_prompts=prompts, preserve_steps=2,
-                   preserve_latents=latents, preserve_redraw=redraw)
-        return train_any(make_tiny_pipeline("sd1"), [Concept("star")], cfg, progress=False)
-
-    own = run("own")
-    # Before the first redraw the images are the base model's: the same run as "own".
-    assert all(torch.equal(own.tensors[k], run("live").tensors[k]) for k in own.tensors)
-    # Redrawn after two steps, the later steps hold the changed model's own samples.
-    redrawn = run("live", redraw=2)
-    assert redrawn.metadata["term_losses"]["preserve"][:2] == \
-        own.metadata["term_losses"]["preserve"][:2]
-    assert redrawn.metadata["term_losses"]["preserve"][2:] != \
-        own.metadata["term_losses"]["preserve"][2:]
-
-
 def test_preserve_t_min_draws_the_regulariser_timesteps_apart():
     with pytest.raises(FmnError, match="preserve_t_min"):
         fmn_config(preserve_t_min=-1)
@@ -350,21 +329,3 @@ def test_cli_correct_bad_input(tiny_pipeline_dir, tmp_path):
         result = _correct(sd1, tmp_path / "p.safetensors", *extra)
         assert result.exit_code == 2 and fragment in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_sampled_keep_holds_the_kept_prompts_samples_through_the_sampler(family):
-    with pytest.raises(FmnError, match="sample_keep_weight"):
-        fmn_config(sample_keep_weight=-1.0)
-    prompts = ("a photo of a moon", "a cat")
-    cfg = _cfg(steps=3, lora_rank=2, preserve_prompts=prompts, preserve_steps=2)
-    plain = train_any(make_tiny_pipeline(family), [Concept("star")], cfg, progress=False)
-    kept = train_any(make_tiny_pipeline(family), [Concept("star")],
-                     replace(cfg, sample_keep_weight=10.0), progress=False)
-    losses = kept.metadata["term_losses"]["sampled_keep"]
-    # Nothing has trained at the first step: the model draws the base model's samples.
-    assert len(losses) == 3 and losses[0] == 0.0 and losses[-1] > 0.0
-    assert any(not torch.equal(kept.tensors[k], plain.tensors[k]) for k in plain.tensors)
-    # Its seeds are its own: the attention loss's first step is the plain run's.
-    assert kept.metadata["term_losses"]["attention"][0] == \
-        plain.metadata["term_losses"]["attention"][0]

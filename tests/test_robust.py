@@ -52,22 +52,6 @@ def test_the_erase_term_can_keep_the_prompts_other_words():
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
-def test_the_erase_term_can_measure_the_pull_against_the_kept_prompts():
-    pipe = make_tiny_pipeline("sd1")
-    erase = {"erase_weight": 1.0, "erase_guidance": 1.0, "preserve_weight": 1.0,
-             "preserve_prompts": ("a photo of a circle", "a photo of a square")}
-    plain = train_any(pipe, [Concept("star")], _cfg(**erase))
-    kept = train_any(pipe, [Concept("star")], _cfg(**erase, erase_contrast="kept"))
-    assert any(not torch.equal(kept.tensors[k], plain.tensors[k]) for k in plain.tensors)
-    # Without negative guidance there is no pull to measure: the same patch.
-    a = train_any(pipe, [Concept("star")], _cfg(**{**erase, "erase_guidance": 0.0}))
-    b = train_any(pipe, [Concept("star")],
-                  _cfg(**{**erase, "erase_guidance": 0.0}, erase_contrast="kept"))
-    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
-    with pytest.raises(FmnError, match="erase_contrast 'kept' needs preserve prompts"):
-        train_any(pipe, [Concept("star")], _cfg(erase_weight=1.0, erase_contrast="kept"))
-
-
 def test_the_retention_can_hold_the_guided_prediction():
     pipe = make_tiny_pipeline("sd1")
     keep = {"preserve_weight": 1.0, "preserve_prompts": ("a photo of a circle",)}
@@ -162,7 +146,6 @@ def test_restarts_read_the_pull_on_the_levels_the_patch_ships():
     ("erase_weight", -1.0, "erase_weight"),
     ("preserve_guidance", -1.0, "preserve_guidance"),
     ("erase_neutral", "anchor", "unknown erase_neutral 'anchor': use one of empty, prompt"),
-    ("erase_contrast", "all", "unknown erase_contrast 'all': use one of neutral, kept"),
     ("ship_levels", "fine", "unknown ship_levels 'fine': use one of all, coarse"),
 ])
 def test_bad_robust_settings_are_named(key, value, match):

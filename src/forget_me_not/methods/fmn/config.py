@@ -14,7 +14,7 @@ from forget_me_not.settings import check_choice, check_number, setting
 
 REFERENCES = ("images", "self", "noise")
 PRECISIONS = ("no", "fp16", "bf16")
-PRESERVE_LATENTS = ("shared", "own", "live")
+PRESERVE_LATENTS = ("shared", "own")
 STEPS_PER = ("run", "concept")
 # Which positions besides the concept's own tokens are re-steered (see concepts.locate_tokens).
 EXTRA_POSITIONS = ("none", "eot", "pooler", "padding")
@@ -26,8 +26,6 @@ SHIP_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).
 ERASE_NEUTRALS = ("empty", "prompt")
-# What the erase term's negative guidance measures the concept's pull against (see terms.Erase).
-ERASE_CONTRASTS = ("neutral", "kept")
 
 
 @dataclass
@@ -65,12 +63,6 @@ class ResteerSettings:
                                      "trained and the base prediction on preserve prompts "
                                      "(0: off, the paper).")
     preserve_prompts: tuple[str, ...] = setting((), "Prompts the retention term keeps.")
-    sample_keep_weight: float = setting(
-        0.0, "Retention through the sampler: weight of the MSE between the images (latents) "
-        "the model in training and the base model draw for the preserve prompts from the same "
-        "seeds, differentiated through every sampling step (`preserve_steps` DDIM steps at the "
-        "model's guidance; 0: off). It holds where a sample ends, which a per-step retention "
-        "leaves free.")
     preserve_set: str = setting("", "A shipped prompt set added to the preserve prompts, the "
                                 "targets' own words left out ('conceptworld': every other "
                                 "world concept).", PROMPT_SETS)
@@ -79,13 +71,9 @@ class ResteerSettings:
         0.0, "Retention term: hold the classifier-free-guided prediction (empty + scale x "
         "(prompt - empty)) at this scale, as sampling amplifies it, instead of the prompt's "
         "prediction alone (0: the prompt's alone).")
-    preserve_latents: str = setting(
-        "shared", "Latents of the retention term: the target's ('shared'), an image the base "
-        "model draws per preserve prompt ('own'), or one the model in training draws from the "
-        "same seeds, drawn again every `preserve_redraw` steps ('live'): held where the "
-        "changed model's own samples go, not only where the base model's are.",
-        PRESERVE_LATENTS)
-    preserve_redraw: int = setting(10, "preserve_latents=live: steps between two drawings.")
+    preserve_latents: str = setting("shared", "Latents of the retention term: the target's "
+                                    "('shared') or an image the base model draws per preserve "
+                                    "prompt ('own').", PRESERVE_LATENTS)
     preserve_steps: int = setting(25, "Denoising steps of the images the base model draws for "
                                   "the retention, anchor and hold terms.")
     preserve_t_min: int = setting(0, "preserve_latents=own: lowest timestep compared (a colour "
@@ -115,8 +103,7 @@ class ResteerSettings:
         check_choice("preserve_latents", self.preserve_latents, PRESERVE_LATENTS)
         check_choice("preserve_set", self.preserve_set, PROMPT_SETS)
         for name in ("steps", "batch_size", "n_self_images", "self_steps", "preserve_batch",
-                     "preserve_steps", "concept_anchor_images", "stop_every",
-                     "preserve_redraw"):
+                     "preserve_steps", "concept_anchor_images", "stop_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise FmnError(f"{name} must be an integer >= 1, got {value}")
@@ -125,7 +112,6 @@ class ResteerSettings:
         check_number("learning rate (lr)", self.lr, strict=True)
         check_number("max_grad_norm", self.max_grad_norm, strict=True, optional=True)
         for name in ("stop_pull", "weight_decay", "preserve_weight", "preserve_guidance",
-                     "sample_keep_weight",
                      "transparent_weight", "anchor_weight", "concept_anchor_weight",
                      "hold_weight"):
             check_number(name, getattr(self, name))
@@ -189,18 +175,11 @@ class FmnConfig(ResteerSettings):
         "unprompted one (ESD's); 'prompt': the same prompt with the concept's words taken out "
         "(or put as its anchor), so the prompt's other words (subject, colour, setting) are "
         "kept and only the concept's pull is removed.", ERASE_NEUTRALS)
-    erase_contrast: str = setting(
-        "neutral", "Erase term: what the negative guidance measures the concept's pull against. "
-        "'neutral': the neutral prompt (ESD: what the concept's prompt adds over nothing); "
-        "'kept': the preserve prompts, one a step in turn (what it adds over the concepts "
-        "kept), so what the concept shares with them (a filled shape, a face, a brush stroke) "
-        "is not pushed away.", ERASE_CONTRASTS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
-        check_choice("erase_contrast", self.erase_contrast, ERASE_CONTRASTS)
         check_choice("ship_levels", self.ship_levels, SHIP_LEVELS)
         if not isinstance(self.restarts, int) or self.restarts < 1:
             raise FmnError(f"restarts must be an integer >= 1, got {self.restarts}")

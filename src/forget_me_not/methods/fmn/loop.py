@@ -26,7 +26,6 @@ from forget_me_not.errors import FmnError
 from forget_me_not.methods.fmn import terms as T
 from forget_me_not.methods.fmn.adversary import Adversary
 from forget_me_not.methods.fmn.references import build_references, pixel_weights
-from forget_me_not.methods.fmn.sampled import SampledKeep
 from forget_me_not.methods.fmn.stopping import PullCheck, stop_line
 from forget_me_not.pipeline_io import Row, added_cond, autocast, encode_prompt, freeze
 from forget_me_not.progress import Progress
@@ -35,15 +34,14 @@ from forget_me_not.progress import Progress
 def resolve(config: Any, concepts: Sequence[Concept]) -> Any:
     """The run's config with its steps totalled and its preserve prompts filled in."""
     prompts = config.preserve_prompts
-    keeps = config.preserve_weight > 0 or config.sample_keep_weight > 0
-    if keeps and not prompts and config.preserve_set:
+    if config.preserve_weight > 0 and not prompts and config.preserve_set:
         from forget_me_not.recipes.prompt_sets import prompt_set
 
         avoid = list(dict.fromkeys([*(c.words for c in concepts), *config.also_avoid]))
         prompts = prompt_set(config.preserve_set, avoid)
-    if keeps and not prompts:
-        raise FmnError("preserve_weight or sample_keep_weight > 0 needs prompts to preserve: "
-                       "pass --set preserve_prompts=[...], or set those weights to 0")
+    if config.preserve_weight > 0 and not prompts:
+        raise FmnError("preserve_weight > 0 needs prompts to preserve: pass "
+                       "--set preserve_prompts=[...], or set preserve_weight=0")
     return dataclasses.replace(config, steps=config.total_steps(len(concepts)), steps_per="run",
                                preserve_prompts=tuple(prompts))
 
@@ -142,8 +140,6 @@ def _terms(run: Run, concepts: list[Concept]) -> list[T.Term]:
         out.append(T.Hold(run))
     if getattr(cfg, "erase_weight", 0.0) > 0:
         out.append(T.Erase(run, concepts))
-    if cfg.sample_keep_weight > 0:
-        out.append(SampledKeep(run, cfg.preserve_prompts))
     return out
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from forget_me_not.concepts import Concept
-from forget_me_not.errors import FmnError
 from forget_me_not.methods.fmn.references import held_error
 from forget_me_not.pipeline_io import Row, draw_latents, encode_plain
 
@@ -46,18 +45,12 @@ class Preserve(Term):
         super().__init__(cfg.preserve_weight)
         self.rows = encode_plain(run.pipe, prompts)
         self.empty = encode_plain(run.pipe, [""])[0]
-        self.prompts = prompts
-        # "own": one image the base model draws per prompt, compared at its own timesteps;
-        # "live" starts from the same images (nothing has trained yet) and redraws them.
+        # "own": one image the base model draws per prompt, compared at its own timesteps.
         self.latents = (draw_latents(run.pipe, prompts, cfg.preserve_steps, cfg.seed)
-                        if cfg.preserve_latents in ("own", "live") else None)
+                        if cfg.preserve_latents == "own" else None)
 
     def before(self, run: Any, step: Any) -> None:
         cfg = run.config
-        redraw = step.number > 0 and step.number % cfg.preserve_redraw == 0
-        if cfg.preserve_latents == "live" and redraw:
-            # The model as trained so far, from the same seeds: where its samples now go.
-            self.latents = draw_latents(run.pipe, self.prompts, cfg.preserve_steps, cfg.seed)
         # Each of the step's preserve prompts sees every noisy latent of the batch.
         first = step.number * cfg.preserve_batch
         self.index = [(first + j) % len(self.rows)
@@ -140,11 +133,7 @@ class Erase(Term):
 
     The neutral prompt is the empty one (`erase_neutral` 'empty', as ESD), or the same prompt
     with the concept's words taken out or put as its anchor ('prompt'): then "a red circle in
-    outlined style" is pulled to "a red circle in solid style", not to no circle at all.
-
-    The pull is what the concept's prompt adds over the neutral one (`erase_contrast`
-    'neutral', as ESD), or over the kept prompts ('kept'): what it shares with the concepts
-    kept is then not pushed away."""
+    outlined style" is pulled to "a red circle in solid style", not to no circle at all."""
 
     name, draws_at = "erase", 4
 
@@ -159,12 +148,6 @@ class Erase(Term):
                 self.neutral.update(zip(concept.prompts(),
                                         encode_plain(run.pipe, concept.neutral_prompts()),
                                         strict=True))
-        self.kept: list[Row] = []
-        if cfg.erase_contrast == "kept":
-            if not cfg.preserve_prompts:
-                raise FmnError("erase_contrast 'kept' needs preserve prompts: set "
-                               "preserve_prompts or preserve_set, or erase_contrast 'neutral'")
-            self.kept = encode_plain(run.pipe, cfg.preserve_prompts)
 
     def before(self, run: Any, step: Any) -> None:
         # A row with no neutral of its own (the adversary's tokens) takes the empty prompt.
@@ -174,18 +157,7 @@ class Erase(Term):
         self.target = uncond
         if self.guidance > 0:
             asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
-            against = uncond
-            if self.kept:
-                # preserve_batch kept prompts a step, in turn, averaged: over the run the pull
-                # is measured against them all.
-                k, n = run.config.preserve_batch, len(step.batch)
-                kept = [self.kept[(step.number * k + j) % len(self.kept)]
-                        for j in range(k) for _ in range(n)]
-                embeds = torch.cat([row.embeds for row in kept]).to(run.device)
-                each = run.predict(step.noisy.repeat(k, 1, 1, 1), step.t.repeat(k), embeds,
-                                   run.cond(kept), base=True)
-                against = each.reshape(k, *asked.shape).mean(0)
-            self.target = uncond - self.guidance * (asked - against)
+            self.target = uncond - self.guidance * (asked - uncond)
 
     def loss(self, run: Any, step: Any) -> torch.Tensor:
         return torch.nn.functional.mse_loss(step.own.float(), self.target.float())
