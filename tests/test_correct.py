@@ -329,21 +329,3 @@ def test_cli_correct_bad_input(tiny_pipeline_dir, tmp_path):
         result = _correct(sd1, tmp_path / "p.safetensors", *extra)
         assert result.exit_code == 2 and fragment in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_trajectory_keep_holds_the_states_the_changed_model_visits(family):
-    with pytest.raises(FmnError, match="trajectory_keep_weight"):
-        fmn_config(trajectory_keep_weight=-1.0)
-    prompts = ("a photo of a moon", "a cat")
-    cfg = _cfg(steps=3, lora_rank=2, preserve_prompts=prompts, preserve_steps=2)
-    plain = train_any(make_tiny_pipeline(family), [Concept("star")], cfg, progress=False)
-    kept = train_any(make_tiny_pipeline(family), [Concept("star")],
-                     replace(cfg, trajectory_keep_weight=10.0), progress=False)
-    losses = kept.metadata["term_losses"]["trajectory_keep"]
-    # Nothing has trained at the first step: the model predicts as the base model does.
-    assert len(losses) == 3 and losses[0] == 0.0 and losses[-1] > 0.0
-    assert any(not torch.equal(kept.tensors[k], plain.tensors[k]) for k in plain.tensors)
-    # Its seeds are its own: the attention loss's first step is the plain run's.
-    assert kept.metadata["term_losses"]["attention"][0] == \
-        plain.metadata["term_losses"]["attention"][0]

@@ -63,11 +63,6 @@ class ResteerSettings:
                                      "trained and the base prediction on preserve prompts "
                                      "(0: off, the paper).")
     preserve_prompts: tuple[str, ...] = setting((), "Prompts the retention term keeps.")
-    trajectory_keep_weight: float = setting(
-        0.0, "Retention on the changed model's own path: the preserve prompts sampled by the "
-        "model in training from fixed seeds (`preserve_steps` DDIM steps at the model's "
-        "guidance), and at every state it visits its prompted and unprompted predictions held "
-        "to the base model's (0: off).")
     preserve_set: str = setting("", "A shipped prompt set added to the preserve prompts, the "
                                 "targets' own words left out ('conceptworld': every other "
                                 "world concept).", PROMPT_SETS)
@@ -117,7 +112,6 @@ class ResteerSettings:
         check_number("learning rate (lr)", self.lr, strict=True)
         check_number("max_grad_norm", self.max_grad_norm, strict=True, optional=True)
         for name in ("stop_pull", "weight_decay", "preserve_weight", "preserve_guidance",
-                     "trajectory_keep_weight",
                      "transparent_weight", "anchor_weight", "concept_anchor_weight",
                      "hold_weight"):
             check_number(name, getattr(self, name))

@@ -27,7 +27,6 @@ from forget_me_not.methods.fmn import terms as T
 from forget_me_not.methods.fmn.adversary import Adversary
 from forget_me_not.methods.fmn.references import build_references, pixel_weights
 from forget_me_not.methods.fmn.stopping import PullCheck, stop_line
-from forget_me_not.methods.fmn.trajectory import TrajectoryKeep
 from forget_me_not.pipeline_io import Row, added_cond, autocast, encode_prompt, freeze
 from forget_me_not.progress import Progress
 
@@ -35,13 +34,12 @@ from forget_me_not.progress import Progress
 def resolve(config: Any, concepts: Sequence[Concept]) -> Any:
     """The run's config with its steps totalled and its preserve prompts filled in."""
     prompts = config.preserve_prompts
-    keeps = config.preserve_weight > 0 or config.trajectory_keep_weight > 0
-    if keeps and not prompts and config.preserve_set:
+    if config.preserve_weight > 0 and not prompts and config.preserve_set:
         from forget_me_not.recipes.prompt_sets import prompt_set
 
         avoid = list(dict.fromkeys([*(c.words for c in concepts), *config.also_avoid]))
         prompts = prompt_set(config.preserve_set, avoid)
-    if keeps and not prompts:
+    if config.preserve_weight > 0 and not prompts:
         raise FmnError("preserve_weight > 0 needs prompts to preserve: pass "
                        "--set preserve_prompts=[...], or set preserve_weight=0")
     return dataclasses.replace(config, steps=config.total_steps(len(concepts)), steps_per="run",
@@ -142,8 +140,6 @@ def _terms(run: Run, concepts: list[Concept]) -> list[T.Term]:
         out.append(T.Hold(run))
     if getattr(cfg, "erase_weight", 0.0) > 0:
         out.append(T.Erase(run, concepts))
-    if cfg.trajectory_keep_weight > 0:
-        out.append(TrajectoryKeep(run, cfg.preserve_prompts))
     return out
 
 
