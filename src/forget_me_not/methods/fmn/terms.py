@@ -148,6 +148,8 @@ class Erase(Term):
                 self.neutral.update(zip(concept.prompts(),
                                         encode_plain(run.pipe, concept.neutral_prompts()),
                                         strict=True))
+        self.kept = (encode_plain(run.pipe, list(cfg.preserve_prompts))
+                     if getattr(cfg, "erase_keep", "none") == "preserve" else [])
 
     def before(self, run: Any, step: Any) -> None:
         # A row with no neutral of its own (the adversary's tokens) takes the empty prompt.
@@ -155,9 +157,30 @@ class Erase(Term):
         embeds = torch.cat([row.embeds for row in rows]).to(run.device)
         uncond = run.predict(step.noisy, step.t, embeds, run.cond(rows), base=True)
         self.target = uncond
-        if self.guidance > 0:
+        if self.kept:
+            asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
+            pull = self._own_part(run, step, asked - uncond)
+            self.target = asked - (1.0 + self.guidance) * pull
+        elif self.guidance > 0:
             asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
             self.target = uncond - self.guidance * (asked - uncond)
+
+    def _own_part(self, run: Any, step: Any, pull: torch.Tensor) -> torch.Tensor:
+        """Each row's pull less its projection on the span of the kept prompts' pulls at the
+        same noisy latent (their prediction over the empty prompt's)."""
+        embeds = torch.cat([row.embeds for row in self.kept]).to(run.device)
+        cond = run.cond(self.kept)
+        empty_cond = run.cond([self.empty])
+        out = []
+        for b in range(pull.shape[0]):
+            x, t = step.noisy[b:b + 1], step.t[b:b + 1]
+            kept = run.predict(x.expand(len(self.kept), -1, -1, -1), t.expand(len(self.kept)),
+                               embeds, cond, base=True)
+            empty = run.predict(x, t, self.empty.embeds.to(run.device), empty_cond, base=True)
+            basis, _ = torch.linalg.qr((kept - empty).flatten(1).float().T)  # (dim, K)
+            mine = pull[b].flatten().float()
+            out.append((mine - basis @ (basis.T @ mine)).reshape(pull[b].shape))
+        return torch.stack(out).to(pull.dtype)
 
     def loss(self, run: Any, step: Any) -> torch.Tensor:
         return torch.nn.functional.mse_loss(step.own.float(), self.target.float())
