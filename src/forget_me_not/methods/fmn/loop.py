@@ -253,20 +253,20 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             run.probes.activate(TokenMask.from_positions([r.positions for r in batch],
                                                          embeds.shape[1]))
             step.own = run.predict(step.noisy, t, step.live_embeds, step.live_cond)
-            forget = run.probes.loss(step.pixel_weights)
-            shown = {"attention": forget.item()}
-            kept = torch.zeros((), device=forget.device)
+            loss = run.probes.loss(step.pixel_weights)
+            shown = {"attention": loss.item()}
+            forget, kept = loss, torch.zeros((), device=loss.device)
             for term in terms:
                 value = term.loss(run, step)
                 if value is None:
                     continue
                 term_losses.setdefault(term.name, []).append(value.item())
                 shown[term.name] = term_losses[term.name][-1]
+                loss = loss + term.weight * value
                 if term.name in FORGETTING_TERMS:
                     forget = forget + term.weight * value
                 else:
                     kept = kept + term.weight * value
-            loss = forget + kept
             if not torch.isfinite(loss):
                 raise FmnError(f"the re-steering loss became {loss.item()} at step {number + 1}:"
                                " lower the learning rate (--lr) or train in float32; nothing "
