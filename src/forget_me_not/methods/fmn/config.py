@@ -75,6 +75,10 @@ class ResteerSettings:
         0.0, "Retention term: hold the classifier-free-guided prediction (empty + scale x "
         "(prompt - empty)) at this scale, as sampling amplifies it, instead of the prompt's "
         "prediction alone (0: the prompt's alone).")
+    preserve_unconditional: bool = setting(
+        False, "Retention term: also hold the empty prompt's prediction on the same latents. "
+        "Classifier-free guidance at scale s weighs it by 1 - s in every sample of every "
+        "prompt, so a drift there moves all of them.")
     preserve_latents: str = setting("shared", "Latents of the retention term: the target's "
                                     "('shared') or an image the base model draws per preserve "
                                     "prompt ('own').", PRESERVE_LATENTS)

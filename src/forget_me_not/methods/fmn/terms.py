@@ -64,17 +64,23 @@ class Preserve(Term):
         if self.latents is None:
             self.noisy = step.noisy.repeat(cfg.preserve_batch, 1, 1, 1)
         self.base = run.predict(self.noisy, self.t, embeds, cond, base=True)
-        if cfg.preserve_guidance > 0:
+        if cfg.preserve_guidance > 0 or getattr(cfg, "preserve_unconditional", False):
             # The base model's empty prompt, as encoded once (not the model in training's).
             _, embeds, cond = run.noised([self.empty], [0] * len(self.index), None, self.t)
-            self.base = guided(run.predict(self.noisy, self.t, embeds, cond, base=True),
-                               self.base, cfg.preserve_guidance)
+            self.base_empty = run.predict(self.noisy, self.t, embeds, cond, base=True)
+        if cfg.preserve_guidance > 0:
+            self.base = guided(self.base_empty, self.base, cfg.preserve_guidance)
 
     def loss(self, run: Any, step: Any) -> torch.Tensor:
         embeds, cond = run.live([self.rows[i] for i in self.index])
         scale = run.config.preserve_guidance
         if scale <= 0:
-            return run.matched(self.noisy, self.t, embeds, cond, self.base)
+            held = run.matched(self.noisy, self.t, embeds, cond, self.base)
+            if getattr(run.config, "preserve_unconditional", False):
+                held = held + run.matched(self.noisy, self.t,
+                                          *run.live([self.empty] * len(self.index)),
+                                          self.base_empty)
+            return held
         run.probes.deactivate()
         prompted = run.predict(self.noisy, self.t, embeds, cond)
         unprompted = run.predict(self.noisy, self.t, *run.live([self.empty] * len(self.index)))
