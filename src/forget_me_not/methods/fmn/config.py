@@ -26,10 +26,6 @@ SHIP_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).
 ERASE_NEUTRALS = ("empty", "prompt")
-# Which part of the concept's pull the erase term pushes away (see terms.Erase).
-ERASE_KEEPS = ("none", "preserve")
-# How the forgetting terms' gradient meets the retention terms' (see loop.combine_gradients).
-CONFLICTS = ("sum", "project")
 
 
 @dataclass
@@ -75,10 +71,6 @@ class ResteerSettings:
         0.0, "Retention term: hold the classifier-free-guided prediction (empty + scale x "
         "(prompt - empty)) at this scale, as sampling amplifies it, instead of the prompt's "
         "prediction alone (0: the prompt's alone).")
-    preserve_unconditional: bool = setting(
-        False, "Retention term: also hold the empty prompt's prediction on the same latents. "
-        "Classifier-free guidance at scale s weighs it by 1 - s in every sample of every "
-        "prompt, so a drift there moves all of them.")
     preserve_latents: str = setting("shared", "Latents of the retention term: the target's "
                                     "('shared') or an image the base model draws per preserve "
                                     "prompt ('own').", PRESERVE_LATENTS)
@@ -183,27 +175,11 @@ class FmnConfig(ResteerSettings):
         "unprompted one (ESD's); 'prompt': the same prompt with the concept's words taken out "
         "(or put as its anchor), so the prompt's other words (subject, colour, setting) are "
         "kept and only the concept's pull is removed.", ERASE_NEUTRALS)
-    erase_keep: str = setting(
-        "none", "Erase term: 'preserve' pushes away only the part of the concept's pull that "
-        "the preserve prompts' own pulls (what each adds over the empty prompt, on the same "
-        "noisy latent) do not span; what the concept shares with the kept concepts (a filled "
-        "shape, a painting, a face) stays drawn. 'none': the whole pull, as ESD.", ERASE_KEEPS)
-    conflict: str = setting(
-        "sum", "How each step's forgetting gradient (attention and erase terms) meets the "
-        "retention terms' (preserve, text_keep, hold, anchor, transparent): 'sum' adds them; "
-        "'project' first drops the part of the forgetting gradient that would raise the "
-        "retention loss (its component against the retention gradient, when they conflict: "
-        "PCGrad, Yu et al. 2020).", CONFLICTS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
-        check_choice("erase_keep", self.erase_keep, ERASE_KEEPS)
-        check_choice("conflict", self.conflict, CONFLICTS)
-        if self.erase_keep == "preserve" and not (self.preserve_prompts or self.preserve_set):
-            raise FmnError("erase_keep=preserve needs preserve prompts: set preserve_prompts "
-                           "or preserve_set, or erase_keep=none")
         check_choice("ship_levels", self.ship_levels, SHIP_LEVELS)
         if not isinstance(self.restarts, int) or self.restarts < 1:
             raise FmnError(f"restarts must be an integer >= 1, got {self.restarts}")

@@ -143,30 +143,6 @@ def _terms(run: Run, concepts: list[Concept]) -> list[T.Term]:
     return out
 
 
-# The terms that move the model away from the concept; every other term keeps something.
-FORGETTING_TERMS = ("erase",)
-
-
-def combine_gradients(params: list[torch.Tensor], forget: torch.Tensor,
-                      kept: torch.Tensor) -> None:
-    """Set each parameter's grad to the forgetting gradient, less its component against the
-    retention gradient when the two conflict, plus the retention gradient (PCGrad)."""
-    g_forget = torch.autograd.grad(forget, params, retain_graph=True, allow_unused=True)
-    g_kept = torch.autograd.grad(kept, params, allow_unused=True)
-    g_forget = _filled(params, g_forget)
-    g_kept = _filled(params, g_kept)
-    dot = sum((a.float() * b.float()).sum() for a, b in zip(g_forget, g_kept, strict=True))
-    norm = sum(b.float().pow(2).sum() for b in g_kept)
-    share = (dot / norm).item() if dot < 0 and norm > 0 else 0.0
-    for p, a, b in zip(params, g_forget, g_kept, strict=True):
-        p.grad = (a - share * b + b).to(p.dtype)
-
-
-def _filled(params: list[torch.Tensor], grads: tuple) -> list[torch.Tensor]:
-    """A parameter a loss does not reach gets a zero gradient."""
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-
-
 @dataclass
 class EndPull:
     """Read the concepts' pull at the end of each run it is handed to: on `seed`'s latents,
@@ -255,7 +231,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             step.own = run.predict(step.noisy, t, step.live_embeds, step.live_cond)
             loss = run.probes.loss(step.pixel_weights)
             shown = {"attention": loss.item()}
-            forget, kept = loss, torch.zeros((), device=loss.device)
             for term in terms:
                 value = term.loss(run, step)
                 if value is None:
@@ -263,18 +238,11 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
                 term_losses.setdefault(term.name, []).append(value.item())
                 shown[term.name] = term_losses[term.name][-1]
                 loss = loss + term.weight * value
-                if term.name in FORGETTING_TERMS:
-                    forget = forget + term.weight * value
-                else:
-                    kept = kept + term.weight * value
             if not torch.isfinite(loss):
                 raise FmnError(f"the re-steering loss became {loss.item()} at step {number + 1}:"
                                " lower the learning rate (--lr) or train in float32; nothing "
                                "was written")
-            if getattr(config, "conflict", "sum") == "project" and kept.requires_grad:
-                combine_gradients(params, forget, kept)
-            else:
-                loss.backward()
+            loss.backward()
             run.probes.deactivate()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

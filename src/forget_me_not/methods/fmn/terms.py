@@ -64,23 +64,17 @@ class Preserve(Term):
         if self.latents is None:
             self.noisy = step.noisy.repeat(cfg.preserve_batch, 1, 1, 1)
         self.base = run.predict(self.noisy, self.t, embeds, cond, base=True)
-        if cfg.preserve_guidance > 0 or getattr(cfg, "preserve_unconditional", False):
+        if cfg.preserve_guidance > 0:
             # The base model's empty prompt, as encoded once (not the model in training's).
             _, embeds, cond = run.noised([self.empty], [0] * len(self.index), None, self.t)
-            self.base_empty = run.predict(self.noisy, self.t, embeds, cond, base=True)
-        if cfg.preserve_guidance > 0:
-            self.base = guided(self.base_empty, self.base, cfg.preserve_guidance)
+            self.base = guided(run.predict(self.noisy, self.t, embeds, cond, base=True),
+                               self.base, cfg.preserve_guidance)
 
     def loss(self, run: Any, step: Any) -> torch.Tensor:
         embeds, cond = run.live([self.rows[i] for i in self.index])
         scale = run.config.preserve_guidance
         if scale <= 0:
-            held = run.matched(self.noisy, self.t, embeds, cond, self.base)
-            if getattr(run.config, "preserve_unconditional", False):
-                held = held + run.matched(self.noisy, self.t,
-                                          *run.live([self.empty] * len(self.index)),
-                                          self.base_empty)
-            return held
+            return run.matched(self.noisy, self.t, embeds, cond, self.base)
         run.probes.deactivate()
         prompted = run.predict(self.noisy, self.t, embeds, cond)
         unprompted = run.predict(self.noisy, self.t, *run.live([self.empty] * len(self.index)))
@@ -154,8 +148,6 @@ class Erase(Term):
                 self.neutral.update(zip(concept.prompts(),
                                         encode_plain(run.pipe, concept.neutral_prompts()),
                                         strict=True))
-        self.kept = (encode_plain(run.pipe, list(cfg.preserve_prompts))
-                     if getattr(cfg, "erase_keep", "none") == "preserve" else [])
 
     def before(self, run: Any, step: Any) -> None:
         # A row with no neutral of its own (the adversary's tokens) takes the empty prompt.
@@ -163,30 +155,9 @@ class Erase(Term):
         embeds = torch.cat([row.embeds for row in rows]).to(run.device)
         uncond = run.predict(step.noisy, step.t, embeds, run.cond(rows), base=True)
         self.target = uncond
-        if self.kept:
-            asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
-            pull = self._own_part(run, step, asked - uncond)
-            self.target = asked - (1.0 + self.guidance) * pull
-        elif self.guidance > 0:
+        if self.guidance > 0:
             asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
             self.target = uncond - self.guidance * (asked - uncond)
-
-    def _own_part(self, run: Any, step: Any, pull: torch.Tensor) -> torch.Tensor:
-        """Each row's pull less its projection on the span of the kept prompts' pulls at the
-        same noisy latent (their prediction over the empty prompt's)."""
-        embeds = torch.cat([row.embeds for row in self.kept]).to(run.device)
-        cond = run.cond(self.kept)
-        empty_cond = run.cond([self.empty])
-        out = []
-        for b in range(pull.shape[0]):
-            x, t = step.noisy[b:b + 1], step.t[b:b + 1]
-            kept = run.predict(x.expand(len(self.kept), -1, -1, -1), t.expand(len(self.kept)),
-                               embeds, cond, base=True)
-            empty = run.predict(x, t, self.empty.embeds.to(run.device), empty_cond, base=True)
-            basis, _ = torch.linalg.qr((kept - empty).flatten(1).float().T)  # (dim, K)
-            mine = pull[b].flatten().float()
-            out.append((mine - basis @ (basis.T @ mine)).reshape(pull[b].shape))
-        return torch.stack(out).to(pull.dtype)
 
     def loss(self, run: Any, step: Any) -> torch.Tensor:
         return torch.nn.functional.mse_loss(step.own.float(), self.target.float())
