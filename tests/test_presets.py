@@ -158,6 +158,11 @@ def test_cli_forget_on_the_embedded_model_defaults_to_world_renders(world_dir, t
     assert _forget(world_dir, out2, "--concept", "star", "--no-real-image").exit_code == 0
     parts = load_patch(out2).metadata["recipe_parts"]
     assert next(p for p in parts if p["method"] == "fmn")["settings"]["reference"] == "noise"
+    out3 = tmp_path / "w3.safetensors"  # so does a source set on the part itself
+    assert _forget(world_dir, out3, "--concept", "star", "--set",
+                   "fmn.reference=self").exit_code == 0
+    parts = load_patch(out3).metadata["recipe_parts"]
+    assert next(p for p in parts if p["method"] == "fmn")["settings"]["reference"] == "self"
 
 
 def test_cli_forget_needs_a_concept_or_a_preset(tiny_pipeline_dir, tmp_path):

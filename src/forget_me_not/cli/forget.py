@@ -141,8 +141,9 @@ def forget(
             concepts = [dataclasses.replace(c, anchor=str(cli["anchor"])) for c in concepts]
         if cli.get("extra_templates"):
             concepts = [c.with_extra_templates() for c in concepts]
-        if source == "world renders" and "reference" in keys:
-            sets.append("reference=images")
+        typed = {p.split("=", 1)[0].rsplit(".", 1)[-1] for p in set_ or []}
+        if source == "world renders" and "reference" in keys and "reference" not in typed:
+            sets.append("reference=images")  # the renders, unless the user chose a source
         separately = cli.get("separately")
         if separately is None and preset is not None:
             from forget_me_not.presets import get_preset
