@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from forget_me_not.errors import FmnError
 from forget_me_not.settings import check_choice, check_number, setting
 
-REFERENCES = ("images", "self", "noise", "both")
+REFERENCES = ("images", "self", "noise")
 PRECISIONS = ("no", "fp16", "bf16")
 PRESERVE_LATENTS = ("shared", "own")
 STEPS_PER = ("run", "concept")
@@ -41,12 +41,10 @@ class ResteerSettings:
     batch_size: int = setting(1, "Prompts per step.")
     max_grad_norm: float | None = setting(None, "Clip the gradient's global norm (null: off).")
     reference: str = setting("images", "Each step's clean latent: 'images' (VAE-encoded "
-                             "references), 'self' (drawn by the model), 'noise' (zero latent), "
-                             "'both' (the references and the model's drawings of the concept's "
-                             "prompts, one pool).",
+                             "references), 'self' (drawn by the model), 'noise' (zero latent).",
                              REFERENCES)
-    n_self_images: int = setting(4, "reference=self or both: images drawn per concept.")
-    self_steps: int = setting(25, "reference=self or both: denoising steps of those images.")
+    n_self_images: int = setting(4, "reference=self: images drawn per concept.")
+    self_steps: int = setting(25, "reference=self: denoising steps of those images.")
     extra_positions: str = setting(
         "none", "Positions re-steered besides the concept's tokens: 'eot' (the pooled token), "
         "'pooler' (every end-of-text id, as the official use_pooler), 'padding' (end-of-text "
