@@ -121,30 +121,6 @@ def test_reference_images_and_self_generated(tmp_path):
         train_any(pipe, [small], _cfg(reference="images"), progress=False)
 
 
-def test_own_drawings_join_the_reference_images(tmp_path):
-    from forget_me_not.methods.fmn.references import build_references
-
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(
-            tmp_path / f"{i}.png")
-    pipe = make_tiny_pipeline("sd1")
-    c = Concept("star", images=(tmp_path / "0.png", tmp_path / "1.png"))
-    refs = build_references(pipe, [c], "images", 16, 1, 2, 0, own_drawings=3)
-    assert len(refs.images[0]) == 2 and refs.latents[0].shape[0] == 3
-    gen = torch.Generator().manual_seed(0)
-    # a drawn latent comes back as one of the pool's, an image's with its own crop
-    drawn = [any(torch.equal(latent, refs.latents[0][i:i + 1]) for i in range(3))
-             for latent, _ in (refs.sample(0, gen) for _ in range(40))]
-    assert any(drawn) and not all(drawn)
-    plain = train_any(pipe, [c], _cfg(reference="images"), progress=False)
-    mixed = train_any(pipe, [c], _cfg(reference="images", own_drawings=2, self_steps=2),
-                      progress=False)
-    assert plain.metadata["losses"] != mixed.metadata["losses"]
-    with pytest.raises(FmnError, match="own_drawings must be an integer >= 0"):
-        _cfg(own_drawings=-1)
-
-
 def test_clipping_really_clips():
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 

@@ -44,12 +44,7 @@ class ResteerSettings:
                              "references), 'self' (drawn by the model), 'noise' (zero latent).",
                              REFERENCES)
     n_self_images: int = setting(4, "reference=self: images drawn per concept.")
-    self_steps: int = setting(25, "reference=self: denoising steps of those images (and "
-                              "of own_drawings).")
-    own_drawings: int = setting(
-        0, "reference=images: the model's own drawings of the concept's prompts added to the "
-        "images' pool (0: none). ESD trains on its own samples: they show the concept as its "
-        "prompts ask for it, where references also carry contexts the prompts do not name.")
+    self_steps: int = setting(25, "reference=self: denoising steps of those images.")
     extra_positions: str = setting(
         "none", "Positions re-steered besides the concept's tokens: 'eot' (the pooled token), "
         "'pooler' (every end-of-text id, as the official use_pooler), 'padding' (end-of-text "
@@ -112,8 +107,6 @@ class ResteerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise FmnError(f"{name} must be an integer >= 1, got {value}")
-        if not isinstance(self.own_drawings, int) or self.own_drawings < 0:
-            raise FmnError(f"own_drawings must be an integer >= 0, got {self.own_drawings}")
         if not isinstance(self.preserve_t_min, int) or self.preserve_t_min < 0:
             raise FmnError(f"preserve_t_min must be an integer >= 0, got {self.preserve_t_min}")
         check_number("learning rate (lr)", self.lr, strict=True)

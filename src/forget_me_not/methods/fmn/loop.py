@@ -183,8 +183,7 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
         end_pull.prepare(run, rows, concepts)
     stop: dict[str, Any] | None = None
     references = build_references(pipe, concepts, config.reference, run.resolution,
-                                  config.n_self_images, config.self_steps, config.seed,
-                                  config.own_drawings)
+                                  config.n_self_images, config.self_steps, config.seed)
     losses: list[float] = []
     term_losses: dict[str, list[float]] = {}
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from forget_me_not.pipeline_io import draw_latents, encode_images
 
 
 class References:
-    """Per concept: PIL images ("images"), a pool of latents ("self", "noise"), or both."""
+    """Per concept: PIL images ("images") or a pool of latents ("self", "noise")."""
 
     def __init__(self, pipe: Any, resolution: int, images: dict[int, list[Any]],
                  latents: dict[int, torch.Tensor]) -> None:
@@ -31,23 +31,19 @@ class References:
 
         The weights come from a reference image's alpha channel (None: every pixel counts).
         """
-        drawn = self.latents.get(concept)
-        n_drawn = 0 if drawn is None else drawn.shape[0]
-        pool = self.images.get(concept, [])
-        i = int(torch.randint(0, n_drawn + len(pool), (1,), generator=gen))
-        if i < n_drawn:
-            return drawn[i : i + 1], None
-        i -= n_drawn
+        if concept in self.latents:
+            pool = self.latents[concept]
+            i = int(torch.randint(0, pool.shape[0], (1,), generator=gen))
+            return pool[i : i + 1], None
+        pool = self.images[concept]
+        i = int(torch.randint(0, len(pool), (1,), generator=gen))
         pixels = resize_random_crop(pool[i], self.resolution, gen)[None]  # (1, 3 or 4, H, W)
         weights = (pixels[:, 3:] + 1.0) / 2.0 if pixels.shape[1] == 4 else None
         return encode_images(self.pipe, pixels[:, :3], gen), weights
 
 
 def build_references(pipe: Any, concepts: Sequence[Concept], reference: str, resolution: int,
-                     n_self_images: int, self_steps: int, seed: int,
-                     own_drawings: int = 0) -> References:
-    """Each concept's pool; `own_drawings` > 0 adds that many of the model's drawings of the
-    concept's prompts to reference images."""
+                     n_self_images: int, self_steps: int, seed: int) -> References:
     images: dict[int, list[Any]] = {}
     latents: dict[int, torch.Tensor] = {}
     channels = pipe.unet.config.in_channels
@@ -67,10 +63,6 @@ def build_references(pipe: Any, concepts: Sequence[Concept], reference: str, res
                     "or let the model draw them (--self-generate N) or use --no-real-image"
                 )
             images[ci] = load_images(concept.images, min_size=resolution, keep_alpha=True)
-            if own_drawings > 0:
-                prompts = concept.prompts()
-                chosen = [prompts[i % len(prompts)] for i in range(own_drawings)]
-                latents[ci] = draw_latents(pipe, chosen, self_steps, seed)
     return References(pipe, resolution, images, latents)
 
 
