@@ -11,6 +11,7 @@ import typer
 
 from forget_me_not.cli import options as opt
 from forget_me_not.errors import FmnError
+from forget_me_not.settings import parse_pair
 
 DEFAULT_SELF_IMAGES = 4  # references drawn by the model itself when no source is chosen
 # --set keys this command takes itself (not recipe fields).
@@ -79,6 +80,8 @@ def forget(
     if self_generate is not None:
         opt.require_positive("--self-generate", self_generate)
     sets, cli = split_cli_keys(list(set_ or []), CLI_KEYS)
+    # the fields the user set, read as the recipe reads them ("fmn.reference" -> "reference")
+    typed = {parse_pair(p)[0].rpartition(".")[2] for p in sets}
     if "anchor" in cli:
         from forget_me_not.concepts import check_anchor
 
@@ -141,7 +144,6 @@ def forget(
             concepts = [dataclasses.replace(c, anchor=str(cli["anchor"])) for c in concepts]
         if cli.get("extra_templates"):
             concepts = [c.with_extra_templates() for c in concepts]
-        typed = {p.split("=", 1)[0].rsplit(".", 1)[-1] for p in set_ or []}
         if source == "world renders" and "reference" in keys and "reference" not in typed:
             sets.append("reference=images")  # the renders, unless the user chose a source
         separately = cli.get("separately")
