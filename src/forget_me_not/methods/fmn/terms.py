@@ -257,3 +257,50 @@ class TextKeep(Term):
         terms = [(scale * (b.float() @ (a.float() @ root))).pow(2).sum() / norm  # (out, D)
                  for a, b, scale, root, norm in self.layers]
         return torch.stack(terms).mean()
+
+
+class FisherKeep(Term):
+    """Elastic weight consolidation (Selective Amnesia, Heng & Soh 2023): the LoRA's change to
+    each projection weighted by how much the kept prompts' denoising loss depends on each
+    weight (its empirical Fisher, read once on the base model from the preserve prompts' own
+    images), relative to the base weights: mean over layers of ||F^1/2 (s B A)||^2 /
+    ||F^1/2 W||^2. A weight the kept concepts need costs; one they do not is free."""
+
+    name, draws_at = "fisher_keep", 6
+
+    def __init__(self, run: Any, keep: Preserve, adapter: str, samples: int = 2) -> None:
+        super().__init__(run.config.fisher_keep_weight)
+        modules = [(name, m) for name, m in run.unet.named_modules()
+                   if adapter in getattr(m, "lora_A", {})]
+        weights = [m.base_layer.weight for _, m in modules]
+        fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        # Its own generator: the run's draws stay those of a run without this term.
+        gen = torch.Generator("cpu").manual_seed(run.config.seed + 7)
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            for index in range(len(keep.rows)):
+                for _ in range(samples):
+                    t = torch.randint(0, run.n_train_t, (1,), generator=gen).to(run.device)
+                    clean = keep.latents[index : index + 1].to(run.device, run.unet.dtype)
+                    noise = torch.randn(clean.shape, generator=gen).to(run.device, clean.dtype)
+                    noisy = run.scheduler.add_noise(clean, noise, t)
+                    row = keep.rows[index]
+                    pred = run.predict(noisy, t, row.embeds.to(run.device), run.cond([row]))
+                    grads = torch.autograd.grad(
+                        torch.nn.functional.mse_loss(pred.float(), noise.float()), weights)
+                    for total, g in zip(fisher, grads, strict=True):
+                        total += g.float().pow(2)
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+        self.layers = []
+        for (_, module), w, f in zip(modules, weights, fisher, strict=True):
+            norm = float((f * w.detach().float().pow(2)).sum()) or 1.0
+            self.layers.append((module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                                module.scaling[adapter], f, norm))
+
+    def loss(self, run: Any, step: Any) -> torch.Tensor:
+        terms = [(f * (scale * (b.float() @ a.float())).pow(2)).sum() / norm
+                 for a, b, scale, f, norm in self.layers]
+        return torch.stack(terms).mean()
