@@ -199,10 +199,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             text_keep = T.TextKeep(weight, pipe.unet, keep.rows, trainable.adapter)
             if text_keep.layers:  # no LoRA on to_k / to_v: nothing text-side to keep
                 terms.append(text_keep)
-        fisher_weight = getattr(config, "fisher_keep_weight", 0.0)
-        if fisher_weight > 0 and keep is not None and keep.latents is not None \
-                and getattr(trainable, "adapter", None):
-            terms.append(T.FisherKeep(run, keep, trainable.adapter))
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         run.probes = install_probes(pipe.unet)
         bar = Progress(config.steps, label, enabled=progress)
