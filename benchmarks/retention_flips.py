@@ -7,9 +7,10 @@ borderline samples of the base model or each their own.
     python benchmarks/retention_flips.py dotted,checkered,outlined \
         runs/a.safetensors runs/b.safetensors ... [--threads 1] [--n 32]
 
-Prints one JSON line: per concept, the base model's probability of each sample, the seeds
-each patch flips (recognised before, not after: 'lost'; the reverse: 'gained'), and the
-seeds two or more patches lose ('lost_by_two_or_more').
+Prints one JSON line: per concept, the base model's probability of each sample and what the
+judge reads as its subject (a style's prompts name none: is a lost sample the forgotten
+concept's own?), the seeds each patch flips (recognised before, not after: 'lost'; the
+reverse: 'gained'), and the seeds two or more patches lose ('lost_by_two_or_more').
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from forget_me_not.models import load_pipeline
 from forget_me_not.patch import load_patch
 from forget_me_not.sampling import GenerationSettings, recognition_score
 from forget_me_not.world.defaults import default_guidance, default_steps
+from forget_me_not.world.scoring import read_labels
 
 
 def main() -> None:
@@ -50,17 +52,23 @@ def main() -> None:
     pipe = load_pipeline("embedded")
     gen = GenerationSettings(a.n, 1000, default_steps(pipe), default_guidance(pipe), 16)
 
-    def read() -> dict[str, tuple[list[int], list[float], list[bool]]]:
+    subjects: dict[str, list[str]] = {}
+
+    def read(on_base: bool = False) -> dict[str, tuple[list[int], list[float], list[bool]]]:
         out = {}
         for e in entries:
             got = recognition_score(pipe, e.concept, judges[e.key],
                                     list(e.prompts) or e.concept.prompts(), gen,
-                                    keep_images=False)
+                                    keep_images=on_base)
             out[e.concept.name] = (got.seeds, got.probabilities.tolist(), got.recognised.tolist())
+            if on_base:  # what each base sample shows
+                heads = judges[e.key].heads(got.images)
+                subjects[e.concept.name] = read_labels(heads, range(len(got.images)), "object")
         return out
 
-    base = read()
+    base = read(on_base=True)
     report: dict[str, dict] = {n: {"base_probability": [round(x, 3) for x in base[n][1]],
+                                   "base_subject": subjects[n],
                                    "base_rate": sum(base[n][2]) / len(base[n][2]),
                                    "patches": {}} for n in base}
     for path in a.patches:
