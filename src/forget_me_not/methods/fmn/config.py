@@ -25,7 +25,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SHIP_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).
-ERASE_NEUTRALS = ("empty", "prompt", "siblings", "class_push")
+ERASE_NEUTRALS = ("empty", "prompt", "siblings")
 
 
 @dataclass
@@ -187,7 +187,7 @@ class FmnConfig(ResteerSettings):
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
         self.erase_siblings = tuple(self.erase_siblings)
-        if self.erase_neutral in ("siblings", "class_push") and not self.erase_siblings:
+        if self.erase_neutral == "siblings" and not self.erase_siblings:
             raise FmnError("erase_neutral=siblings needs erase_siblings: pass other members of "
                            "the concept's class, e.g. --set 'fmn.erase_siblings=[circle,square]'")
         check_choice("ship_levels", self.ship_levels, SHIP_LEVELS)

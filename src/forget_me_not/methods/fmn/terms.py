@@ -143,7 +143,6 @@ class Erase(Term):
         self.guidance = cfg.erase_guidance
         self.empty = [encode_plain(run.pipe, [""])[0]]
         self.neutral: dict[str, list[Row]] = {}
-        self.push_from_class = cfg.erase_neutral == "class_push"
         if cfg.erase_neutral != "empty":
             for concept in concepts:
                 self.neutral.update(
@@ -156,12 +155,9 @@ class Erase(Term):
         sets = [self.neutral.get(row.prompt, self.empty) for row in step.batch]
         uncond = mean_prediction(run, step.noisy, step.t, sets, base=True)
         self.target = uncond
-        if self.push_from_class:  # pulled to the unprompted picture, pushed off the class mean
-            self.target = mean_prediction(run, step.noisy, step.t,
-                                          [self.empty] * len(sets), base=True)
         if self.guidance > 0:
             asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
-            self.target = self.target - self.guidance * (asked - uncond)
+            self.target = uncond - self.guidance * (asked - uncond)
 
     def loss(self, run: Any, step: Any) -> torch.Tensor:
         return torch.nn.functional.mse_loss(step.own.float(), self.target.float())
@@ -170,7 +166,7 @@ class Erase(Term):
 def neutral_texts(concept: Concept, cfg: Any) -> list[list[str]]:
     """Per concept prompt, the prompts whose mean prediction the erase term pulls it to."""
     mode = getattr(cfg, "erase_neutral", "empty")
-    if mode in ("siblings", "class_push"):
+    if mode == "siblings":
         return concept.sibling_prompts(cfg.erase_siblings)
     if mode == "prompt" or concept.anchor:
         return [[text] for text in concept.neutral_prompts()]
