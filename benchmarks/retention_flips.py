@@ -52,29 +52,28 @@ def main() -> None:
     pipe = load_pipeline("embedded")
     gen = GenerationSettings(a.n, 1000, default_steps(pipe), default_guidance(pipe), 16)
 
-    subjects: dict[str, list[str]] = {}
-
-    def read(on_base: bool = False) -> dict[str, tuple[list[int], list[float], list[bool]]]:
+    def read(on_base: bool = False) -> dict[str, tuple[list, list, list, list[str]]]:
+        """Per concept: seeds, probabilities, recognised, and (on the base model) subjects."""
         out = {}
         for e in entries:
             got = recognition_score(pipe, e.concept, judges[e.key],
                                     list(e.prompts) or e.concept.prompts(), gen,
-                                    keep_images=on_base)
-            out[e.concept.name] = (got.seeds, got.probabilities.tolist(), got.recognised.tolist())
-            if on_base:  # what each base sample shows
-                heads = judges[e.key].heads(got.images)
-                subjects[e.concept.name] = read_labels(heads, range(len(got.images)), "object")
+                                    keep_images=on_base)  # images only to read the subjects
+            subjects = (read_labels(judges[e.key].heads(got.images), range(len(got.images)),
+                                    "object") if on_base else [])
+            out[e.concept.name] = (got.seeds, got.probabilities.tolist(),
+                                   got.recognised.tolist(), subjects)
         return out
 
     base = read(on_base=True)
     report: dict[str, dict] = {n: {"base_probability": [round(x, 3) for x in base[n][1]],
-                                   "base_subject": subjects[n],
+                                   "base_subject": base[n][3],
                                    "base_rate": sum(base[n][2]) / len(base[n][2]),
                                    "patches": {}} for n in base}
     for path in a.patches:
         with applied(pipe, [load_patch(path)]):
             after = read()
-        for name, (seeds, _, before) in base.items():
+        for name, (seeds, _, before, _) in base.items():
             now = after[name][2]
             report[name]["patches"][Path(path).stem] = {
                 "lost": [s for s, b, x in zip(seeds, before, now, strict=True) if b and not x],
