@@ -94,10 +94,6 @@ class Concept:
         prompt, same order): what its prompts say besides the concept."""
         return [_normalise(t.format(self.anchor or "")) for t in self.templates]
 
-    def sibling_prompts(self, siblings: Sequence[str]) -> list[list[str]]:
-        """Per prompt, the same template with each sibling's words in the concept's place."""
-        return [[_normalise(t.format(s)) for s in siblings] for t in self.templates]
-
     def with_extra_templates(self) -> Concept:
         """The same concept with the category's extra paraphrase templates added."""
         extra = tuple(t for t in EXTRA_TEMPLATES[self.category] if t not in self.templates)

@@ -25,7 +25,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SHIP_LEVELS = ("all", "coarse")
 PROMPT_SETS = ("", "conceptworld")
 # What the erase term pushes the concept's prediction toward (see terms.Erase).
-ERASE_NEUTRALS = ("empty", "prompt", "siblings")
+ERASE_NEUTRALS = ("empty", "prompt")
 
 
 @dataclass
@@ -174,22 +174,12 @@ class FmnConfig(ResteerSettings):
         "empty", "Erase term: the prediction the concept's is pulled to. 'empty': the "
         "unprompted one (ESD's); 'prompt': the same prompt with the concept's words taken out "
         "(or put as its anchor), so the prompt's other words (subject, colour, setting) are "
-        "kept and only the concept's pull is removed; 'siblings': the mean over "
-        "erase_siblings of the same prompt with a sibling in the concept's place, so what the "
-        "concept shares with its class is kept and only what sets it apart is removed.",
-        ERASE_NEUTRALS)
-    erase_siblings: tuple[str, ...] = setting(
-        (), "erase_neutral=siblings: words of other members of the concept's class (objects "
-        "beside an object, people beside a person), each put in the concept's place.")
+        "kept and only the concept's pull is removed.", ERASE_NEUTRALS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("erase_neutral", self.erase_neutral, ERASE_NEUTRALS)
-        self.erase_siblings = tuple(self.erase_siblings)
-        if self.erase_neutral == "siblings" and not self.erase_siblings:
-            raise FmnError("erase_neutral=siblings needs erase_siblings: pass other members of "
-                           "the concept's class, e.g. --set 'fmn.erase_siblings=[circle,square]'")
         check_choice("ship_levels", self.ship_levels, SHIP_LEVELS)
         if not isinstance(self.restarts, int) or self.restarts < 1:
             raise FmnError(f"restarts must be an integer >= 1, got {self.restarts}")

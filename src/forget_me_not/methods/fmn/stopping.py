@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from forget_me_not.concepts import Concept
-from forget_me_not.methods.fmn.terms import mean_prediction, neutral_texts
 from forget_me_not.pipeline_io import Row, draw_latents, encode_plain
 
 # The layout is drawn in the first tenth of sampling: the pull is read at 90% of the schedule.
@@ -32,10 +31,12 @@ class PullCheck:
                  seed: int | None = None) -> None:
         cfg = run.config
         seed = cfg.seed if seed is None else seed  # restarts read theirs on the same latents
-        neutral = {(ci, prompt): texts for ci, c in enumerate(concepts)
-                   for prompt, texts in zip(c.prompts(), neutral_texts(c, cfg), strict=True)}
+        by_prompt = getattr(cfg, "erase_neutral", "empty") == "prompt"
+        neutral = {(ci, prompt): without if c.anchor or by_prompt else ""
+                   for ci, c in enumerate(concepts)
+                   for prompt, without in zip(c.prompts(), c.neutral_prompts(), strict=True)}
         self.rows, self.concepts = rows, [row.concept for row in rows]
-        self.neutral = [encode_plain(run.pipe, neutral[row.concept, row.prompt]) for row in rows]
+        self.neutral = encode_plain(run.pipe, [neutral[row.concept, row.prompt] for row in rows])
         latents = draw_latents(run.pipe, [row.prompt for row in rows], cfg.preserve_steps,
                                seed + 5)
         # Its own generator: the run's draws stay those of a run without checks.
@@ -52,12 +53,14 @@ class PullCheck:
             rows, neutral = self.rows[i : i + CHUNK], self.neutral[i : i + CHUNK]
             x = self.noisy[i : i + CHUNK].to(run.device, run.unet.dtype)
             t = self.t[i : i + CHUNK].to(run.device)
-            # not base: the text states as the model in training computes them
-            prompted = ((torch.cat([r.embeds for r in rows]).to(run.device), run.cond(rows))
-                        if base else run.live(rows))
+            if base:
+                prompted, without = ((torch.cat([r.embeds for r in part]).to(run.device),
+                                      run.cond(part)) for part in (rows, neutral))
+            else:  # the text states as the model in training computes them
+                prompted, without = run.live(rows), run.live(neutral)
             with torch.no_grad():
                 out.append((run.predict(x, t, *prompted, base=base)
-                            - mean_prediction(run, x, t, neutral, base)).float().cpu())
+                            - run.predict(x, t, *without, base=base)).float().cpu())
         return torch.cat(out).flatten(1)
 
     def remaining(self, run: Any) -> float:

@@ -141,19 +141,19 @@ class Erase(Term):
         cfg = run.config
         super().__init__(cfg.erase_weight)
         self.guidance = cfg.erase_guidance
-        self.empty = [encode_plain(run.pipe, [""])[0]]
-        self.neutral: dict[str, list[Row]] = {}
-        if cfg.erase_neutral != "empty":
+        self.empty = encode_plain(run.pipe, [""])[0]
+        self.neutral: dict[str, Row] = {}
+        if cfg.erase_neutral == "prompt":
             for concept in concepts:
-                self.neutral.update(
-                    (prompt, encode_plain(run.pipe, texts))
-                    for prompt, texts in zip(concept.prompts(), neutral_texts(concept, cfg),
-                                             strict=True))
+                self.neutral.update(zip(concept.prompts(),
+                                        encode_plain(run.pipe, concept.neutral_prompts()),
+                                        strict=True))
 
     def before(self, run: Any, step: Any) -> None:
         # A row with no neutral of its own (the adversary's tokens) takes the empty prompt.
-        sets = [self.neutral.get(row.prompt, self.empty) for row in step.batch]
-        uncond = mean_prediction(run, step.noisy, step.t, sets, base=True)
+        rows = [self.neutral.get(row.prompt, self.empty) for row in step.batch]
+        embeds = torch.cat([row.embeds for row in rows]).to(run.device)
+        uncond = run.predict(step.noisy, step.t, embeds, run.cond(rows), base=True)
         self.target = uncond
         if self.guidance > 0:
             asked = run.predict(step.noisy, step.t, step.embeds, step.cond, base=True)
@@ -161,34 +161,6 @@ class Erase(Term):
 
     def loss(self, run: Any, step: Any) -> torch.Tensor:
         return torch.nn.functional.mse_loss(step.own.float(), self.target.float())
-
-
-def neutral_texts(concept: Concept, cfg: Any) -> list[list[str]]:
-    """Per concept prompt, the prompts whose mean prediction the erase term pulls it to."""
-    mode = getattr(cfg, "erase_neutral", "empty")
-    if mode == "siblings":
-        return concept.sibling_prompts(cfg.erase_siblings)
-    if mode == "prompt" or concept.anchor:
-        return [[text] for text in concept.neutral_prompts()]
-    return [[""] for _ in concept.prompts()]
-
-
-def mean_prediction(run: Any, x: torch.Tensor, t: torch.Tensor, sets: list[list[Row]],
-                    base: bool) -> torch.Tensor:
-    """Per latent, the mean prediction over its set of prompts (one set per row of `x`)."""
-    if all(len(rows) == 1 for rows in sets):  # one prompt each: a single batched pass
-        rows = [r[0] for r in sets]
-        hidden, cond = ((torch.cat([r.embeds for r in rows]).to(run.device), run.cond(rows))
-                        if base else run.live(rows))
-        return run.predict(x, t, hidden, cond, base=base)
-    out = []
-    for i, rows in enumerate(sets):
-        hidden, cond = ((torch.cat([r.embeds for r in rows]).to(run.device), run.cond(rows))
-                        if base else run.live(rows))
-        many = x[i : i + 1].expand(len(rows), *x.shape[1:])
-        out.append(run.predict(many, t[i : i + 1].expand(len(rows)), hidden, cond,
-                               base=base).mean(0, keepdim=True))
-    return torch.cat(out)
 
 
 class Hold(Term):
