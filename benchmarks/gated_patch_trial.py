@@ -1,0 +1,93 @@
+"""A patch applied to part of each sampling step only, scored as `suite_retention.py` scores it.
+
+Two trial gates, each asking where a patch's cost to the other concepts arises:
+- `--t-min T`: the patch acts at timesteps >= T (high noise, where the layout is drawn) and the
+  base UNet denoises below it (where texture and detail are drawn);
+- `--cond-only`: the patch acts on the prompted half of the classifier-free guidance batch and
+  the base UNet gives the unprompted prediction, which guidance weighs in every sample.
+
+Both need the base UNet at sampling time, so neither is a forgetting to ship as weights; they
+measure where the cost lives.
+
+    python benchmarks/gated_patch_trial.py PATCH star --t-min 500 --threads 1 \
+        --cache runs/suite_retention_base_t1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import runpy
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import forget_me_not.evaluate as evaluate
+
+ungated_applied = evaluate.applied
+
+
+def prediction(out: Any) -> torch.Tensor:
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def with_prediction(out: Any, x: torch.Tensor) -> Any:
+    if hasattr(out, "sample"):
+        out.sample = x
+        return out
+    return (x,)
+
+
+def gate(patched: Callable[..., Any], base: Callable[..., Any], t_min: float | None,
+         cond_only: bool) -> Callable[..., Any]:
+    """A UNet forward taking the patched prediction where the gate is open, the base's elsewhere."""
+
+    def forward(sample: torch.Tensor, timestep: Any, *args: Any, **kw: Any) -> Any:
+        out = patched(sample, timestep, *args, **kw)
+        keep = base(sample, timestep, *args, **kw)
+        t = torch.as_tensor(timestep, device=sample.device).float().flatten()
+        open_ = torch.ones(sample.shape[0], dtype=torch.bool, device=sample.device)
+        if t_min is not None:
+            open_ &= (t.expand(sample.shape[0]) if t.numel() == 1 else t) >= t_min
+        if cond_only:  # diffusers batches guidance as [unprompted, prompted]
+            open_[: sample.shape[0] // 2] = False
+        mask = open_.view(-1, *([1] * (sample.dim() - 1)))
+        return with_prediction(out, torch.where(mask, prediction(out), prediction(keep)))
+
+    return forward
+
+
+def gated_applied(t_min: float | None, cond_only: bool) -> Callable[..., Any]:
+    @contextlib.contextmanager
+    def applied(pipe: Any, patches: Any) -> Iterator[None]:
+        base = copy.deepcopy(pipe.unet)
+        with ungated_applied(pipe, patches):
+            pipe.unet.forward = gate(pipe.unet.forward, base.forward, t_min, cond_only)
+            try:
+                yield
+            finally:
+                del pipe.unet.forward  # the instance attribute: the class's forward again
+
+    return applied
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("patches")
+    p.add_argument("target")
+    p.add_argument("--t-min", type=float, default=None)
+    p.add_argument("--cond-only", action="store_true")
+    a, rest = p.parse_known_args()  # the rest: suite_retention.py's options
+    if a.t_min is None and not a.cond_only:
+        raise SystemExit("pass --t-min T or --cond-only (otherwise use suite_retention.py)")
+    evaluate.applied = gated_applied(a.t_min, a.cond_only)
+    sys.argv = ["suite_retention.py", a.patches, a.target, *rest]
+    runpy.run_path(str(Path(__file__).with_name("suite_retention.py")), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
