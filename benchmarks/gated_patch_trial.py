@@ -47,14 +47,16 @@ def gate(patched: Callable[..., Any], base: Callable[..., Any], t_min: float | N
     """A UNet forward taking the patched prediction where the gate is open, the base's elsewhere."""
 
     def forward(sample: torch.Tensor, timestep: Any, *args: Any, **kw: Any) -> Any:
-        out = patched(sample, timestep, *args, **kw)
-        keep = base(sample, timestep, *args, **kw)
         t = torch.as_tensor(timestep, device=sample.device).float().flatten()
         open_ = torch.ones(sample.shape[0], dtype=torch.bool, device=sample.device)
         if t_min is not None:
             open_ &= (t.expand(sample.shape[0]) if t.numel() == 1 else t) >= t_min
         if cond_only:  # diffusers batches guidance as [unprompted, prompted]
             open_[: sample.shape[0] // 2] = False
+        if bool(open_.all()) or not bool(open_.any()):  # one UNet for the whole batch
+            return (patched if bool(open_.all()) else base)(sample, timestep, *args, **kw)
+        out = patched(sample, timestep, *args, **kw)
+        keep = base(sample, timestep, *args, **kw)
         mask = open_.view(-1, *([1] * (sample.dim() - 1)))
         return with_prediction(out, torch.where(mask, prediction(out), prediction(keep)))
 
