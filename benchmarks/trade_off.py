@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from forget_me_not.files import write_atomic
+
 ROBUST_M, DEFAULT_M, KEEP = 0.10, 0.20, 0.95  # the robust issue's bars
 
 
@@ -104,10 +106,8 @@ def plot(rows: list[dict[str, Any]], target: str, out: Path) -> None:
               title="green: retention >= 0.95 with M <= 20% (default bar) / 10% (robust)",
               title_fontsize=8)
     fig.tight_layout()
-    tmp = out.with_suffix(".png.tmp")
-    fig.savefig(tmp, format="png")
+    write_atomic(out.with_suffix(".png"), lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    tmp.replace(out.with_suffix(".png"))
 
 
 def main() -> None:
@@ -135,9 +135,7 @@ def main() -> None:
     lines += [f"| {r['name']} | {r['method']} | {r['m_score']:.0%} | {r['retention_min']:.2f} | "
               f"{kid_text(r['kid_change'])} | {r['verdict']} |" for r in rows]
     for suffix, text in ((".json", json.dumps(rows, indent=1)), (".md", "\n".join(lines) + "\n")):
-        tmp = a.out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(a.out.with_suffix(suffix))
+        write_atomic(a.out.with_suffix(suffix), lambda tmp, text=text: Path(tmp).write_text(text))
     plot(rows, a.target, a.out)
     counts: dict[str, int] = {}
     for r in rows:
