@@ -1,8 +1,9 @@
 """A patch applied to part of each sampling step only, scored as `suite_retention.py` scores it.
 
-Two trial gates, each asking where a patch's cost to the other concepts arises:
+Three trial gates, each asking where a patch's cost to the other concepts arises:
 - `--t-min T`: the patch acts at timesteps >= T (high noise, where the layout is drawn) and the
   base UNet denoises below it (where texture and detail are drawn);
+- `--t-max T`: the converse, the patch acts below T only and the base UNet draws the layout;
 - `--cond-only`: the patch acts on the prompted half of the classifier-free guidance batch and
   the base UNet gives the unprompted prediction, which guidance weighs in every sample.
 
@@ -43,14 +44,17 @@ def with_prediction(out: Any, x: torch.Tensor) -> Any:
 
 
 def gate(patched: Callable[..., Any], base: Callable[..., Any], t_min: float | None,
-         cond_only: bool) -> Callable[..., Any]:
+         t_max: float | None, cond_only: bool) -> Callable[..., Any]:
     """A UNet forward taking the patched prediction where the gate is open, the base's elsewhere."""
 
     def forward(sample: torch.Tensor, timestep: Any, *args: Any, **kw: Any) -> Any:
         t = torch.as_tensor(timestep, device=sample.device).float().flatten()
         open_ = torch.ones(sample.shape[0], dtype=torch.bool, device=sample.device)
+        per_sample = t.expand(sample.shape[0]) if t.numel() == 1 else t
         if t_min is not None:
-            open_ &= (t.expand(sample.shape[0]) if t.numel() == 1 else t) >= t_min
+            open_ &= per_sample >= t_min
+        if t_max is not None:
+            open_ &= per_sample < t_max
         if cond_only:  # diffusers batches guidance as [unprompted, prompted]
             open_[: sample.shape[0] // 2] = False
         if bool(open_.all()) or not bool(open_.any()):  # one UNet for the whole batch
@@ -63,12 +67,14 @@ def gate(patched: Callable[..., Any], base: Callable[..., Any], t_min: float | N
     return forward
 
 
-def gated_applied(t_min: float | None, cond_only: bool) -> Callable[..., Any]:
+def gated_applied(t_min: float | None, t_max: float | None,
+                  cond_only: bool) -> Callable[..., Any]:
     @contextlib.contextmanager
     def applied(pipe: Any, patches: Any) -> Iterator[None]:
         base = copy.deepcopy(pipe.unet)
         with ungated_applied(pipe, patches):
-            pipe.unet.forward = gate(pipe.unet.forward, base.forward, t_min, cond_only)
+            pipe.unet.forward = gate(pipe.unet.forward, base.forward, t_min, t_max,
+                                     cond_only)
             try:
                 yield
             finally:
@@ -82,11 +88,13 @@ def main() -> None:
     p.add_argument("patches")
     p.add_argument("target")
     p.add_argument("--t-min", type=float, default=None)
+    p.add_argument("--t-max", type=float, default=None)
     p.add_argument("--cond-only", action="store_true")
     a, rest = p.parse_known_args()  # the rest: suite_retention.py's options
-    if a.t_min is None and not a.cond_only:
-        raise SystemExit("pass --t-min T or --cond-only (otherwise use suite_retention.py)")
-    evaluate.applied = gated_applied(a.t_min, a.cond_only)
+    if a.t_min is None and a.t_max is None and not a.cond_only:
+        raise SystemExit("pass --t-min T, --t-max T or --cond-only (otherwise use "
+                         "suite_retention.py)")
+    evaluate.applied = gated_applied(a.t_min, a.t_max, a.cond_only)
     sys.argv = ["suite_retention.py", a.patches, a.target, *rest]
     runpy.run_path(str(Path(__file__).with_name("suite_retention.py")), run_name="__main__")
 
