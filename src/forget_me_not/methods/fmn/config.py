@@ -164,9 +164,6 @@ class FmnConfig(ResteerSettings):
     adversarial_steps: int = setting(10, "Robust mode: inversion steps per concept at each "
                                      "refresh (the token is kept between refreshes).")
     adversarial_lr: float = setting(5e-3, "Robust mode: the inversion's Adam learning rate.")
-    attention_weight: float = setting(1.0, "Weight of the paper's attention loss (the "
-                                      "concept's tokens' attention on its images); 0: the "
-                                      "other terms alone train.")
     erase_weight: float = setting(0.0, "Weight of the erase term: on the concept's images, the "
                                   "prediction through its prompts (and the adversary's tokens) "
                                   "pulled to the base model's unprompted one, as ESD does (0: "
@@ -194,7 +191,6 @@ class FmnConfig(ResteerSettings):
                            f"{self.adversarial_steps}")
         check_number("adversarial_lr", self.adversarial_lr, strict=True)
         check_number("erase_weight", self.erase_weight)
-        check_number("attention_weight", self.attention_weight)
         check_number("erase_guidance", self.erase_guidance)
         if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise FmnError(f"lora_rank must be an integer >= 1, got {self.lora_rank}")

@@ -229,9 +229,8 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             run.probes.activate(TokenMask.from_positions([r.positions for r in batch],
                                                          embeds.shape[1]))
             step.own = run.predict(step.noisy, t, step.live_embeds, step.live_cond)
-            attention = run.probes.loss(step.pixel_weights)
-            shown = {"attention": attention.item()}
-            loss = getattr(config, "attention_weight", 1.0) * attention
+            loss = run.probes.loss(step.pixel_weights)
+            shown = {"attention": loss.item()}
             for term in terms:
                 value = term.loss(run, step)
                 if value is None:
