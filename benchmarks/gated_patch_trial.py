@@ -67,20 +67,39 @@ def gate(patched: Callable[..., Any], base: Callable[..., Any], t_min: float | N
     return forward
 
 
-def gated_applied(t_min: float | None, t_max: float | None,
-                  cond_only: bool) -> Callable[..., Any]:
+def wrapped_applied(wrap: Callable[[Any, Any, Any], Any],
+                    apply_patches: bool = True,
+                    prepare: Callable[[Any], Any] = lambda pipe: None) -> Callable[..., Any]:
+    """`evaluate.applied` with the patched UNet's forward replaced by `wrap(prepared,
+    patched_forward, base_forward)`: the base UNet an untouched copy, `prepared` what
+    `prepare(pipe)` reads from the model before any patch is applied."""
+
     @contextlib.contextmanager
     def applied(pipe: Any, patches: Any) -> Iterator[None]:
         base = copy.deepcopy(pipe.unet)
-        with ungated_applied(pipe, patches):
-            pipe.unet.forward = gate(pipe.unet.forward, base.forward, t_min, t_max,
-                                     cond_only)
+        prepared = prepare(pipe)
+        with ungated_applied(pipe, patches if apply_patches else []):
+            pipe.unet.forward = wrap(prepared, pipe.unet.forward, base.forward)
             try:
                 yield
             finally:
                 del pipe.unet.forward  # the instance attribute: the class's forward again
 
     return applied
+
+
+def gated_applied(t_min: float | None, t_max: float | None,
+                  cond_only: bool) -> Callable[..., Any]:
+    return wrapped_applied(lambda _, patched, base: gate(patched, base, t_min, t_max,
+                                                              cond_only))
+
+
+def run_suite_retention(applied: Callable[..., Any], patches: str, target: str,
+                        rest: list[str]) -> None:
+    """suite_retention.py's measure with `applied` in place of evaluate.applied."""
+    evaluate.applied = applied
+    sys.argv = ["suite_retention.py", patches, target, *rest]
+    runpy.run_path(str(Path(__file__).with_name("suite_retention.py")), run_name="__main__")
 
 
 def main() -> None:
@@ -94,9 +113,7 @@ def main() -> None:
     if a.t_min is None and a.t_max is None and not a.cond_only:
         raise SystemExit("pass --t-min T, --t-max T or --cond-only (otherwise use "
                          "suite_retention.py)")
-    evaluate.applied = gated_applied(a.t_min, a.t_max, a.cond_only)
-    sys.argv = ["suite_retention.py", a.patches, a.target, *rest]
-    runpy.run_path(str(Path(__file__).with_name("suite_retention.py")), run_name="__main__")
+    run_suite_retention(gated_applied(a.t_min, a.t_max, a.cond_only), a.patches, a.target, rest)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from retention_flips import main_entries
 
 from forget_me_not.bench.runner import build_judges
-from forget_me_not.bench.suites import load_suite
 from forget_me_not.evaluate import applied
 from forget_me_not.files import write_atomic
 from forget_me_not.models import load_pipeline
@@ -62,12 +62,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if not Path(a.patch).is_file():
         raise SystemExit(f"no patch file {a.patch}: pass a .safetensors patch from fmn forget")
-    suite = load_suite("world")
-    wanted = a.concepts.split(",")
-    entries = [e for e in suite.select(None) if e.group == "main" and e.concept.name in wanted]
-    unknown = sorted(set(wanted) - {e.concept.name for e in entries})
-    if unknown:
-        raise SystemExit(f"not world suite concepts: {unknown}")
+    suite, entries = main_entries(a.concepts)
     judges = build_judges(suite, entries)
     pipe = load_pipeline("embedded")
     gen = GenerationSettings(a.n, 1000, default_steps(pipe), default_guidance(pipe), 16)

@@ -16,20 +16,13 @@ With `--guidance-only` the patch file is not applied (the push alone).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import runpy
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from gated_patch_trial import prediction, run_suite_retention, with_prediction, wrapped_applied
 
-import forget_me_not.evaluate as evaluate
 from forget_me_not.pipeline_io import encode_prompt
-
-patch_applied = evaluate.applied
 
 
 def pushed(forward: Callable[..., Any], base: Callable[..., Any], concept: torch.Tensor,
@@ -48,31 +41,23 @@ def pushed(forward: Callable[..., Any], base: Callable[..., Any], concept: torch
                         else torch.cat([t, t]), encoder_hidden_states=hidden,
                         return_dict=False)[0]
         pull = pred[:half] - pred[half:]
-        pred_out = out.sample if hasattr(out, "sample") else out[0]
-        pred_out = torch.cat([pred_out[:half], pred_out[half:] - eta * pull])
-        if hasattr(out, "sample"):
-            out.sample = pred_out
-            return out
-        return (pred_out,)
+        own = prediction(out)
+        return with_prediction(out, torch.cat([own[:half], own[half:] - eta * pull]))
 
     return forward_
 
 
 def pushed_applied(prompt: str, eta: float, guidance_only: bool) -> Callable[..., Any]:
-    @contextlib.contextmanager
-    def applied(pipe: Any, patches: Any) -> Iterator[None]:
-        base = copy.deepcopy(pipe.unet)
+    def encoded(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The concept's prompt and the empty one, by the base text encoder."""
         with torch.no_grad():
-            concept = encode_prompt(pipe, prompt)[0].to(pipe.unet.device)
-            empty = encode_prompt(pipe, "")[0].to(pipe.unet.device)
-        with patch_applied(pipe, [] if guidance_only else patches):
-            pipe.unet.forward = pushed(pipe.unet.forward, base.forward, concept, empty, eta)
-            try:
-                yield
-            finally:
-                del pipe.unet.forward  # the instance attribute: the class's forward again
+            return (encode_prompt(pipe, prompt)[0].to(pipe.unet.device),
+                    encode_prompt(pipe, "")[0].to(pipe.unet.device))
 
-    return applied
+    def wrap(states: Any, forward: Callable[..., Any], base: Callable[..., Any]) -> Any:
+        return pushed(forward, base, *states, eta)
+
+    return wrapped_applied(wrap, apply_patches=not guidance_only, prepare=encoded)
 
 
 def main() -> None:
@@ -83,9 +68,8 @@ def main() -> None:
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--guidance-only", action="store_true")
     a, rest = p.parse_known_args()  # the rest: suite_retention.py's options
-    evaluate.applied = pushed_applied(a.prompt, a.eta, a.guidance_only)
-    sys.argv = ["suite_retention.py", a.patches, a.target, *rest]
-    runpy.run_path(str(Path(__file__).with_name("suite_retention.py")), run_name="__main__")
+    run_suite_retention(pushed_applied(a.prompt, a.eta, a.guidance_only), a.patches, a.target,
+                        rest)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +32,17 @@ from forget_me_not.world.defaults import default_guidance, default_steps
 from forget_me_not.world.scoring import read_labels
 
 
+def main_entries(names: str) -> tuple[Any, list[Any]]:
+    """The world suite and its main entries for the concepts named (joined by ',')."""
+    suite = load_suite("world")
+    wanted = names.split(",")
+    entries = [e for e in suite.select(None) if e.group == "main" and e.concept.name in wanted]
+    unknown = sorted(set(wanted) - {e.concept.name for e in entries})
+    if unknown:
+        raise SystemExit(f"not world suite concepts: {unknown}")
+    return suite, entries
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("concepts", help="world concepts to read, joined by ','")
@@ -42,12 +54,7 @@ def main() -> None:
     missing = [x for x in a.patches if not Path(x).is_file()]
     if missing:
         raise SystemExit(f"no patch file {missing[0]}: pass .safetensors patches from fmn forget")
-    suite = load_suite("world")
-    wanted = a.concepts.split(",")
-    entries = [e for e in suite.select(None) if e.group == "main" and e.concept.name in wanted]
-    unknown = sorted(set(wanted) - {e.concept.name for e in entries})
-    if unknown:
-        raise SystemExit(f"not world suite concepts: {unknown}")
+    suite, entries = main_entries(a.concepts)
     judges = build_judges(suite, entries)
     pipe = load_pipeline("embedded")
     gen = GenerationSettings(a.n, 1000, default_steps(pipe), default_guidance(pipe), 16)
