@@ -99,3 +99,40 @@ def test_kept_samples_need_the_judge_that_picks_them_and_the_model(tmp_path):
                                    "--kept-samples", "8"])
     assert res.exit_code != 0
     assert "--kept-samples needs --init" in res.output
+
+
+def test_kept_perturbed_samples_need_the_base_models_kept_samples(tmp_path):
+    from typer.testing import CliRunner
+
+    from forget_me_not.cli.main import app
+
+    res = CliRunner().invoke(app, ["world", "train-judge", "--run-dir", str(tmp_path),
+                                   "--kept-perturbed", "8"])
+    assert res.exit_code != 0
+    assert "--kept-perturbed must be 0, or more with --kept-samples" in res.output
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_perturbed_copy_changes_every_cross_attention_projection_by_its_share_and_restores(
+        family):
+    import torch
+
+    from forget_me_not.world.perturbed import CROSS_ATTENTION, perturbed
+    from tiny_pipelines import make_tiny_pipeline
+
+    unet = make_tiny_pipeline(family).unet
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    with perturbed(unet, 0.3, seed=5) as changed:
+        after = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    assert changed == sum(n.endswith(CROSS_ATTENTION) for n in before) > 0
+    for name, w in before.items():
+        moved = float((after[name] - w).norm())
+        if name.endswith(CROSS_ATTENTION):
+            assert moved == pytest.approx(0.3 * float(w.norm()), rel=1e-4)
+        else:  # self-attention, convolutions and norms are not the text's way in
+            assert moved == 0
+    for name, p in unet.named_parameters():
+        assert torch.equal(p, before[name])
+    with perturbed(unet, 0.3, seed=5):
+        again = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    assert all(torch.equal(again[n], after[n]) for n in after)
