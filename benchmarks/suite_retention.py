@@ -14,6 +14,7 @@ leaderboard's figures for the same patch.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,10 +24,14 @@ from forget_me_not import quality
 from forget_me_not.bench.runner import build_judges
 from forget_me_not.bench.suites import load_suite
 from forget_me_not.evaluate import applied
+from forget_me_not.judges.world import DEFAULT_WEIGHTS, WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.patch import load_patch
 from forget_me_not.sampling import GenerationSettings, recognition_score
 from forget_me_not.world.defaults import default_guidance, default_steps
+
+# Caches written before they recorded their judge were all read by the judge shipped then.
+SHIPPED_BEFORE_DIGEST = "9b80422816cba8e8"
 
 
 def main() -> None:
@@ -37,6 +42,8 @@ def main() -> None:
     p.add_argument("--cache", default="runs/suite_retention_base.json")
     p.add_argument("--n", type=int, default=32, help="samples per concept (the leaderboard: 32)")
     p.add_argument("--seed", type=int, default=1000, help="first sample seed (leaderboard: 1000)")
+    p.add_argument("--judge", type=Path, default=DEFAULT_WEIGHTS,
+                   help="world judge weights (default: the shipped judge)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     suite = load_suite("world")
@@ -55,8 +62,12 @@ def main() -> None:
     if cached is not None and (cached.get("n", 32), cached.get("seed", 1000)) != (a.n, a.seed):
         raise SystemExit(f"{cache} holds {cached.get('n', 32)} samples from seed "
                          f"{cached.get('seed', 1000)}: pass those or another --cache")
+    # The base rates are only comparable when the same judge read them.
+    judge_digest = hashlib.sha256(a.judge.read_bytes()).hexdigest()[:16]
+    if cached is not None and cached.get("judge", SHIPPED_BEFORE_DIGEST) != judge_digest:
+        raise SystemExit(f"{cache} was read by another judge: pass another --cache")
     patches = [load_patch(x) for x in a.patches.split(",")]
-    judges = build_judges(suite, entries)
+    judges = build_judges(suite, entries, judge=WorldJudge(a.judge))
     pipe = load_pipeline("embedded")
     gen = GenerationSettings(a.n, a.seed, default_steps(pipe), default_guidance(pipe), 16)
     refs = quality.references([e.concept.name for e in entries], 32)  # as the leaderboard
@@ -74,7 +85,8 @@ def main() -> None:
         base = cached
     else:
         rates, kid = score()
-        base = {"rates": rates, "kid": kid, "threads": a.threads, "n": a.n, "seed": a.seed}
+        base = {"rates": rates, "kid": kid, "threads": a.threads, "n": a.n, "seed": a.seed,
+                "judge": judge_digest}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(base))
     with applied(pipe, patches):
