@@ -170,12 +170,6 @@ def train_judge_cmd(
     kept_samples: Annotated[int, typer.Option(
         help="The model's finished samples that --init's heads read as their caption asks, "
         "taught as not rejects (needs --init and --model-dir; 0: none).")] = 0,
-    kept_perturbed: Annotated[int, typer.Option(
-        help="As --kept-samples, drawn by copies of the model with random cross-attention "
-        "changes, so an edited model's good samples are kept too (needs --kept-samples).")] = 0,
-    perturb_scale: Annotated[float, typer.Option(
-        help="Largest random change, as a share of each projection's norm (copies take "
-        "evenly spaced sizes up to it).")] = 0.5,
     seed: opt.Seed = 0,
     device: opt.Device = None,
 ) -> None:
@@ -188,11 +182,6 @@ def train_judge_cmd(
     opt.require_positive("--pool-size", pool_size)
     if kept_samples < 0:
         raise FmnError(f"--kept-samples must be 0 or more, got {kept_samples}")
-    if kept_perturbed < 0 or (kept_perturbed and not kept_samples):
-        raise FmnError(f"--kept-perturbed must be 0, or more with --kept-samples; got "
-                       f"{kept_perturbed} with --kept-samples {kept_samples}")
-    if not 0 < perturb_scale <= 2:
-        raise FmnError(f"--perturb-scale must be in (0, 2], got {perturb_scale}")
     if kept_samples and (init is None or model_dir is None):
         raise FmnError("--kept-samples needs --init (its heads pick the well-drawn samples) and "
                        "--model-dir (the model that draws them)")
@@ -208,8 +197,6 @@ def train_judge_cmd(
         model_dir=model_dir,
         pool_size=pool_size,
         kept_samples=kept_samples,
-        kept_perturbed=kept_perturbed,
-        perturb_scale=perturb_scale,
         seed=seed,
         device=str(resolve_device(device)),
     )

@@ -18,7 +18,6 @@ from tqdm import tqdm
 from forget_me_not.world.captions import random_scene
 from forget_me_not.world.data import to_unit_range
 from forget_me_not.world.judge_model import HEADS, JudgeNet, labels_for
-from forget_me_not.world.perturbed import perturbed, scales
 from forget_me_not.world.rejects import failed_samples, make_rejects, model_samples, world_sampler
 from forget_me_not.world.render import render
 
@@ -43,11 +42,6 @@ class TrainJudgeConfig:
     # kept, so the reject head learns a sample's texture is not a failure (needs model_dir, init).
     kept_samples: int = 0
     kept_share: float = 0.125  # of each batch, when kept_samples > 0
-    # As many again from copies of the model with random cross-attention changes (sizes up to
-    # perturb_scale of each projection's norm): an edited model's good samples are kept too.
-    kept_perturbed: int = 0
-    perturb_scale: float = 0.5
-    perturb_models: int = 4
     sample_steps: int = 25  # denoising steps of those samples (the benchmark's)
 
 
@@ -158,31 +152,10 @@ def well_drawn(net: JudgeNet, x: torch.Tensor, pairs: list) -> torch.Tensor:
     return torch.tensor(ok, dtype=torch.bool)
 
 
-def _kept_samples(cfg: TrainJudgeConfig, pipe, net: JudgeNet, n: int, seed: int,
-                  tag: str) -> torch.Tensor:
-    # Drawing them takes most of the run: each set is saved, so a stopped run resumes after it.
-    cache = cfg.run_dir / f"kept_{tag}_{n}_{seed}.safetensors"
-    if cache.exists():
-        return load_file(str(cache))["x"]
+def _kept_samples(cfg: TrainJudgeConfig, pipe, net: JudgeNet, n: int, seed: int
+                  ) -> torch.Tensor:
     x, pairs = model_samples(pipe, n, seed, cfg.sample_steps)
-    x = x[well_drawn(net, x, pairs)].contiguous()
-    tmp = cache.with_suffix(".tmp")
-    save_file({"x": x}, str(tmp))
-    os.replace(tmp, cache)
-    return x
-
-
-def _perturbed_kept(cfg: TrainJudgeConfig, pipe, net: JudgeNet, n: int, seed: int
-                    ) -> torch.Tensor:
-    """Well-drawn samples of `perturb_models` perturbed copies, n in all; `seed` picks both
-    the changes and the sample seeds."""
-    parts = []
-    for m, scale in enumerate(scales(cfg.perturb_scale, cfg.perturb_models)):
-        share = n // cfg.perturb_models
-        with perturbed(pipe.unet, scale, seed + m):
-            parts.append(_kept_samples(cfg, pipe, net, share, seed + m * share,
-                                       f"perturbed{scale:g}"))
-    return torch.cat(parts)
+    return x[well_drawn(net, x, pairs)]
 
 
 def train_judge(cfg: TrainJudgeConfig) -> Path:
@@ -211,18 +184,9 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
             raise ValueError("kept samples need init (its heads pick the well-drawn samples) "
                              "and model_dir (the model that draws them)")
         # Seeds far from the benchmark's (1000+, 51000+), so no scored sample is trained on.
-        kept = _kept_samples(cfg, sampler, net, cfg.kept_samples, 200_000 + cfg.seed, "base")
+        kept = _kept_samples(cfg, sampler, net, cfg.kept_samples, 200_000 + cfg.seed)
         kept_val = _kept_samples(cfg, sampler, net, max(64, cfg.kept_samples // 4),
-                                 300_000 + cfg.seed, "base")
-    perturbed_val = None
-    if cfg.kept_perturbed > 0:
-        if kept is None:
-            raise ValueError("kept_perturbed needs kept_samples as well (the base model's)")
-        # Other changes and sample seeds for the held-out ones, so their figure is not a fit.
-        kept = torch.cat([kept, _perturbed_kept(cfg, sampler, net, cfg.kept_perturbed,
-                                                400_000 + cfg.seed)])
-        perturbed_val = _perturbed_kept(cfg, sampler, net, max(64, cfg.kept_perturbed // 4),
-                                        500_000 + cfg.seed)
+                                 300_000 + cfg.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     ckpt, state_path = cfg.run_dir / "judge-ckpt.safetensors", cfg.run_dir / "state.json"
@@ -292,10 +256,6 @@ def train_judge(cfg: TrainJudgeConfig) -> Path:
         lg = evaluate(net, kept_val, {})["reject"]
         metrics["model_samples_kept"] = float((lg.argmax(-1) == 0).float().mean())
         metrics["kept_samples"] = {"train": len(kept), "held_out": len(kept_val)}
-    if perturbed_val is not None:
-        lg = evaluate(net, perturbed_val, {})["reject"]
-        metrics["perturbed_samples_kept"] = float((lg.argmax(-1) == 0).float().mean())
-        metrics["perturbed_held_out"] = len(perturbed_val)
     metrics["ece"] = {
         k: expected_calibration_error(torch.softmax(logits[k] / temps[i], -1), cal_labels[k])
         for i, k in enumerate(HEADS)
