@@ -63,6 +63,9 @@ def main() -> None:
                    help="world judge weights (default: the shipped judge)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if not a.judge.is_file():
+        raise SystemExit(f"no judge weights {a.judge}: pass a .safetensors file from fmn world "
+                         "train-judge, or leave --judge out for the shipped judge")
     if not Path(a.patch).is_file():
         raise SystemExit(f"no patch file {a.patch}: pass a .safetensors patch from fmn forget")
     suite, entries = main_entries(a.concepts)

@@ -5,6 +5,7 @@ rates and distances are computed once and kept in --cache.
 
     python benchmarks/suite_retention.py PATCH.safetensors tavi [--threads 2]
         [--n 64 --seed 1000 --cache runs/base_n64.json]   # more samples: a less noisy reading
+        [--judge JUDGE.safetensors --cache runs/base_judge.json]   # another world judge
 
 Prints one JSON line: the target's G, the lowest retentions, the mean, the KID change and the
 concept it is worst for. Scored at the leaderboard's thread count (2), it gives the
@@ -46,6 +47,9 @@ def main() -> None:
                    help="world judge weights (default: the shipped judge)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if not a.judge.is_file():
+        raise SystemExit(f"no judge weights {a.judge}: pass a .safetensors file from fmn world "
+                         "train-judge, or leave --judge out for the shipped judge")
     suite = load_suite("world")
     entries = [e for e in suite.select(None) if e.group == "main"]
     if a.target not in {e.concept.name for e in entries}:
