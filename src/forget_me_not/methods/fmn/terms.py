@@ -257,3 +257,50 @@ class TextKeep(Term):
         terms = [(scale * (b.float() @ (a.float() @ root))).pow(2).sum() / norm  # (out, D)
                  for a, b, scale, root, norm in self.layers]
         return torch.stack(terms).mean()
+
+
+class AttentionKeep(Term):
+    """What the LoRA on to_q does to the preserve prompts' attention logits, per head, relative
+    to the base query's: sum of ||K B A||^2 / ||K W||^2 with K their keys centred over each
+    prompt's tokens (a shift shared by every token leaves the softmax unchanged), mean over
+    layers. A change that tells the target's tokens apart is free; one that moves every
+    prompt's attention between the same positions costs."""
+
+    name, draws_at = "attention_keep", 6
+
+    def __init__(self, weight: float, unet: torch.nn.Module, keep: list[Row],
+                 adapter: str) -> None:
+        super().__init__(weight)
+        states = torch.cat([row.embeds for row in keep]).float()  # (N, T, D)
+        self.layers = []
+        for name, module in unet.named_modules():
+            if not name.endswith("attn2.to_q"):
+                continue
+            lora_a, lora_b = getattr(module, "lora_A", {}), getattr(module, "lora_B", {})
+            if adapter not in lora_a:
+                continue
+            attn = unet.get_submodule(name.rsplit(".", 1)[0])
+            to_k = attn.to_k.base_layer if hasattr(attn.to_k, "base_layer") else attn.to_k
+            with torch.no_grad():
+                keys = states.to(to_k.weight.device) @ to_k.weight.float().T  # (N, T, inner)
+                keys = keys - keys.mean(dim=1, keepdim=True)
+            heads = attn.heads
+            per_head = keys.reshape(-1, heads, keys.shape[-1] // heads)  # (N*T, H, d)
+            roots = []
+            for h in range(heads):
+                k = per_head[:, h]
+                second = k.T @ k / k.shape[0]
+                values, vectors = torch.linalg.eigh(second)
+                roots.append(vectors * values.clamp(min=0).sqrt())
+            base = module.base_layer.weight.detach().float()
+            norm = sum(float((r.T @ base.reshape(heads, -1, base.shape[-1])[h]).pow(2).sum())
+                       for h, r in enumerate(roots)) or 1.0
+            self.layers.append((lora_a[adapter].weight, lora_b[adapter].weight,
+                                module.scaling[adapter], roots, heads, norm))
+
+    def loss(self, run: Any, step: Any) -> torch.Tensor:
+        terms = []
+        for a, b, scale, roots, heads, norm in self.layers:
+            delta = (scale * (b.float() @ a.float())).reshape(heads, -1, a.shape[-1])
+            terms.append(sum((r.T @ delta[h]).pow(2).sum() for h, r in enumerate(roots)) / norm)
+        return torch.stack(terms).mean()
