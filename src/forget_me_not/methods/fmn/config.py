@@ -152,9 +152,6 @@ class FmnConfig(ResteerSettings):
     text_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what the "
                                       "LoRA on to_k/to_v does to the preserve prompts' text "
                                       "states (0: off).")
-    attention_keep_weight: float = setting(0.0, "train=lora: weight of the penalty on what "
-                                           "the LoRA on to_q does to the preserve prompts' "
-                                           "attention logits between their tokens (0: off).")
     restarts: int = setting(
         1, "Runs trained from seeds seed, seed+1, ...; the patch keeps the one whose concepts' "
         "remaining pull (see stop_pull) is lowest at its end, read on the same latents for "
@@ -199,7 +196,6 @@ class FmnConfig(ResteerSettings):
             raise FmnError(f"lora_rank must be an integer >= 1, got {self.lora_rank}")
         check_number("lora_alpha", self.lora_alpha, strict=True, optional=True)
         check_number("text_keep_weight", self.text_keep_weight)
-        check_number("attention_keep_weight", self.attention_keep_weight)
         self.lora_targets = tuple(self.lora_targets)
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if not self.lora_targets or bad:

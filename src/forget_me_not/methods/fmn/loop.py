@@ -199,11 +199,6 @@ def run_loop(pipe: Any, concepts: list[Concept], config: Any, trainable: Any,
             text_keep = T.TextKeep(weight, pipe.unet, keep.rows, trainable.adapter)
             if text_keep.layers:  # no LoRA on to_k / to_v: nothing text-side to keep
                 terms.append(text_keep)
-        weight = getattr(config, "attention_keep_weight", 0.0)
-        if weight > 0 and keep is not None and getattr(trainable, "adapter", None):
-            attention_keep = T.AttentionKeep(weight, pipe.unet, keep.rows, trainable.adapter)
-            if attention_keep.layers:  # no LoRA on to_q: no query change to hold
-                terms.append(attention_keep)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         run.probes = install_probes(pipe.unet)
         bar = Progress(config.steps, label, enabled=progress)
