@@ -14,18 +14,18 @@ that patch are also read: the share rejected and what the heads say of the kept 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from judge_choice import add_judge_option, chosen_judge, judge_digest
 
 from forget_me_not.bench.suites import load_suite
 from forget_me_not.evaluate import applied, load_patches, patch_targets
 from forget_me_not.files import write_atomic
-from forget_me_not.judges.world import DEFAULT_WEIGHTS, WorldJudge
+from forget_me_not.judges.world import WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.sampling import generation_score
 
@@ -49,7 +49,7 @@ def read(judge: WorldJudge, images: list, concept) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("out", type=Path)
-    p.add_argument("--judge", type=Path, default=DEFAULT_WEIGHTS)
+    add_judge_option(p)
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--patch", action="append", default=[], help="a forgetting patch (repeatable)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    judge = WorldJudge(a.judge)
+    judge = chosen_judge(a.judge)
     pipe = load_pipeline("embedded")
     entries = [e for e in load_suite("world").select(None) if e.group == "main"]
     rows = []
@@ -81,7 +81,7 @@ def main() -> None:
                 forgotten.append({"patch": Path(path).name, "concept": concept.name,
                                   "rejected": float((~kept).mean()), "kept_read_as": dict(said)})
                 print(json.dumps(forgotten[-1]), flush=True)
-    digest = hashlib.sha256(a.judge.read_bytes()).hexdigest()[:16]
+    digest = judge_digest(a.judge)
     result = {"judge": f"{a.judge.name} sha256 {digest}", "n": a.n, "seed": a.seed, "base": rows,
               "mean_turned_away": float(np.mean([r["turned_away"] for r in rows])),
               "forgotten": forgotten}

@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 
 import torch
+from judge_choice import add_judge_option, chosen_judge
 from PIL import Image, ImageDraw
 from retention_flips import main_entries
 
 from forget_me_not.bench.runner import build_judges
 from forget_me_not.evaluate import applied
 from forget_me_not.files import write_atomic
-from forget_me_not.judges.world import DEFAULT_WEIGHTS, WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.patch import load_patch
 from forget_me_not.sampling import GenerationSettings, recognition_score, sample_plan
@@ -59,17 +59,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--out", required=True)
-    p.add_argument("--judge", type=Path, default=DEFAULT_WEIGHTS,
-                   help="world judge weights (default: the shipped judge)")
+    add_judge_option(p)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    if not a.judge.is_file():
-        raise SystemExit(f"no judge weights {a.judge}: pass a .safetensors file from fmn world "
-                         "train-judge, or leave --judge out for the shipped judge")
+    judge = chosen_judge(a.judge)
     if not Path(a.patch).is_file():
         raise SystemExit(f"no patch file {a.patch}: pass a .safetensors patch from fmn forget")
     suite, entries = main_entries(a.concepts)
-    judges = build_judges(suite, entries, judge=WorldJudge(a.judge))
+    judges = build_judges(suite, entries, judge=judge)
     pipe = load_pipeline("embedded")
     gen = GenerationSettings(a.n, 1000, default_steps(pipe), default_guidance(pipe), 16)
 

@@ -15,17 +15,16 @@ leaderboard's figures for the same patch.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
 import torch
+from judge_choice import add_judge_option, chosen_judge, judge_digest
 
 from forget_me_not import quality
 from forget_me_not.bench.runner import build_judges
 from forget_me_not.bench.suites import load_suite
 from forget_me_not.evaluate import applied
-from forget_me_not.judges.world import DEFAULT_WEIGHTS, WorldJudge
 from forget_me_not.models import load_pipeline
 from forget_me_not.patch import load_patch
 from forget_me_not.sampling import GenerationSettings, recognition_score
@@ -43,13 +42,10 @@ def main() -> None:
     p.add_argument("--cache", default="runs/suite_retention_base.json")
     p.add_argument("--n", type=int, default=32, help="samples per concept (the leaderboard: 32)")
     p.add_argument("--seed", type=int, default=1000, help="first sample seed (leaderboard: 1000)")
-    p.add_argument("--judge", type=Path, default=DEFAULT_WEIGHTS,
-                   help="world judge weights (default: the shipped judge)")
+    add_judge_option(p)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    if not a.judge.is_file():
-        raise SystemExit(f"no judge weights {a.judge}: pass a .safetensors file from fmn world "
-                         "train-judge, or leave --judge out for the shipped judge")
+    judge_net = chosen_judge(a.judge)
     suite = load_suite("world")
     entries = [e for e in suite.select(None) if e.group == "main"]
     if a.target not in {e.concept.name for e in entries}:
@@ -67,11 +63,11 @@ def main() -> None:
         raise SystemExit(f"{cache} holds {cached.get('n', 32)} samples from seed "
                          f"{cached.get('seed', 1000)}: pass those or another --cache")
     # The base rates are only comparable when the same judge read them.
-    judge_digest = hashlib.sha256(a.judge.read_bytes()).hexdigest()[:16]
-    if cached is not None and cached.get("judge", SHIPPED_BEFORE_DIGEST) != judge_digest:
+    digest = judge_digest(a.judge)
+    if cached is not None and cached.get("judge", SHIPPED_BEFORE_DIGEST) != digest:
         raise SystemExit(f"{cache} was read by another judge: pass another --cache")
     patches = [load_patch(x) for x in a.patches.split(",")]
-    judges = build_judges(suite, entries, judge=WorldJudge(a.judge))
+    judges = build_judges(suite, entries, judge=judge_net)
     pipe = load_pipeline("embedded")
     gen = GenerationSettings(a.n, a.seed, default_steps(pipe), default_guidance(pipe), 16)
     refs = quality.references([e.concept.name for e in entries], 32)  # as the leaderboard
@@ -90,7 +86,7 @@ def main() -> None:
     else:
         rates, kid = score()
         base = {"rates": rates, "kid": kid, "threads": a.threads, "n": a.n, "seed": a.seed,
-                "judge": judge_digest}
+                "judge": digest}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(base))
     with applied(pipe, patches):
