@@ -30,11 +30,8 @@ PROMPTS = ("a photo of a star", "a photo of a square", "a square", "a triangle",
 
 
 def query_deltas(patch) -> dict[str, torch.Tensor]:
-    """Each to_q layer's full change (a delta patch's tensor, or a LoRA's B A)."""
-    if patch.kind == "lora":
-        return {m: (b.float() @ a.float()) for m, (a, b) in patch.lora_pairs().items()
-                if m.endswith("to_q")}
-    return {k[len("unet."):-len(".weight")]: v.float() for k, v in patch.unet_tensors.items()
+    """Each to_q layer's full change, by module name (a LoRA's as its delta form)."""
+    return {k[len("unet."):-len(".weight")]: v.float() for k, v in patch.to_delta().tensors.items()
             if k.endswith("to_q.weight")}
 
 

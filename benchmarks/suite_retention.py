@@ -25,6 +25,7 @@ from forget_me_not import quality
 from forget_me_not.bench.runner import build_judges
 from forget_me_not.bench.suites import load_suite
 from forget_me_not.evaluate import applied
+from forget_me_not.files import write_atomic
 from forget_me_not.models import load_pipeline
 from forget_me_not.patch import load_patch
 from forget_me_not.sampling import GenerationSettings, recognition_score
@@ -88,7 +89,8 @@ def main() -> None:
         base = {"rates": rates, "kid": kid, "threads": a.threads, "n": a.n, "seed": a.seed,
                 "judge": digest}
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(base))
+        text = json.dumps(base)
+        write_atomic(cache, lambda tmp: Path(tmp).write_text(text))
     with applied(pipe, patches):
         rates, kid = score()
     kept = {k: rates[k] / base["rates"][k] for k in rates
